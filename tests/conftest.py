@@ -1,0 +1,69 @@
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torchvision.models import detection as tvdet
+
+import tv_lossfix
+
+# torch.jit.script's deprecation warning is expected in the scripting tests.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+
+SMALL = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=200)
+
+
+def make_targets(kind: str, sizes, num_classes: int = 3, empty=(), seed: int = 0, num_keypoints: int = 5):
+    """Random but valid targets for images of `sizes` [(h, w)]; indices in `empty` get no boxes."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for i, (h, w) in enumerate(sizes):
+        images.append(torch.rand(3, h, w, generator=g))
+        n = 0 if i in empty else 1 + i % 3
+        x1 = torch.rand(n, generator=g) * (w * 0.5)
+        y1 = torch.rand(n, generator=g) * (h * 0.5)
+        bw = 8 + torch.rand(n, generator=g) * (w * 0.45)
+        bh = 8 + torch.rand(n, generator=g) * (h * 0.45)
+        boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], dim=1).reshape(n, 4)
+        t = {"boxes": boxes, "labels": torch.randint(1, num_classes, (n,), generator=g)}
+        if kind == "mask":
+            masks = torch.zeros(n, h, w, dtype=torch.uint8)
+            for j, b in enumerate(boxes.round().long().tolist()):
+                masks[j, b[1] : b[3], b[0] : b[2]] = 1
+            t["masks"] = masks
+        if kind == "keypoint":
+            kx = boxes[:, None, 0] + torch.rand(n, num_keypoints, generator=g) * (boxes[:, None, 2] - boxes[:, None, 0])
+            ky = boxes[:, None, 1] + torch.rand(n, num_keypoints, generator=g) * (boxes[:, None, 3] - boxes[:, None, 1])
+            t["keypoints"] = torch.stack([kx, ky, torch.ones_like(kx)], dim=2)
+        targets.append(t)
+    return images, targets
+
+
+STOCK = {
+    "faster": lambda **kw: tvdet.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, **SMALL, **kw),
+    "mask": lambda **kw: tvdet.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, **SMALL, **kw),
+    "keypoint": lambda **kw: tvdet.keypointrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=3, num_keypoints=5, **SMALL, **kw
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def stock_models():
+    """One stock model per family, built once (CPU, random weights, seed 0)."""
+    out = {}
+    for kind, build in STOCK.items():
+        torch.manual_seed(0)
+        out[kind] = build()
+    return out
+
+
+def patched_copy(model, loss_cfg=None):
+    return tv_lossfix.patch_model(copy.deepcopy(model), loss_cfg)
+
+
+def run_losses(model, images, targets, seed: int = 123):
+    model.train()
+    torch.manual_seed(seed)
+    return model(images, targets)

@@ -1,0 +1,166 @@
+"""Loss math of the detection heads, as pure functions (tensors in, tensors out).
+
+Every function works on the whole batch at once and never reads a tensor value on the host
+(no ``.item()``, ``bool(tensor)``, ``nonzero``): on a GPU each of those is a device sync.
+Normalizers ("avg_factors") are counts kept as tensors. Weighted losses follow MMDetection's
+convention: ``sum(w * loss) / avg_factor`` where avg_factor is a *count*, not a sum of weights
+(see shared/reference/loss-semantics.md). All functions are TorchScript-compatible.
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+
+__all__ = [
+    "count",
+    "per_image_count",
+    "sample_weights",
+    "objectness_loss",
+    "classification_loss",
+    "decode_deltas",
+    "box_regression_loss",
+    "mask_loss",
+]
+
+# torchvision's BoxCoder clamps dw/dh at log(1000/16) before exp: same here.
+_DEFAULT_DELTA_CLIP = math.log(1000.0 / 16)
+
+
+def count(mask: Tensor) -> Tensor:
+    """Number of True entries as a float tensor, at least 1 (a normalizer never divides by 0)."""
+    return mask.sum(dtype=torch.float32).clamp(min=1.0)
+
+
+def per_image_count(pos: Tensor, neg: Tensor) -> Tensor:
+    """MMDetection's RPN normalizer: sum over images of max(P_i, 1) + max(N_i, 1).
+
+    ``pos`` and ``neg`` are [num_images, num_anchors] boolean masks of the sampled anchors.
+    """
+    p = pos.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
+    n = neg.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
+    return (p + n).sum()
+
+
+def sample_weights(
+    is_pos: Tensor, pos_weight: float, labels: Optional[Tensor] = None, class_weight: Optional[Tensor] = None
+) -> Optional[Tensor]:
+    """Per-sample classification weights: ``pos_weight`` on positives times ``class_weight[label]``.
+
+    Returns None when every weight is 1, so callers skip the multiply (exact stock numerics).
+    """
+    w: Optional[Tensor] = None
+    if class_weight is not None and labels is not None:
+        w = class_weight[labels]
+    if pos_weight != 1.0:
+        ones = torch.ones(is_pos.shape, dtype=torch.float32, device=is_pos.device)
+        pw = torch.where(is_pos, ones * pos_weight, ones)
+        w = pw if w is None else w * pw
+    return w
+
+
+def _weighted_sum(loss: Tensor, weight: Optional[Tensor]) -> Tensor:
+    return loss.sum() if weight is None else (loss * weight).sum()
+
+
+def objectness_loss(logits: Tensor, targets: Tensor, avg_factor: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """RPN objectness: binary cross-entropy over sampled anchors, ``sum(w * bce) / avg_factor``.
+
+    With ``weight=None`` and ``avg_factor`` = number of sampled anchors this is torchvision's
+    ``binary_cross_entropy_with_logits(..., reduction="mean")``.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return _weighted_sum(bce, weight) / avg_factor
+
+
+def classification_loss(logits: Tensor, labels: Tensor, avg_factor: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """RoI classifier: cross-entropy per sample, ``sum(w * ce) / avg_factor``.
+
+    Not ``F.cross_entropy(weight=...)``: that argument is per *class* and its mean divides by the
+    sum of the weights, so a class weight would also rescale the loss of every other class.
+    """
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return _weighted_sum(ce, weight) / avg_factor
+
+
+def decode_deltas(
+    deltas: Tensor,
+    ref_boxes: Tensor,
+    coder_weights: Tuple[float, float, float, float],
+    clip: float = _DEFAULT_DELTA_CLIP,
+) -> Tensor:
+    """Boxes (x1, y1, x2, y2) from Faster R-CNN deltas (dx, dy, dw, dh) relative to ``ref_boxes``.
+
+    Same parameterization as torchvision's ``BoxCoder``; differentiable in ``deltas``.
+    """
+    ref = ref_boxes.to(deltas.dtype)
+    w = ref[:, 2] - ref[:, 0]
+    h = ref[:, 3] - ref[:, 1]
+    cx = ref[:, 0] + 0.5 * w
+    cy = ref[:, 1] + 0.5 * h
+    wx, wy, ww, wh = coder_weights
+    pcx = deltas[:, 0] / wx * w + cx
+    pcy = deltas[:, 1] / wy * h + cy
+    pw = torch.exp((deltas[:, 2] / ww).clamp(max=clip)) * w
+    ph = torch.exp((deltas[:, 3] / wh).clamp(max=clip)) * h
+    return torch.stack((pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph), dim=1)
+
+
+def box_regression_loss(
+    pred_deltas: Tensor,
+    target_deltas: Tensor,
+    is_pos: Tensor,
+    avg_factor: Tensor,
+    loss_type: str = "smooth_l1",
+    beta: float = 1.0 / 9,
+    ref_boxes: Optional[Tensor] = None,
+    coder_weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+) -> Tensor:
+    """Box regression over the positive samples, ``sum_pos(loss) / avg_factor``.
+
+    ``pred_deltas``/``target_deltas`` are [S, 4] for S sampled anchors or RoIs, ``is_pos`` [S].
+    Negatives contribute exactly 0 and their targets are never read: for images without ground
+    truth torchvision's targets hold -inf, which would turn a multiply-by-0 mask into NaN.
+    ``smooth_l1``/``l1`` sum over the 4 coordinates; ``giou``/``diou``/``ciou`` decode both sides
+    against ``ref_boxes`` (required for them) and give one term per box.
+    With zero positives the result is 0 and still depends on ``pred_deltas`` (DDP needs that).
+    """
+    pos = is_pos.unsqueeze(1)
+    target = torch.where(pos, target_deltas, torch.zeros_like(target_deltas))
+    pred = pred_deltas
+    if loss_type == "smooth_l1":
+        per_box = F.smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=1)
+    elif loss_type == "l1":
+        per_box = F.l1_loss(pred, target, reduction="none").sum(dim=1)
+    else:
+        if ref_boxes is None:
+            raise ValueError(f"bbox_loss={loss_type} needs the reference boxes to decode the deltas")
+        # Decode negatives against a zero delta too, so no inf/NaN enters the graph.
+        pred = torch.where(pos, pred_deltas, torch.zeros_like(pred_deltas))
+        pred_boxes = decode_deltas(pred, ref_boxes, coder_weights)
+        target_boxes = decode_deltas(target, ref_boxes, coder_weights)
+        if loss_type == "giou":
+            per_box = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")
+        elif loss_type == "diou":
+            per_box = distance_box_iou_loss(pred_boxes, target_boxes, reduction="none")
+        elif loss_type == "ciou":
+            per_box = complete_box_iou_loss(pred_boxes, target_boxes, reduction="none")
+        else:
+            raise ValueError(f"unknown bbox_loss {loss_type}")
+    # where(), not a multiply: the result stays in the graph (zero gradient) with no positive.
+    per_box = torch.where(is_pos, per_box, torch.zeros_like(per_box))
+    return per_box.sum() / avg_factor
+
+
+def mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> Tensor:
+    """Mask BCE as a per-pixel mean over P x M x M (every reference's choice), class-specific.
+
+    With no positive RoI the loss is ``mask_logits.sum() * 0``: exactly 0, still in the graph.
+    """
+    if mask_targets.numel() == 0:
+        return mask_logits.sum() * 0
+    idx = torch.arange(labels.shape[0], device=labels.device)
+    return F.binary_cross_entropy_with_logits(mask_logits[idx, labels], mask_targets)

@@ -1,0 +1,80 @@
+"""Convert an existing torchvision two-stage detector to tv_lossfix's heads, in place."""
+
+from typing import Any, Dict
+
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from .config import LossConfig
+from .roi_heads import LossFixRoIHeads
+from .rpn import LossFixRPN
+
+__all__ = ["patch_model", "training_stats", "get_loss_cfg"]
+
+
+def _swap(module: nn.Module, stock: type, ours: type, where: str) -> None:
+    # Only the exact stock class (or ours) is swapped: a user subclass has overrides we'd lose.
+    if type(module) not in (stock, ours):
+        raise TypeError(
+            f"patch_model: {where} is a {type(module).__module__}.{type(module).__qualname__}, "
+            f"expected torchvision's {stock.__name__}; a custom subclass cannot be patched"
+        )
+    module.__class__ = ours
+
+
+def patch_model(model: nn.Module, loss_cfg: Any = None) -> nn.Module:
+    """Give a torchvision Faster / Mask / Keypoint R-CNN tv_lossfix's configurable losses.
+
+    The conversion is in place: parameters, buffers, ``state_dict`` keys and inference are
+    untouched, so stock checkpoints load before or after. Calling it again replaces the config.
+
+    Args:
+        model: a ``torchvision.models.detection`` ``FasterRCNN``, ``MaskRCNN`` or ``KeypointRCNN``
+            (or one already patched), possibly wrapped by ``DistributedDataParallel`` (patch
+            before wrapping is preferred).
+        loss_cfg: a :class:`LossConfig`, dict, preset name or YAML path; None for the defaults.
+
+    Returns:
+        ``model`` itself.
+    """
+    cfg = LossConfig.coerce(loss_cfg)
+    target = getattr(model, "module", model)  # DDP / DataParallel
+    rpn = getattr(target, "rpn", None)
+    roi = getattr(target, "roi_heads", None)
+    if not isinstance(rpn, RegionProposalNetwork) or not isinstance(roi, RoIHeads):
+        raise TypeError(
+            f"patch_model expects a torchvision two-stage detector (FasterRCNN, MaskRCNN, KeypointRCNN) "
+            f"with .rpn and .roi_heads; got {type(target).__name__}"
+        )
+    # Validate against the model before changing anything, so a bad config leaves it as it was.
+    cfg.roi_head.check_num_classes(roi.box_predictor.cls_score.out_features)
+    _swap(rpn, RegionProposalNetwork, LossFixRPN, "model.rpn")
+    _swap(roi, RoIHeads, LossFixRoIHeads, "model.roi_heads")
+    rpn.set_loss_cfg(cfg.rpn_head, cfg.sync_avg_factor)
+    roi.set_loss_cfg(cfg.roi_head, cfg.sync_avg_factor)
+    target.loss_cfg = cfg
+    return model
+
+
+def get_loss_cfg(model: nn.Module) -> LossConfig:
+    """The :class:`LossConfig` a patched model uses."""
+    target = getattr(model, "module", model)
+    if not isinstance(getattr(target, "rpn", None), LossFixRPN):
+        raise TypeError(f"{type(target).__name__} is not patched by tv_lossfix")
+    return target.loss_cfg
+
+
+def training_stats(model: nn.Module) -> Dict[str, Tensor]:
+    """The heads' statistics from the last training forward, as detached tensors (no sync).
+
+    Keys: ``rpn/pos_per_image``, ``rpn/neg_per_image``, ``rpn/cls_avg_factor``,
+    ``rpn/bbox_avg_factor``, ``roi/pos_per_image``, ``roi/neg_per_image``, ``roi/cls_avg_factor``,
+    ``roi/bbox_avg_factor``, ``roi/fg_prob``. Empty before the first training step.
+    """
+    target = getattr(model, "module", model)
+    out: Dict[str, Tensor] = {}
+    for prefix, head in (("rpn", getattr(target, "rpn", None)), ("roi", getattr(target, "roi_heads", None))):
+        for k, v in getattr(head, "training_stats", {}).items():
+            out[f"{prefix}/{k}"] = v
+    return out

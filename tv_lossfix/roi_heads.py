@@ -1,0 +1,221 @@
+"""RoI heads (Fast R-CNN box head, mask and keypoint branches) with configurable losses."""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.roi_heads import (
+    RoIHeads,
+    keypointrcnn_inference,
+    keypointrcnn_loss,
+    maskrcnn_inference,
+    project_masks_on_boxes,
+)
+
+from . import losses as L
+from ._utils import reduce_mean, scale
+from .config import RoILossConfig
+
+__all__ = ["LossFixRoIHeads"]
+
+
+class LossFixRoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` whose losses follow a :class:`RoILossConfig`.
+
+    Inference, parameters, ``state_dict`` and the sampling of RoIs are the parent's. torchvision
+    computes these losses in module-level functions called from ``forward`` (no hook, see
+    pytorch/vision#3753), so ``forward`` is ours; it calls the parent's building blocks.
+    After each training forward, ``training_stats`` holds detached tensors: ``pos_per_image``,
+    ``neg_per_image`` (sampled RoIs), ``cls_avg_factor``, ``bbox_avg_factor`` and ``fg_prob``
+    (mean probability the classifier gives the true class of positive RoIs).
+    """
+
+    __annotations__ = {
+        **RoIHeads.__annotations__,
+        "class_weight": Tensor,
+        "training_stats": Dict[str, Tensor],
+    }
+
+    def __init__(self, *args, loss_cfg: Optional[RoILossConfig] = None, sync_avg_factor: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_loss_cfg(loss_cfg, sync_avg_factor)
+
+    @torch.jit.unused
+    def set_loss_cfg(self, cfg: Optional[RoILossConfig], sync_avg_factor: bool = False) -> None:
+        """Replace the loss settings (parameters untouched); checks ``class_weight`` length."""
+        cfg = RoILossConfig() if cfg is None else cfg
+        cfg.check_num_classes(self.box_predictor.cls_score.out_features)
+        self.loss_cfg = cfg
+        self.cls_pos_weight = float(cfg.cls_pos_weight)
+        self.loss_cls_weight = float(cfg.loss_cls_weight)
+        self.loss_bbox_weight = float(cfg.loss_bbox_weight)
+        self.loss_mask_weight = float(cfg.loss_mask_weight)
+        self.loss_keypoint_weight = float(cfg.loss_keypoint_weight)
+        self.bbox_avg_factor = str(cfg.bbox_avg_factor)
+        self.bbox_loss = str(cfg.bbox_loss)
+        self.smooth_l1_beta = float(cfg.smooth_l1_beta)
+        self.sync_avg_factor = bool(sync_avg_factor)
+        self.use_class_weight = cfg.class_weight is not None
+        device = self.box_predictor.cls_score.weight.device
+        values = cfg.class_weight if cfg.class_weight is not None else [1.0]
+        # Non-persistent: follows .to(device) but stays out of state_dict (stock keys).
+        self.register_buffer("class_weight", torch.tensor(values, dtype=torch.float32, device=device), persistent=False)
+        self.training_stats: Dict[str, Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"loss_cfg={self.loss_cfg}, sync_avg_factor={self.sync_avg_factor}"
+
+    # -- losses ------------------------------------------------------------------------------
+    def box_losses(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        labels: List[Tensor],
+        regression_targets: List[Tensor],
+        proposals: List[Tensor],
+    ) -> Tuple[Tensor, Tensor]:
+        """Classifier and box-regression losses of the sampled RoIs (no host sync)."""
+        labels_all = torch.cat(labels, dim=0)
+        targets_all = torch.cat(regression_targets, dim=0)
+        num_rois = labels_all.shape[0]
+        is_pos = labels_all > 0
+
+        sampled = torch.full((), num_rois, dtype=torch.float32, device=labels_all.device).clamp(min=1.0)
+        cls_avg = reduce_mean(sampled) if self.sync_avg_factor else sampled
+        if self.bbox_avg_factor == "positive":
+            bbox_avg = L.count(is_pos)
+            if self.sync_avg_factor:
+                bbox_avg = reduce_mean(bbox_avg)
+        else:
+            bbox_avg = cls_avg
+
+        class_weight: Optional[Tensor] = None
+        if self.use_class_weight:
+            class_weight = self.class_weight
+        weight = L.sample_weights(is_pos, self.cls_pos_weight, labels_all, class_weight)
+        loss_cls = L.classification_loss(class_logits, labels_all, cls_avg, weight)
+
+        # Class-specific deltas: the slot of each RoI's own label (background RoIs are masked out).
+        deltas = box_regression.reshape(num_rois, -1, 4)[torch.arange(num_rois, device=labels_all.device), labels_all]
+        ref_boxes: Optional[Tensor] = None
+        if self.bbox_loss not in ("smooth_l1", "l1"):
+            ref_boxes = torch.cat(proposals, dim=0)
+        loss_box = L.box_regression_loss(
+            deltas, targets_all, is_pos, bbox_avg, self.bbox_loss, self.smooth_l1_beta, ref_boxes, self.box_coder.weights
+        )
+
+        with torch.no_grad():
+            n_img = float(len(labels))
+            num_pos = is_pos.sum(dtype=torch.float32)
+            prob = F.softmax(class_logits.detach().float(), dim=-1).gather(1, labels_all[:, None]).squeeze(1)
+            fg_prob = torch.where(is_pos, prob, torch.zeros_like(prob)).sum() / num_pos.clamp(min=1.0)
+            self.training_stats = {
+                "pos_per_image": num_pos / n_img,
+                "neg_per_image": (num_rois - num_pos) / n_img,
+                "cls_avg_factor": cls_avg.detach(),
+                "bbox_avg_factor": bbox_avg.detach(),
+                "fg_prob": fg_prob,
+            }
+        return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)
+
+    # -- forward -----------------------------------------------------------------------------
+    def _check_target_types(self, targets: Optional[List[Dict[str, Tensor]]]) -> None:
+        if targets is None:
+            return
+        for t in targets:
+            if t["boxes"].dtype not in (torch.float, torch.double, torch.half):
+                raise TypeError(f"target boxes must of float type, instead got {t['boxes'].dtype}")
+            if t["labels"].dtype != torch.int64:
+                raise TypeError(f"target labels must of int64 type, instead got {t['labels'].dtype}")
+            if self.has_keypoint():
+                if t["keypoints"].dtype != torch.float32:
+                    raise TypeError(f"target keypoints must of float type, instead got {t['keypoints'].dtype}")
+
+    def _positive_rois(
+        self, proposals: List[Tensor], labels: List[Tensor], matched_idxs: List[Tensor]
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        # The mask/keypoint branches train on positive RoIs only; their count is data-dependent.
+        boxes: List[Tensor] = []
+        idxs: List[Tensor] = []
+        for p, lab, m in zip(proposals, labels, matched_idxs):
+            pos = torch.where(lab > 0)[0]
+            boxes.append(p[pos])
+            idxs.append(m[pos])
+        return boxes, idxs
+
+    def forward(
+        self,
+        features: Dict[str, Tensor],
+        proposals: List[Tensor],
+        image_shapes: List[Tuple[int, int]],
+        targets: Optional[List[Dict[str, Tensor]]] = None,
+    ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+        self._check_target_types(targets)
+        labels: List[Tensor] = []
+        matched_idxs: List[Tensor] = []
+        regression_targets: List[Tensor] = []
+        if self.training:
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+
+        result: List[Dict[str, Tensor]] = []
+        losses: Dict[str, Tensor] = {}
+        if self.training:
+            loss_classifier, loss_box_reg = self.box_losses(
+                class_logits, box_regression, labels, regression_targets, proposals
+            )
+            losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        else:
+            boxes, scores, det_labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+            for b, s, lab in zip(boxes, scores, det_labels):
+                result.append({"boxes": b, "labels": lab, "scores": s})
+
+        # None checks inline so TorchScript compiles each branch only when present.
+        if self.mask_roi_pool is not None and self.mask_head is not None and self.mask_predictor is not None:
+            if self.training:
+                if targets is None:
+                    raise ValueError("targets should not be None when training")
+                mask_boxes, pos_idxs = self._positive_rois(proposals, labels, matched_idxs)
+            else:
+                mask_boxes = [r["boxes"] for r in result]
+                pos_idxs = []
+            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
+            if self.training:
+                if targets is None:
+                    raise ValueError("targets should not be None when training")
+                size = mask_logits.shape[-1]
+                mask_targets = [
+                    project_masks_on_boxes(t["masks"], b, i, size) for t, b, i in zip(targets, mask_boxes, pos_idxs)
+                ]
+                mask_labels = [t["labels"][i] for t, i in zip(targets, pos_idxs)]
+                loss_mask = L.mask_loss(mask_logits, torch.cat(mask_labels, dim=0), torch.cat(mask_targets, dim=0))
+                losses["loss_mask"] = scale(loss_mask, self.loss_mask_weight)
+            else:
+                probs = maskrcnn_inference(mask_logits, [r["labels"] for r in result])
+                for p, r in zip(probs, result):
+                    r["masks"] = p
+
+        if self.keypoint_roi_pool is not None and self.keypoint_head is not None and self.keypoint_predictor is not None:
+            if self.training:
+                kp_boxes, pos_idxs = self._positive_rois(proposals, labels, matched_idxs)
+            else:
+                kp_boxes = [r["boxes"] for r in result]
+                pos_idxs = []
+            kp_logits = self.keypoint_predictor(
+                self.keypoint_head(self.keypoint_roi_pool(features, kp_boxes, image_shapes))
+            )
+            if self.training:
+                if targets is None:
+                    raise ValueError("targets should not be None when training")
+                loss_kp = keypointrcnn_loss(kp_logits, kp_boxes, [t["keypoints"] for t in targets], pos_idxs)
+                losses["loss_keypoint"] = scale(loss_kp, self.loss_keypoint_weight)
+            else:
+                kp_probs, kp_scores = keypointrcnn_inference(kp_logits, kp_boxes)
+                for p, s, r in zip(kp_probs, kp_scores, result):
+                    r["keypoints"] = p
+                    r["keypoints_scores"] = s
+
+        return result, losses

@@ -1,0 +1,147 @@
+"""Region proposal network with a configurable loss."""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
+
+from . import losses as L
+from ._utils import reduce_mean, scale
+from .config import RPNLossConfig
+
+__all__ = ["LossFixRPN"]
+
+
+class LossFixRPN(RegionProposalNetwork):
+    """torchvision's ``RegionProposalNetwork`` whose loss follows an :class:`RPNLossConfig`.
+
+    Proposals, sampling (same sampler calls, same order), parameters and ``state_dict`` are
+    those of the parent; at default settings the losses equal stock torchvision's.
+    After each training forward, ``training_stats`` holds detached tensors:
+    ``pos_per_image``, ``neg_per_image`` (sampled anchors), ``cls_avg_factor``, ``bbox_avg_factor``.
+
+    Build one with :func:`tv_lossfix.patch_model` or the builders; ``LossFixRPN(*args,
+    loss_cfg=..., **kwargs)`` takes the parent's arguments.
+    """
+
+    __annotations__ = {
+        **RegionProposalNetwork.__annotations__,
+        "training_stats": Dict[str, Tensor],
+    }
+
+    def __init__(self, *args, loss_cfg: Optional[RPNLossConfig] = None, sync_avg_factor: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_loss_cfg(loss_cfg, sync_avg_factor)
+
+    @torch.jit.unused
+    def set_loss_cfg(self, cfg: Optional[RPNLossConfig], sync_avg_factor: bool = False) -> None:
+        """Replace the loss settings (parameters untouched)."""
+        cfg = RPNLossConfig() if cfg is None else cfg
+        self.loss_cfg = cfg
+        # Plain attributes, read by the (scriptable) forward.
+        self.cls_pos_weight = float(cfg.cls_pos_weight)
+        self.loss_cls_weight = float(cfg.loss_cls_weight)
+        self.loss_bbox_weight = float(cfg.loss_bbox_weight)
+        self.cls_avg_factor = str(cfg.cls_avg_factor)
+        self.bbox_avg_factor = str(cfg.bbox_avg_factor)
+        self.bbox_loss = str(cfg.bbox_loss)
+        self.smooth_l1_beta = float(cfg.smooth_l1_beta)
+        self.sync_avg_factor = bool(sync_avg_factor)
+        self.training_stats: Dict[str, Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"loss_cfg={self.loss_cfg}, sync_avg_factor={self.sync_avg_factor}"
+
+    def _avg_factor(self, mode: str, pos: Tensor, neg: Tensor) -> Tensor:
+        if mode == "positive":
+            f = L.count(pos)
+        elif mode == "sampled_per_image":
+            f = L.per_image_count(pos, neg)
+        else:
+            f = L.count(pos | neg)
+        if self.sync_avg_factor:
+            f = reduce_mean(f)
+        return f
+
+    def compute_loss(
+        self,
+        objectness: Tensor,
+        pred_bbox_deltas: Tensor,
+        labels: List[Tensor],
+        regression_targets: List[Tensor],
+        anchors: Optional[List[Tensor]] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """Objectness and box losses of the sampled anchors (stock signature + ``anchors``).
+
+        ``anchors`` is needed only by the IoU box losses, which decode the deltas.
+        """
+        pos_list, neg_list = self.fg_bg_sampler(labels)
+        # Every image of a batch has the same anchors, so the masks stack to [num_images, A].
+        pos = torch.stack(pos_list) > 0
+        neg = torch.stack(neg_list) > 0
+        num_images = pos.shape[0]
+        # One nonzero for the whole batch (stock: two); everything after is on the sampled set.
+        sampled = torch.where((pos | neg).flatten())[0]
+        is_pos = pos.flatten()[sampled]
+
+        cls_avg = self._avg_factor(self.cls_avg_factor, pos, neg)
+        bbox_avg = cls_avg if self.bbox_avg_factor == self.cls_avg_factor else self._avg_factor(self.bbox_avg_factor, pos, neg)
+
+        weight = L.sample_weights(is_pos, self.cls_pos_weight)
+        loss_cls = L.objectness_loss(objectness.flatten()[sampled], is_pos, cls_avg, weight)
+
+        ref_boxes: Optional[Tensor] = None
+        if anchors is not None:
+            ref_boxes = torch.cat(anchors, dim=0)[sampled]
+        elif self.bbox_loss not in ("smooth_l1", "l1"):
+            raise ValueError(f"bbox_loss={self.bbox_loss} needs the anchors: pass anchors= to compute_loss")
+        loss_box = L.box_regression_loss(
+            pred_bbox_deltas[sampled],
+            torch.cat(regression_targets, dim=0)[sampled],
+            is_pos,
+            bbox_avg,
+            self.bbox_loss,
+            self.smooth_l1_beta,
+            ref_boxes,
+            self.box_coder.weights,
+        )
+
+        self.training_stats = {
+            "pos_per_image": pos.sum(dtype=torch.float32) / num_images,
+            "neg_per_image": neg.sum(dtype=torch.float32) / num_images,
+            "cls_avg_factor": cls_avg.detach(),
+            "bbox_avg_factor": bbox_avg.detach(),
+        }
+        return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, Tensor],
+        targets: Optional[List[Dict[str, Tensor]]] = None,
+    ) -> Tuple[List[Tensor], Dict[str, Tensor]]:
+        # Same steps and sampler calls as the parent; only the loss call differs (it needs anchors).
+        feature_maps = list(features.values())
+        objectness, pred_bbox_deltas = self.head(feature_maps)
+        anchors = self.anchor_generator(images, feature_maps)
+        num_images = len(anchors)
+        shapes = [o[0].shape for o in objectness]
+        num_anchors_per_level = [s[0] * s[1] * s[2] for s in shapes]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        # Proposals are not backpropagated through (Faster R-CNN), hence detach.
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
+        boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+
+        losses: Dict[str, Tensor] = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("targets should not be None")
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(
+                objectness, pred_bbox_deltas, labels, regression_targets, anchors
+            )
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+        return boxes, losses
