@@ -1,5 +1,4 @@
 import copy
-import warnings
 
 import pytest
 import torch
@@ -7,9 +6,6 @@ import torchvision
 from torchvision.models import detection as tvdet
 
 import tv_lossfix
-
-# torch.jit.script's deprecation warning is expected in the scripting tests.
-warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
 
 SMALL = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=200)
 
@@ -67,3 +63,28 @@ def run_losses(model, images, targets, seed: int = 123):
     model.train()
     torch.manual_seed(seed)
     return model(images, targets)
+
+
+def tiny_model(kind: str = "mask", num_classes: int = 3, loss_cfg=None, seed: int = 0):
+    """A Faster/Mask R-CNN with a 2-layer backbone: real heads and losses, milliseconds per step."""
+    from torch import nn
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1))
+    backbone.out_channels = 16
+    common = dict(
+        num_classes=num_classes,
+        min_size=64,
+        max_size=96,
+        rpn_anchor_generator=AnchorGenerator(((16, 32, 64),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        rpn_batch_size_per_image=64,
+        box_batch_size_per_image=64,
+    )
+    if kind == "mask":
+        model = tvdet.MaskRCNN(backbone, mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2), **common)
+    else:
+        model = tvdet.FasterRCNN(backbone, **common)
+    return tv_lossfix.patch_model(model, loss_cfg) if loss_cfg is not None else model

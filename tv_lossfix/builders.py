@@ -24,7 +24,6 @@ from torchvision.models import detection as tvdet
 from torchvision.models.detection.backbone_utils import _validate_trainable_layers
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -123,8 +122,13 @@ def _replace_predictors(model: nn.Module, num_classes: Optional[int], num_keypoi
     if num_classes is not None and num_classes != heads.box_predictor.cls_score.out_features:
         heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes)
         if heads.mask_predictor is not None:
-            conv = heads.mask_predictor.conv5_mask
-            heads.mask_predictor = MaskRCNNPredictor(conv.in_channels, conv.out_channels, num_classes)
+            # Only the per-class 1x1 logits layer depends on num_classes; the pretrained
+            # class-agnostic upsampling (conv5_mask) is kept. Init as MaskRCNNPredictor's.
+            old = heads.mask_predictor.mask_fcn_logits
+            new = nn.Conv2d(old.in_channels, num_classes, 1)
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(new.bias)
+            heads.mask_predictor.mask_fcn_logits = new
     if num_keypoints is not None and heads.keypoint_predictor is not None:
         old = heads.keypoint_predictor.kps_score_lowres
         if num_keypoints != old.out_channels:
@@ -195,7 +199,7 @@ _ARGS_DOC = """
             or the path of a local checkpoint of the same architecture. Default: None.
         progress: show a download progress bar. Default: True.
         num_classes: number of classes including background. With ``weights``, a different value
-            keeps the pretrained body and replaces the box{mask} predictor.
+            keeps the pretrained body and replaces the box predictor{mask}.
         weights_backbone: pretrained backbone weights, as for torchvision. Default: {wb}.
         trainable_backbone_layers: backbone stages left trainable (0 to {maxl}); with pretrained
             weights or a checkpoint the default is 3, otherwise all.{kp}
@@ -216,7 +220,7 @@ def _doc(summary: str, cls: str, wb: str, maxl: int, mask: bool = False, kp: boo
         if kp
         else ""
     )
-    return summary + "\n" + _ARGS_DOC.format(mask=" and mask" if mask else "", wb=wb, maxl=maxl, kp=kp_doc, cls=cls)
+    return summary + "\n" + _ARGS_DOC.format(mask=" and the mask logits layer" if mask else "", wb=wb, maxl=maxl, kp=kp_doc, cls=cls)
 
 
 def maskrcnn_resnet50_fpn(
