@@ -67,6 +67,22 @@ def _bbox_problem(bbox: Any, w: int, h: int) -> Optional[Tuple[str, str]]:
     return None
 
 
+def _box_vs_polygon_problem(bbox: Any, seg: Any) -> Optional[Tuple[str, str]]:
+    # With a polygon the box's format is checkable even when both readings fit in the image.
+    if not isinstance(seg, list) or not seg or not all(isinstance(p, list) and len(p) >= 6 for p in seg):
+        return None
+    xs = [v for p in seg for v in p[0::2]]
+    ys = [v for p in seg for v in p[1::2]]
+    extent = (min(xs), min(ys), max(xs), max(ys))
+    x, y, w, h = bbox
+    as_xywh = (x, y, x + w, y + h)
+    off = lambda a: max(abs(u - v) for u, v in zip(a, extent))  # noqa: E731
+    if off(as_xywh) > 2.0 and off((x, y, w, h)) <= 2.0:
+        return "xyxy_as_xywh", (f"box {bbox} matches its segmentation only as [x1, y1, x2, y2]: COCO boxes are "
+                                f"[x, y, width, height] (convert with w = x2 - x1, h = y2 - y1)")
+    return None
+
+
 def _segmentation_problem(seg: Any, w: int, h: int) -> Optional[Tuple[str, str]]:
     if seg is None or seg == [] or seg == {}:
         return "no_mask", "has no segmentation, and the model trains masks"
@@ -174,6 +190,8 @@ def load_coco_checked(
             issue = ("unknown_category", f"category_id {a.get('category_id')} is not in 'categories' (ids: {sorted(categories)[:20]})")
         if issue is None:
             issue = _bbox_problem(a.get("bbox"), img["width"], img["height"])
+        if issue is None:
+            issue = _box_vs_polygon_problem(a["bbox"], a.get("segmentation"))
         if issue is None and need_masks and not a.get("iscrowd", 0):
             issue = _segmentation_problem(a.get("segmentation"), img["width"], img["height"])
         if issue is not None:

@@ -1,0 +1,205 @@
+"""Every data check with a broken file: the message names the image / annotation at fault."""
+
+import copy
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+REFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "references")
+sys.path.insert(0, REFS)
+
+import train  # noqa: E402
+from checks import DataError, check_samples, load_coco_checked  # noqa: E402
+from data import CocoDetection, GroupedBatchSampler, SeededRandomSampler, aspect_ratio_groups  # noqa: E402
+from shapes import ShapesSpec, ensure_shapes  # noqa: E402
+
+SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return ensure_shapes(str(tmp_path_factory.mktemp("data")), SPEC)
+
+
+@pytest.fixture
+def coco(shapes):
+    with open(shapes["train_ann"]) as f:
+        return json.load(f)
+
+
+def write(tmp_path, data):
+    p = tmp_path / "ann.json"
+    p.write_text(json.dumps(data))
+    return str(p)
+
+
+def first_ann(data):
+    return data["annotations"][0]
+
+
+def to_xyxy(data):
+    # The classic export bug, on a box that fits the image either way: only the polygon tells.
+    a = first_ann(data)
+    a["segmentation"] = [[5, 5, 20, 5, 20, 25, 5, 25]]
+    a["bbox"] = [5, 5, 20, 25]  # [x1, y1, x2, y2]; as [x, y, w, h] it would reach (25, 30)
+
+
+def test_shapes_is_deterministic_real_coco(shapes, tmp_path):
+    again = ensure_shapes(str(tmp_path), SPEC)
+    with open(shapes["train_ann"]) as a, open(again["train_ann"]) as b:
+        assert json.load(a) == json.load(b)
+    coco, label_map, names, report = load_coco_checked(shapes["train_ann"], shapes["train_images"], "train")
+    assert names == ["square", "circle", "triangle", "star"] and label_map == {1: 1, 2: 2, 3: 3, 4: 4}
+    assert report.images == 6 and report.negatives >= 1  # empty images are kept as negatives
+    ds = CocoDetection(coco, shapes["train_images"], label_map)
+    image, target = ds[0]
+    assert image.dtype == torch.float32 and image.max() <= 1 and image.shape == (3, 64, 64)
+    assert target["masks"].shape[1:] == (64, 64) and set(target["masks"].unique().tolist()) <= {0, 1}
+    if len(target["boxes"]):
+        b = target["boxes"]
+        assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+
+
+@pytest.mark.parametrize(
+    "corrupt,match",
+    [
+        (lambda d: first_ann(d).update(bbox=[10, 10, 0, 5]), r"annotation 1 \(image \d+\): degenerate box"),
+        (lambda d: first_ann(d).update(bbox=[50, 50, 40, 40]), r"annotation 1 \(image \d+\): box .* extends outside the 64x64 image"),
+        (lambda d: first_ann(d).update(bbox=[30, 30, 60, 62]), r"annotation 1 .*fits as \[x1, y1, x2, y2\]: COCO boxes are \[x, y, width, height\]"),
+        (to_xyxy, r"annotation 1 .*matches its segmentation only as \[x1, y1, x2, y2\]"),
+        (lambda d: first_ann(d).update(bbox=[1, 2, 3]), r"annotation 1 .*is not 4 finite numbers"),
+        (lambda d: first_ann(d).update(category_id=42), r"annotation 1 .*category_id 42 is not in 'categories'"),
+        (lambda d: first_ann(d).update(image_id=999), r"annotation 1 \(image 999\): image_id 999 is not in 'images'"),
+        (lambda d: first_ann(d).update(segmentation=[[1, 2, 3, 4]]), r"annotation 1 .*polygon needs >= 3"),
+        (lambda d: first_ann(d).update(segmentation={"size": [32, 32], "counts": "abc"}), r"annotation 1 .*RLE size \[32, 32\] differs"),
+        (lambda d: first_ann(d).update(segmentation=[]), r"annotation 1 .*has no segmentation"),
+        (lambda d: d["images"][0].update(file_name="missing.png"), r"image 1: file not found: .*missing.png"),
+        (lambda d: d["images"][0].update(width=100), r"image 1: .*is 64x64 but the JSON says 100x64"),
+    ],
+)
+def test_each_check_stops_with_a_named_problem(coco, shapes, tmp_path, corrupt, match):
+    data = copy.deepcopy(coco)
+    corrupt(data)
+    with pytest.raises(DataError, match=match) as info:
+        load_coco_checked(write(tmp_path, data), shapes["train_images"], "train", policy="stop")
+    assert "--bad-annotations drop" in str(info.value)
+
+
+def test_drop_policy_drops_and_counts(coco, shapes, tmp_path):
+    data = copy.deepcopy(coco)
+    data["annotations"][0]["bbox"] = [10, 10, 0, 5]
+    data["annotations"][1]["category_id"] = 42
+    data["images"][-1]["file_name"] = "gone.png"
+    n_last = sum(1 for a in data["annotations"] if a["image_id"] == data["images"][-1]["id"])
+    cc, _, _, report = load_coco_checked(write(tmp_path, data), shapes["train_images"], "train", policy="drop")
+    assert report.dropped == {"degenerate": 1, "unknown_category": 1} and report.dropped_images == 1
+    assert len(cc.dataset["annotations"]) == len(coco["annotations"]) - 2 - n_last
+    assert "dropped 2 annotations" in report.summary()
+
+
+def test_whole_file_problems(shapes, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match="bad.json is not valid JSON"):
+        load_coco_checked(str(bad), shapes["train_images"], "train")
+    with pytest.raises(DataError, match="annotation file not found"):
+        load_coco_checked(str(tmp_path / "none.json"), shapes["train_images"], "train")
+    nocats = tmp_path / "nocats.json"
+    nocats.write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(DataError, match="no 'categories' list"):
+        load_coco_checked(str(nocats), shapes["train_images"], "train")
+
+
+def test_category_zero_with_coco_ids_is_background(coco, shapes, tmp_path):
+    data = copy.deepcopy(coco)
+    data["categories"].append({"id": 0, "name": "thing"})
+    with pytest.raises(DataError, match="category id 0 .* label 0, which is the background"):
+        load_coco_checked(write(tmp_path, data), shapes["train_images"], "train", label_mode="category_id")
+    # Contiguous labels map id 0 to label 1: fine.
+    _, label_map, _, _ = load_coco_checked(write(tmp_path, data), shapes["train_images"], "train")
+    assert label_map[0] == 1
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __init__(self, base, mode):
+        self.base, self.mode = base, mode
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, t = self.base[i]
+        t = dict(t)
+        if self.mode == "mask255" and len(t["masks"]):
+            t["masks"] = t["masks"] * 255
+        if self.mode == "image255":
+            image = image * 255
+        if self.mode == "label0" and len(t["labels"]):
+            t["labels"] = torch.zeros_like(t["labels"])
+        return image, t
+
+
+@pytest.mark.parametrize(
+    "mode,match",
+    [("mask255", r"image \d+: masks hold values \[0, 255\], expected 0/1"),
+     ("image255", r"image \d+: image values reach .*scale 0-255 images to \[0, 1\]"),
+     ("label0", r"image \d+: labels \[0.*outside 1..4 \(0 is background")],
+)
+def test_sample_checks(shapes, mode, match):
+    coco, label_map, _, _ = load_coco_checked(shapes["train_ann"], shapes["train_images"], "train")
+    problems = check_samples(_Broken(CocoDetection(coco, shapes["train_images"], label_map), mode), num_classes=5)
+    assert problems and any(__import__("re").search(match, p) for p in problems), problems
+    assert check_samples(CocoDetection(coco, shapes["train_images"], label_map), num_classes=5) == []
+
+
+def test_coco_json_dataset_with_rle_and_crowd(coco, shapes, tmp_path):
+    # What annotation tools export: RLE masks, crowd regions, an unannotated image, other category ids.
+    data = copy.deepcopy(coco)
+    for a in data["annotations"][::2]:
+        img = next(i for i in data["images"] if i["id"] == a["image_id"])
+        m = np.asfortranarray(
+            mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], img["height"], img["width"]))))
+        rle = mask_utils.encode(m)
+        rle["counts"] = rle["counts"].decode()
+        a["segmentation"] = rle
+    crowd = copy.deepcopy(data["annotations"][0])
+    crowd.update(id=9999, iscrowd=1)
+    data["annotations"].append(crowd)
+    for c in data["categories"]:
+        c["id"] += 10
+    for a in data["annotations"]:
+        a["category_id"] += 10
+    ann = write(tmp_path, data)
+    out = tmp_path / "out"
+    rc = train.main([
+        "--dataset", "coco_json", "--train-ann", ann, "--train-images", shapes["train_images"], "--val-ann", ann,
+        "--val-images", shapes["train_images"], "--model", "maskrcnn_tiny", "--device", "cpu", "-b", "2", "--epochs", "1",
+        "-j", "0", "--aspect-ratio-group-factor", "-1", "--iters-per-epoch", "2", "--no-plots", "--gallery-images", "0",
+        "--output-dir", str(out), "--print-freq", "1",
+    ])
+    assert rc == 0
+    with open(out / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    data_rec = [r for r in recs if r["type"] == "data"][0]
+    assert data_rec["crowd"] == 1
+    assert any(r["type"] == "eval" and "segm_AP" in r for r in recs)
+
+
+def test_grouped_batch_sampler_covers_every_sample_once():
+    ratios = [0.5, 2.0, 1.0, 0.5, 2.0, 1.0, 1.0, 0.7, 1.4, 3.0, 0.3]
+    groups = aspect_ratio_groups(ratios, 3)
+    assert groups[0] == groups[3] and groups[1] == groups[4]
+    sampler = GroupedBatchSampler(SeededRandomSampler(len(ratios), seed=1), groups, batch_size=2)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 6
+    assert sorted(i for b in batches for i in b) == list(range(len(ratios)))
+    s = SeededRandomSampler(10, seed=5)
+    s.set_epoch(3)
+    first = list(s)
+    s.set_epoch(3)
+    assert list(s) == first

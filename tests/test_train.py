@@ -1,0 +1,232 @@
+"""references/train.py end to end on tiny data: runs, resume, DDP, config precedence, NaN policy."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+REFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "references")
+sys.path.insert(0, REFS)
+
+import train  # noqa: E402
+import train_config  # noqa: E402
+from checks import DataError  # noqa: E402
+
+TINY_SHAPES = {"num_train": 8, "num_val": 4, "image_size": 64, "min_size": 12, "max_size": 30, "empty_fraction": 0.25}
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("shapes"))
+
+
+def tiny_config(tmp_path, data_root, **training):
+    cfg = {
+        "model": {"name": "maskrcnn_tiny", "kwargs": {"min_size": 64, "max_size": 64}},
+        "data": {"dataset": "shapes", "data_path": data_root, "shapes": TINY_SHAPES, "workers": 0,
+                 "aspect_ratio_group_factor": -1, "check_samples": 4},
+        "training": {"device": "cpu", "batch_size": 2, "epochs": 1, "lr": 0.01, "warmup_iters": 2, "print_freq": 1,
+                     "output_dir": str(tmp_path / "out"), "plots": False, "gallery_images": 0, **training},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def records(out_dir, kind=None):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return [r for r in recs if kind is None or r["type"] == kind]
+
+
+def test_end_to_end_run_writes_everything(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root, plots=True, gallery_images=2)
+    assert train.main(["--config", cfg, "--clip-grad-norm", "10"]) == 0
+    out = tmp_path / "out"
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pth", "model_0.pth", "training_curves.png",
+                 "eval_curves.png", "gallery.png"):
+        assert (out / name).exists(), name
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["training"]["gradient_clip"] == {"enabled": True, "max_norm": 10.0, "norm_type": 2.0}
+    assert saved["model"]["roi_head"]["cls_pos_weight"] == 1.0
+    train_recs = records(out, "train")
+    assert train_recs and all(r["grad_norm"] >= 0 and "loss_mask" in r and "roi/fg_prob" in r for r in train_recs)
+    ev = records(out, "eval")[-1]
+    for key in ("bbox_AP", "segm_AP", "dets_per_image", "score_p90", "max_score"):
+        assert key in ev
+    data = records(out, "data")
+    assert {d["split"] for d in data} == {"train", "val"} and all("negatives" in d for d in data)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["config"]["training"]["batch_size"] == 2
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, data_root):
+    straight = tmp_path / "a"
+    straight.mkdir()
+    cfg_a = tiny_config(straight, data_root, epochs=2, iters_per_epoch=3)
+    assert train.main(["--config", cfg_a]) == 0
+    split = tmp_path / "b"
+    split.mkdir()
+    cfg_b = tiny_config(split, data_root, epochs=2, iters_per_epoch=3)
+    assert train.main(["--config", cfg_b, "--epochs", "1"]) == 0
+    assert train.main(["--config", cfg_b, "--resume", str(split / "out" / "checkpoint.pth")]) == 0
+    a = torch.load(straight / "out" / "checkpoint.pth", weights_only=True)
+    b = torch.load(split / "out" / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1 and a["state"]["iteration"] == b["state"]["iteration"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_bad_resume_checkpoints(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root)
+    trunc = tmp_path / "trunc.pth"
+    torch.save({"format": train.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(1000)}}, trunc)
+    trunc.write_bytes(trunc.read_bytes()[:200])
+    with pytest.raises(train.CheckpointError, match="cannot read .*trunc.pth"):
+        train.main(["--config", cfg, "--resume", str(trunc)])
+    bare = tmp_path / "bare.pth"
+    torch.save({"w": torch.zeros(1)}, bare)
+    with pytest.raises(train.CheckpointError, match="not a tv_lossfix training checkpoint.*--weights"):
+        train.main(["--config", cfg, "--resume", str(bare)])
+    with pytest.raises(train.CheckpointError, match="not found"):
+        train.main(["--config", cfg, "--resume", str(tmp_path / "nope.pth")])
+
+
+def test_yaml_then_flags_precedence(tmp_path, data_root):
+    cfg_path = tiny_config(tmp_path, data_root, lr=0.05)
+    cfg, loss = train_config.resolve(["--config", cfg_path, "--lr", "0.5", "-b", "3", "--loss-preset", "mmdetection"])
+    assert cfg["training"]["lr"] == 0.5 and cfg["training"]["batch_size"] == 3  # flags win
+    assert cfg["training"]["epochs"] == 1  # from the YAML
+    assert cfg["training"]["momentum"] == 0.9  # built-in default (torchvision's)
+    assert loss.rpn_head.bbox_loss == "l1"
+    cfg, _ = train_config.resolve([])  # torchvision's defaults
+    assert (cfg["training"]["lr"], cfg["training"]["epochs"], cfg["training"]["lr_steps"], cfg["model"]["name"]) == (
+        0.02, 26, [16, 22], "maskrcnn_resnet50_fpn")
+    assert cfg["data"]["data_path"] == train_config.TORCHVISION_COCO_PATH
+
+
+@pytest.mark.parametrize(
+    "yaml_text,match",
+    [
+        ("training:\n  lrr: 0.1\n", r"unknown key 'training.lrr'; did you mean 'training.lr'"),
+        ("trainning:\n  lr: 0.1\n", r"unknown key 'trainning'; did you mean 'training'"),
+        ("training:\n  gradient_clip:\n    max_nrom: 1\n", r"'training.gradient_clip.max_nrom'.*'training.gradient_clip.max_norm'"),
+        ("training:\n  lr: fast\n", r"training.lr \(--lr\) must be a number"),
+        ("training:\n  batch_size: 0\n", r"training.batch_size must be >= 1"),
+        ("training:\n  nan_policy: ignore\n", r"training.nan_policy \(--nan-policy\) must be one of stop, skip"),
+        ("model:\n  roi_head:\n    cls_pos_weight: -2\n", r"model.roi_head.cls_pos_weight must be a finite number >= 0"),
+        ("model:\n  roi_head:\n    clss_pos_weight: 2\n", r"model.unknown loss config key roi_head.'clss_pos_weight'"),
+        ("data:\n  dataset: coco_json\n", r"--dataset coco_json needs --train-ann, --train-images, --val-ann, --val-images"),
+        ("data:\n  shapes:\n    num_trian: 3\n", r"unknown key 'data.shapes.num_trian'; did you mean 'data.shapes.num_train'"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, yaml_text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(train_config.ConfigError, match=match):
+        train_config.resolve(["--config", str(p)])
+
+
+def test_guide_config_schema_is_accepted(tmp_path):
+    p = tmp_path / "guide.yaml"
+    p.write_text(
+        "model:\n  rpn_head:\n    cls_pos_weight: 1.0\n    loss_cls_weight: 1.0\n    loss_bbox_weight: 1.0\n"
+        "  roi_head:\n    cls_pos_weight: 2.0\n    loss_cls_weight: 1.0\n    loss_bbox_weight: 1.0\n    loss_mask_weight: 1.0\n"
+        "training:\n  gradient_clip:\n    enabled: true\n    max_norm: 35.0\n    norm_type: 2\n"
+    )
+    cfg, loss = train_config.resolve(["--config", str(p)])
+    assert loss.roi_head.cls_pos_weight == 2.0 and cfg["training"]["gradient_clip"]["enabled"]
+    cfg, _ = train_config.resolve(["--config", str(p), "--clip-grad-norm", "0"])
+    assert not cfg["training"]["gradient_clip"]["enabled"]
+
+
+def _nan_model(monkeypatch, bad_iters, term="loss_classifier"):
+    """Wrap the built model so that chosen training iterations return a NaN loss term."""
+    real = train.build_model
+
+    def build(*a, **k):
+        model = real(*a, **k)
+        forward = model.forward
+        calls = {"n": 0}
+
+        def patched(images, targets=None):
+            out = forward(images, targets)
+            if model.training:
+                if calls["n"] in bad_iters or "all" in bad_iters:
+                    out[term] = out[term] * float("nan")
+                calls["n"] += 1
+            return out
+
+        model.forward = patched
+        return model
+
+    monkeypatch.setattr(train, "build_model", build)
+
+
+def test_nan_policy_stop_names_term_and_iteration(tmp_path, data_root, monkeypatch, capsys):
+    _nan_model(monkeypatch, {2})
+    cfg = tiny_config(tmp_path, data_root)
+    assert train.main(["--config", cfg]) == 2
+    stopped = records(tmp_path / "out", "stopped")
+    assert len(stopped) == 1 and "non-finite loss_classifier" in stopped[0]["reason"] and "iteration 2" in stopped[0]["reason"]
+    assert "non-finite loss_classifier" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_nan_policy_skip_keeps_weights_finite(tmp_path, data_root, monkeypatch):
+    _nan_model(monkeypatch, {1, 2}, term="loss_box_reg")
+    cfg = tiny_config(tmp_path, data_root)
+    assert train.main(["--config", cfg, "--nan-policy", "skip"]) == 0
+    ev = records(tmp_path / "out", "eval")[-1]
+    assert ev["skipped_steps"] == 2
+    skipped = records(tmp_path / "out", "nonfinite")
+    assert [r["iter"] for r in skipped] == [1, 2] and all(r["terms"] == ["loss_box_reg", "grad_norm"] for r in skipped)
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_nan_policy_skip_stops_after_consecutive_skips(tmp_path, data_root, monkeypatch):
+    _nan_model(monkeypatch, {"all"})
+    cfg = tiny_config(tmp_path, data_root)
+    assert train.main(["--config", cfg, "--nan-policy", "skip", "--max-consecutive-skips", "3"]) == 2
+    (stopped,) = records(tmp_path / "out", "stopped")
+    assert "3 consecutive steps skipped" in stopped["reason"] and "loss_classifier" in stopped["reason"]
+
+
+def test_test_only_evaluates_a_checkpoint(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root)
+    assert train.main(["--config", cfg]) == 0
+    ckpt = str(tmp_path / "out" / "checkpoint.pth")
+    out2 = str(tmp_path / "eval")
+    assert train.main(["--config", cfg, "--test-only", "--resume", ckpt, "--output-dir", out2]) == 0
+    (ev,) = records(out2, "eval")
+    assert "bbox_AP" in ev and "segm_AP" in ev
+
+
+def test_stock_flag_builds_torchvision_model(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root)
+    assert train.main(["--config", cfg, "--stock", "--iters-per-epoch", "2"]) == 0
+    assert "roi/fg_prob" not in records(tmp_path / "out", "train")[-1]
+
+
+def test_two_process_gloo_run(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root, iters_per_epoch=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REFS, "train.py"), "--config", cfg, "--sync-avg-factor"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    recs = records(tmp_path / "out")
+    assert len(records(tmp_path / "out", "eval")) == 1  # rank 0 alone writes
+    train_recs = [r for r in recs if r["type"] == "train"]
+    assert len(train_recs) == 2 and train_recs[-1]["img_per_s"] > 0
+    # Normalizers averaged over ranks (sync_avg_factor): what each rank divides by is a mean count.
+    assert train_recs[-1]["rpn/cls_avg_factor"] > 0
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["model"]["sync_avg_factor"] is True
