@@ -73,6 +73,7 @@ def train_one_epoch(
     count = 0
     grad_max = 0.0
     window_imgs, window_t0 = 0, time.perf_counter()
+    total_imgs = 0
     epoch_t0 = time.perf_counter()
     stat_sums: Dict[str, torch.Tensor] = {}
     stats_window = 0
@@ -80,7 +81,7 @@ def train_one_epoch(
         if i >= n_iters:
             break
         images, targets = _to(device, images, targets)
-        with torch.autocast(device.type, enabled=scaler is not None):
+        with torch.autocast(device.type, enabled=scaler is not None and device.type == "cuda"):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
         optimizer.zero_grad(set_to_none=True)
@@ -153,6 +154,7 @@ def train_one_epoch(
             grad_max = max(grad_max, values["grad_norm"])
         count += 1
         window_imgs += len(images) * dist.world()
+        total_imgs += len(images) * dist.world()
         state["iteration"] += 1
         if bar is not None:
             bar.update(1)
@@ -182,7 +184,7 @@ def train_one_epoch(
     out["skipped_steps"] = state["skipped"]
     out["world_size"] = dist.world()
     out["epoch_time"] = time.perf_counter() - epoch_t0
-    out["img_per_s"] = count * (loader.batch_size or t["batch_size"]) * dist.world() / max(out["epoch_time"], 1e-9)
+    out["img_per_s"] = total_imgs / max(out["epoch_time"], 1e-9)
     if stat_sums and stats_window:
         names = list(stat_sums)
         out.update(dict(zip(names, (torch.stack([stat_sums[k] for k in names]) / stats_window).tolist())))

@@ -63,9 +63,14 @@ def plot_curves(metrics_path: str, out_dir: str) -> List[str]:
         axes[0].legend()
         axes[0].set_title("COCO AP")
         axes[1].plot(ep, [r["dets_per_image"] for r in evals], marker="o", label="detections / image")
-        axes[1].plot(ep, [r.get("max_score_mean", float("nan")) for r in evals], marker="x", label="mean max score")
+        axes[1].set_ylabel("detections / image (score >= threshold)")
+        twin = axes[1].twinx()
+        twin.plot(ep, [r.get("max_score_mean", float("nan")) for r in evals], "C1", marker="x", label="mean max score")
+        twin.set_ylim(0, 1.05)
+        twin.set_ylabel("mean of each image's max score")
         axes[1].set_xlabel("epoch")
-        axes[1].legend()
+        axes[1].legend(loc="upper left")
+        twin.legend(loc="upper right")
         axes[1].set_title("collapse watch")
         fig.tight_layout()
         p = os.path.join(out_dir, "eval_curves.png")
@@ -90,7 +95,7 @@ def draw_gallery(model, dataset, device, names: List[str], out_path: str, count:
     for idx in range(min(count, len(dataset))):
         image, _ = dataset[idx]
         out = net([image.to(device)])[0]
-        keep = out["scores"] >= max(thresh, 0.3)
+        keep = out["scores"] >= max(thresh, 0.5)  # the confident ones: a readable picture
         canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
         if "masks" in out and keep.any():
             canvas = draw_segmentation_masks(canvas, out["masks"][keep][:, 0].cpu() > 0.5, alpha=0.45)

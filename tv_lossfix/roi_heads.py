@@ -119,6 +119,16 @@ class LossFixRoIHeads(RoIHeads):
             }
         return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)
 
+    def mask_losses(
+        self, mask_logits: Tensor, mask_boxes: List[Tensor], pos_idxs: List[Tensor], targets: List[Dict[str, Tensor]]
+    ) -> Tensor:
+        """Mask loss of the positive RoIs: targets cropped from the gt masks, per-pixel mean BCE."""
+        size = mask_logits.shape[-1]
+        mask_targets = [project_masks_on_boxes(t["masks"], b, i, size) for t, b, i in zip(targets, mask_boxes, pos_idxs)]
+        mask_labels = [t["labels"][i] for t, i in zip(targets, pos_idxs)]
+        loss = L.mask_loss(mask_logits, torch.cat(mask_labels, dim=0), torch.cat(mask_targets, dim=0))
+        return scale(loss, self.loss_mask_weight)
+
     # -- forward -----------------------------------------------------------------------------
     def _check_target_types(self, targets: Optional[List[Dict[str, Tensor]]]) -> None:
         if targets is None:
@@ -186,13 +196,7 @@ class LossFixRoIHeads(RoIHeads):
             if self.training:
                 if targets is None:
                     raise ValueError("targets should not be None when training")
-                size = mask_logits.shape[-1]
-                mask_targets = [
-                    project_masks_on_boxes(t["masks"], b, i, size) for t, b, i in zip(targets, mask_boxes, pos_idxs)
-                ]
-                mask_labels = [t["labels"][i] for t, i in zip(targets, pos_idxs)]
-                loss_mask = L.mask_loss(mask_logits, torch.cat(mask_labels, dim=0), torch.cat(mask_targets, dim=0))
-                losses["loss_mask"] = scale(loss_mask, self.loss_mask_weight)
+                losses["loss_mask"] = self.mask_losses(mask_logits, mask_boxes, pos_idxs, targets)
             else:
                 probs = maskrcnn_inference(mask_logits, [r["labels"] for r in result])
                 for p, r in zip(probs, result):

@@ -1,0 +1,95 @@
+"""Clipping order under AMP (with a scaler that really scales), and sync_avg_factor over 2 ranks."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+REFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "references")
+sys.path.insert(0, REFS)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import engine  # noqa: E402
+import train_config  # noqa: E402
+from conftest import make_targets, tiny_model  # noqa: E402
+
+
+class RecordingScaler:
+    """GradScaler's contract on the CPU: scale the loss by 1024, unscale_ divides the grads back."""
+
+    def __init__(self):
+        self.calls = []
+        self.factor = 1024.0
+
+    def scale(self, loss):
+        self.calls.append("scale")
+        return loss * self.factor
+
+    def unscale_(self, optimizer):
+        self.calls.append("unscale_")
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.div_(self.factor)
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+
+
+def _one_epoch(scaler, max_norm):
+    cfg, _ = train_config.finalize(train_config.defaults())
+    cfg["training"]["gradient_clip"].update(enabled=max_norm is not None, max_norm=max_norm or 35.0)
+    cfg["training"]["print_freq"] = 1
+    model = tiny_model("mask", loss_cfg={})
+    images, targets = make_targets("mask", [(64, 64), (64, 64)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves weights as they were
+    logged = []
+    state = {"iteration": 0, "skipped": 0, "consecutive_skips": 0, "amp_overflows": 0, "warmup_total": 0}
+    torch.manual_seed(0)
+    engine.train_one_epoch(model, opt, [(images, targets)], torch.device("cpu"), 0, state, cfg, scaler, None,
+                           logged.append, lambda s: None)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return logged[-1]["grad_norm"], grads.norm().item()
+
+
+def test_clip_after_unscale_measures_true_gradients():
+    plain_norm, _ = _one_epoch(None, None)
+    scaler = RecordingScaler()
+    amp_norm, _ = _one_epoch(scaler, None)
+    assert scaler.calls == ["scale", "unscale_", "step", "update"]
+    assert amp_norm == pytest.approx(plain_norm, rel=1e-4)  # logged norm is the unscaled one
+    clip = plain_norm / 4
+    logged, after = _one_epoch(RecordingScaler(), clip)
+    assert logged == pytest.approx(plain_norm, rel=1e-4)  # pre-clip norm is logged
+    assert after == pytest.approx(clip, rel=1e-3)  # gradients the step saw were clipped, unscaled
+
+
+def _worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from tv_lossfix._utils import reduce_mean
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x = torch.tensor(10.0 if rank == 0 else 30.0)
+        out[rank] = reduce_mean(x).item()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reduce_mean_over_two_gloo_ranks():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    assert dict(out) == {0: 20.0, 1: 20.0}
