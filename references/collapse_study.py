@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default="runs/collapse_study")
     p.add_argument("--data-path", default="data")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--lr", type=float, default=0.06, help="learning rate of every run (batch 4, no warmup)")
+    p.add_argument("--lr", type=float, default=0.04, help="learning rate of every run (batch 4, no warmup)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="evaluations per run (an 'epoch' is --iters iterations)")
     p.add_argument("--iters", type=int, default=25, help="iterations between evaluations")

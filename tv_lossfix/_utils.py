@@ -1,7 +1,9 @@
 """Small helpers shared by the two heads."""
 
+import dataclasses
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @torch.jit.unused
@@ -23,3 +25,23 @@ def reduce_mean(x: Tensor) -> Tensor:
 def scale(loss: Tensor, weight: float) -> Tensor:
     # Skip the multiply at 1.0 so default settings keep stock numerics bit for bit.
     return loss if weight == 1.0 else loss * weight
+
+
+def apply_loss_cfg(head: nn.Module, cfg, sync_avg_factor: bool) -> None:
+    """Copy a head's config onto plain attributes (floats, strings: what TorchScript reads).
+
+    ``class_weight`` is not copied: the RoI head keeps it as a buffer.
+    """
+    head.loss_cfg = cfg
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, str):
+            setattr(head, f.name, value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(head, f.name, float(value))
+    head.sync_avg_factor = bool(sync_avg_factor)
+    head.training_stats = {}
+
+
+def loss_cfg_repr(head: nn.Module) -> str:
+    return f"loss_cfg={head.loss_cfg}, sync_avg_factor={head.sync_avg_factor}"

@@ -14,7 +14,7 @@ from torchvision.models.detection.roi_heads import (
 )
 
 from . import losses as L
-from ._utils import reduce_mean, scale
+from ._utils import apply_loss_cfg, loss_cfg_repr, reduce_mean, scale
 from .config import RoILossConfig
 
 __all__ = ["LossFixRoIHeads"]
@@ -46,25 +46,15 @@ class LossFixRoIHeads(RoIHeads):
         """Replace the loss settings (parameters untouched); checks ``class_weight`` length."""
         cfg = RoILossConfig() if cfg is None else cfg
         cfg.check_num_classes(self.box_predictor.cls_score.out_features)
-        self.loss_cfg = cfg
-        self.cls_pos_weight = float(cfg.cls_pos_weight)
-        self.loss_cls_weight = float(cfg.loss_cls_weight)
-        self.loss_bbox_weight = float(cfg.loss_bbox_weight)
-        self.loss_mask_weight = float(cfg.loss_mask_weight)
-        self.loss_keypoint_weight = float(cfg.loss_keypoint_weight)
-        self.bbox_avg_factor = str(cfg.bbox_avg_factor)
-        self.bbox_loss = str(cfg.bbox_loss)
-        self.smooth_l1_beta = float(cfg.smooth_l1_beta)
-        self.sync_avg_factor = bool(sync_avg_factor)
+        apply_loss_cfg(self, cfg, sync_avg_factor)
         self.use_class_weight = cfg.class_weight is not None
         device = self.box_predictor.cls_score.weight.device
         values = cfg.class_weight if cfg.class_weight is not None else [1.0]
         # Non-persistent: follows .to(device) but stays out of state_dict (stock keys).
         self.register_buffer("class_weight", torch.tensor(values, dtype=torch.float32, device=device), persistent=False)
-        self.training_stats: Dict[str, Tensor] = {}
 
     def extra_repr(self) -> str:
-        return f"loss_cfg={self.loss_cfg}, sync_avg_factor={self.sync_avg_factor}"
+        return loss_cfg_repr(self)
 
     # -- losses ------------------------------------------------------------------------------
     def box_losses(

@@ -8,7 +8,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from . import losses as L
-from ._utils import reduce_mean, scale
+from ._utils import apply_loss_cfg, loss_cfg_repr, reduce_mean, scale
 from .config import RPNLossConfig
 
 __all__ = ["LossFixRPN"]
@@ -38,21 +38,10 @@ class LossFixRPN(RegionProposalNetwork):
     @torch.jit.unused
     def set_loss_cfg(self, cfg: Optional[RPNLossConfig], sync_avg_factor: bool = False) -> None:
         """Replace the loss settings (parameters untouched)."""
-        cfg = RPNLossConfig() if cfg is None else cfg
-        self.loss_cfg = cfg
-        # Plain attributes, read by the (scriptable) forward.
-        self.cls_pos_weight = float(cfg.cls_pos_weight)
-        self.loss_cls_weight = float(cfg.loss_cls_weight)
-        self.loss_bbox_weight = float(cfg.loss_bbox_weight)
-        self.cls_avg_factor = str(cfg.cls_avg_factor)
-        self.bbox_avg_factor = str(cfg.bbox_avg_factor)
-        self.bbox_loss = str(cfg.bbox_loss)
-        self.smooth_l1_beta = float(cfg.smooth_l1_beta)
-        self.sync_avg_factor = bool(sync_avg_factor)
-        self.training_stats: Dict[str, Tensor] = {}
+        apply_loss_cfg(self, RPNLossConfig() if cfg is None else cfg, sync_avg_factor)
 
     def extra_repr(self) -> str:
-        return f"loss_cfg={self.loss_cfg}, sync_avg_factor={self.sync_avg_factor}"
+        return loss_cfg_repr(self)
 
     def _avg_factor(self, mode: str, pos: Tensor, neg: Tensor) -> Tensor:
         if mode == "positive":
