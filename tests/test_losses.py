@@ -122,3 +122,21 @@ def test_mask_loss_is_per_pixel_mean():
     empty = torch.randn(0, 3, 4, 4, requires_grad=True)
     z = L.mask_loss(empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, 4, 4))
     assert z.item() == 0.0 and z.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["giou", "diou", "ciou"])
+def test_iou_loss_equals_torchvision_ops(kind):
+    from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+
+    ref = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss, "ciou": complete_box_iou_loss}[kind]
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(200, 2, generator=g) * 50
+    a = torch.cat([xy, xy + 1 + torch.rand(200, 2, generator=g) * 40], 1)
+    b = a + torch.randn(200, 4, generator=g) * 8  # overlapping, disjoint and nested pairs
+    b[:, 2:] = torch.max(b[:, 2:], b[:, :2] + 0.5)
+    a1, a2 = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    ours, theirs = L.iou_loss(a1, b, kind), ref(a2, b, reduction="none")
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    ours.sum().backward()
+    theirs.sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-4, atol=1e-6)

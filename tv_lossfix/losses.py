@@ -13,7 +13,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 __all__ = [
     "count",
@@ -22,6 +21,7 @@ __all__ = [
     "objectness_loss",
     "classification_loss",
     "decode_deltas",
+    "iou_loss",
     "box_regression_loss",
     "mask_loss",
 ]
@@ -109,6 +109,33 @@ def decode_deltas(
     return torch.stack((pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph), dim=1)
 
 
+def iou_loss(pred: Tensor, target: Tensor, kind: str = "giou", eps: float = 1e-7) -> Tensor:
+    """Per-box GIoU / DIoU / CIoU loss of [N, 4] xyxy boxes (the values of torchvision.ops').
+
+    Written with clamps instead of torchvision's boolean-mask assignment, which is a
+    ``nonzero`` (a GPU sync) per call.
+    """
+    x1, y1, x2, y2 = pred.unbind(dim=-1)
+    gx1, gy1, gx2, gy2 = target.unbind(dim=-1)
+    inter = (torch.min(x2, gx2) - torch.max(x1, gx1)).clamp(min=0) * (torch.min(y2, gy2) - torch.max(y1, gy1)).clamp(min=0)
+    union = (x2 - x1) * (y2 - y1) + (gx2 - gx1) * (gy2 - gy1) - inter
+    iou = inter / (union + eps)
+    cw = torch.max(x2, gx2) - torch.min(x1, gx1)  # enclosing box
+    ch = torch.max(y2, gy2) - torch.min(y1, gy1)
+    if kind == "giou":
+        area_c = cw * ch
+        return 1 - iou + (area_c - union) / (area_c + eps)
+    # DIoU: squared centre distance over the enclosing box's squared diagonal.
+    dist = ((x1 + x2 - gx1 - gx2) ** 2 + (y1 + y2 - gy1 - gy2) ** 2) / 4
+    loss = 1 - iou + dist / (cw**2 + ch**2 + eps)
+    if kind == "ciou":
+        v = (4 / (math.pi**2)) * (torch.atan((gx2 - gx1) / (gy2 - gy1)) - torch.atan((x2 - x1) / (y2 - y1))) ** 2
+        with torch.no_grad():
+            alpha = v / (1 - iou + v + eps)
+        loss = loss + alpha * v
+    return loss
+
+
 def box_regression_loss(
     pred_deltas: Tensor,
     target_deltas: Tensor,
@@ -140,16 +167,12 @@ def box_regression_loss(
             raise ValueError(f"bbox_loss={loss_type} needs the reference boxes to decode the deltas")
         # Decode negatives against a zero delta too, so no inf/NaN enters the graph.
         pred = torch.where(pos, pred_deltas, torch.zeros_like(pred_deltas))
-        pred_boxes = decode_deltas(pred, ref_boxes, coder_weights)
-        target_boxes = decode_deltas(target, ref_boxes, coder_weights)
-        if loss_type == "giou":
-            per_box = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")
-        elif loss_type == "diou":
-            per_box = distance_box_iou_loss(pred_boxes, target_boxes, reduction="none")
-        elif loss_type == "ciou":
-            per_box = complete_box_iou_loss(pred_boxes, target_boxes, reduction="none")
-        else:
+        if loss_type not in ("giou", "diou", "ciou"):
             raise ValueError(f"unknown bbox_loss {loss_type}")
+        # IoU math in float32 at least (fp16 areas overflow), as torchvision.ops does.
+        pred_boxes = decode_deltas(pred.float(), ref_boxes.float(), coder_weights)
+        target_boxes = decode_deltas(target.float(), ref_boxes.float(), coder_weights)
+        per_box = iou_loss(pred_boxes, target_boxes, loss_type)
     # where(), not a multiply: the result stays in the graph (zero gradient) with no positive.
     per_box = torch.where(is_pos, per_box, torch.zeros_like(per_box))
     return per_box.sum() / avg_factor
