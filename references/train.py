@@ -181,8 +181,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     t, d, m = cfg["training"], cfg["data"], cfg["model"]
     if t["num_threads"]:
         torch.set_num_threads(t["num_threads"])
-    device = torch.device("cuda" if t["device"].startswith("cuda") and torch.cuda.is_available() else "cpu") \
-        if t["device"].startswith("cuda") else torch.device(t["device"])
+    # torchvision's default is --device cuda; without a GPU we say so and use the CPU.
+    cuda_missing = t["device"].startswith("cuda") and not torch.cuda.is_available()
+    device = torch.device("cpu" if cuda_missing else t["device"])
     rank, world, local_rank = dist.init(device.type, cfg["distributed"]["backend"], cfg["distributed"]["dist_url"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -192,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist.barrier()
     log = RunLog(out_dir, dist.is_main())
     say = log.say
-    if t["device"].startswith("cuda") and device.type == "cpu":
+    if cuda_missing:
         say("CUDA is not available: running on the CPU")
     seed_everything(t["seed"] + rank)
     if t["use_deterministic_algorithms"]:

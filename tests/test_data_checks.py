@@ -203,3 +203,29 @@ def test_grouped_batch_sampler_covers_every_sample_once():
     first = list(s)
     s.set_epoch(3)
     assert list(s) == first
+
+
+def test_copy_paste_and_scale_augmentations_keep_targets_consistent(shapes):
+    from data import RandomHorizontalFlip, RandomScale, copy_paste_collate
+
+    coco, label_map, _, _ = load_coco_checked(shapes["train_ann"], shapes["train_images"], "train")
+    ds = CocoDetection(coco, shapes["train_images"], label_map)
+    with_objects = [ds[i] for i in range(len(ds)) if len(ds[i][1]["boxes"])][:2]
+    images, targets = copy_paste_collate(with_objects)
+    src = with_objects[1][1]
+    assert len(targets[0]["labels"]) >= len(src["labels"])  # the next image's instances were pasted in
+    assert torch.equal(targets[0]["labels"][-len(src["labels"]):], src["labels"])
+    for t in targets:
+        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"]) == len(t["area"]) == len(t["iscrowd"])
+        assert set(t["masks"].unique().tolist()) <= {0, 1}
+        for box, m in zip(t["boxes"], t["masks"]):
+            ys, xs = torch.where(m > 0)
+            assert xs.min() >= box[0] - 1 and xs.max() <= box[2] and ys.min() >= box[1] - 1 and ys.max() <= box[3]
+    torch.manual_seed(0)
+    image, t = RandomScale(1.5, 1.5)(*with_objects[0])
+    assert image.shape[-2:] == (96, 96) and t["masks"].shape[-2:] == (96, 96)
+    torch.testing.assert_close(t["boxes"], with_objects[0][1]["boxes"] * 1.5)
+    image, t = RandomHorizontalFlip(1.0)(*with_objects[0])
+    b0 = with_objects[0][1]["boxes"]
+    torch.testing.assert_close(t["boxes"][:, 0], 64 - b0[:, 2])
+    assert torch.equal(t["masks"], with_objects[0][1]["masks"].flip(-1))

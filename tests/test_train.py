@@ -45,7 +45,7 @@ def records(out_dir, kind=None):
 
 def test_end_to_end_run_writes_everything(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, plots=True, gallery_images=2)
-    assert train.main(["--config", cfg, "--clip-grad-norm", "10"]) == 0
+    assert train.main(["--config", cfg, "--clip-grad-norm", "10", "--use-copypaste", "--data-augmentation", "multiscale"]) == 0
     out = tmp_path / "out"
     for name in ("config.yaml", "metrics.jsonl", "checkpoint.pth", "model_0.pth", "training_curves.png",
                  "eval_curves.png", "gallery.png"):
