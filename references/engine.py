@@ -143,10 +143,6 @@ def train_one_epoch(
         if warmup is not None and state["iteration"] < state["warmup_total"]:
             warmup.step()
 
-        stats = tv_lossfix.training_stats(model)
-        for k, v in stats.items():
-            stat_sums[k] = stat_sums[k] + v if k in stat_sums else v.detach().clone()
-        stats_window += 1 if stats else 0
         for k, v in values.items():
             if math.isfinite(v):
                 sums[k] += v
@@ -161,14 +157,17 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
 
         if (i + 1) % t["print_freq"] == 0 or i + 1 == n_iters:
+            # The heads' statistics, sampled at the print points (the epoch mean is over these).
+            stats = tv_lossfix.training_stats(model)
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums[k] + v if k in stat_sums else v.clone()
+            stats_window += 1 if stats else 0
             now = time.perf_counter()
             speed = window_imgs / max(now - window_t0, 1e-9)
             eta = (now - epoch_t0) / (i + 1) * (n_iters - i - 1)
             lr = optimizer.param_groups[0]["lr"]
-            head_stats = {}
-            if stat_sums and stats_window:
-                names = list(stat_sums)
-                head_stats = dict(zip(names, (torch.stack([stat_sums[k] for k in names]) / stats_window).tolist()))
+            names = list(stats)
+            head_stats = dict(zip(names, torch.stack([stats[k] for k in names]).tolist())) if stats else {}
             log({"type": "train", "epoch": epoch, "iter": state["iteration"], "lr": lr, **values,
                  "img_per_s": speed, **head_stats})
             say(f"epoch {epoch} [{i + 1:>{len(str(n_iters))}}/{n_iters}] eta {_fmt_eta(eta)} lr {lr:.5f} "

@@ -40,7 +40,8 @@ def apply_loss_cfg(head: nn.Module, cfg, sync_avg_factor: bool) -> None:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             setattr(head, f.name, float(value))
     head.sync_avg_factor = bool(sync_avg_factor)
-    head.training_stats = {}
+    head.loss_state = {}
+    head.loss_state_images = 0
 
 
 def loss_cfg_repr(head: nn.Module) -> str:

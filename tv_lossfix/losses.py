@@ -62,18 +62,14 @@ def sample_weights(
     return w
 
 
-def _weighted_sum(loss: Tensor, weight: Optional[Tensor]) -> Tensor:
-    return loss.sum() if weight is None else (loss * weight).sum()
-
-
 def objectness_loss(logits: Tensor, targets: Tensor, avg_factor: Tensor, weight: Optional[Tensor] = None) -> Tensor:
     """RPN objectness: binary cross-entropy over sampled anchors, ``sum(w * bce) / avg_factor``.
 
     With ``weight=None`` and ``avg_factor`` = number of sampled anchors this is torchvision's
-    ``binary_cross_entropy_with_logits(..., reduction="mean")``.
+    ``binary_cross_entropy_with_logits(..., reduction="mean")``. BCE's ``weight`` is per element,
+    so the weighted sum is one fused op.
     """
-    bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
-    return _weighted_sum(bce, weight) / avg_factor
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), weight=weight, reduction="sum") / avg_factor
 
 
 def classification_loss(logits: Tensor, labels: Tensor, avg_factor: Tensor, weight: Optional[Tensor] = None) -> Tensor:
@@ -82,8 +78,9 @@ def classification_loss(logits: Tensor, labels: Tensor, avg_factor: Tensor, weig
     Not ``F.cross_entropy(weight=...)``: that argument is per *class* and its mean divides by the
     sum of the weights, so a class weight would also rescale the loss of every other class.
     """
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    return _weighted_sum(ce, weight) / avg_factor
+    if weight is None:
+        return F.cross_entropy(logits, labels, reduction="sum") / avg_factor
+    return (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / avg_factor
 
 
 def decode_deltas(
@@ -130,8 +127,7 @@ def iou_loss(pred: Tensor, target: Tensor, kind: str = "giou", eps: float = 1e-7
     loss = 1 - iou + dist / (cw**2 + ch**2 + eps)
     if kind == "ciou":
         v = (4 / (math.pi**2)) * (torch.atan((gx2 - gx1) / (gy2 - gy1)) - torch.atan((x2 - x1) / (y2 - y1))) ** 2
-        with torch.no_grad():
-            alpha = v / (1 - iou + v + eps)
+        alpha = (v / (1 - iou + v + eps)).detach()  # a constant weight, as in the CIoU paper
         loss = loss + alpha * v
     return loss
 
@@ -156,23 +152,23 @@ def box_regression_loss(
     With zero positives the result is 0 and still depends on ``pred_deltas`` (DDP needs that).
     """
     pos = is_pos.unsqueeze(1)
-    target = torch.where(pos, target_deltas, torch.zeros_like(target_deltas))
-    pred = pred_deltas
-    if loss_type == "smooth_l1":
-        per_box = F.smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=1)
-    elif loss_type == "l1":
-        per_box = F.l1_loss(pred, target, reduction="none").sum(dim=1)
-    else:
-        if ref_boxes is None:
-            raise ValueError(f"bbox_loss={loss_type} needs the reference boxes to decode the deltas")
-        # Decode negatives against a zero delta too, so no inf/NaN enters the graph.
-        pred = torch.where(pos, pred_deltas, torch.zeros_like(pred_deltas))
-        if loss_type not in ("giou", "diou", "ciou"):
-            raise ValueError(f"unknown bbox_loss {loss_type}")
-        # IoU math in float32 at least (fp16 areas overflow), as torchvision.ops does.
-        pred_boxes = decode_deltas(pred.float(), ref_boxes.float(), coder_weights)
-        target_boxes = decode_deltas(target.float(), ref_boxes.float(), coder_weights)
-        per_box = iou_loss(pred_boxes, target_boxes, loss_type)
+    if loss_type == "smooth_l1" or loss_type == "l1":
+        # Negatives get their own (detached) prediction as target: exactly 0 loss and 0 gradient
+        # in one fused reduction, and their targets (-inf without gt) are never read.
+        target = torch.where(pos, target_deltas, pred_deltas.detach())
+        if loss_type == "l1":
+            return F.l1_loss(pred_deltas, target, reduction="sum") / avg_factor
+        return F.smooth_l1_loss(pred_deltas, target, beta=beta, reduction="sum") / avg_factor
+    if loss_type not in ("giou", "diou", "ciou"):
+        raise ValueError(f"unknown bbox_loss {loss_type}")
+    if ref_boxes is None:
+        raise ValueError(f"bbox_loss={loss_type} needs the reference boxes to decode the deltas")
+    # Decode negatives against a zero delta, so no inf/NaN enters the graph; IoU math in
+    # float32 at least (fp16 areas overflow), as torchvision.ops does.
+    zeros = torch.zeros_like(pred_deltas)
+    pred_boxes = decode_deltas(torch.where(pos, pred_deltas, zeros).float(), ref_boxes.float(), coder_weights)
+    target_boxes = decode_deltas(torch.where(pos, target_deltas, zeros).float(), ref_boxes.float(), coder_weights)
+    per_box = iou_loss(pred_boxes, target_boxes, loss_type)
     # where(), not a multiply: the result stays in the graph (zero gradient) with no positive.
     per_box = torch.where(is_pos, per_box, torch.zeros_like(per_box))
     return per_box.sum() / avg_factor

@@ -2,6 +2,7 @@
 
 from typing import Any, Dict
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -66,15 +67,30 @@ def get_loss_cfg(model: nn.Module) -> LossConfig:
 
 
 def training_stats(model: nn.Module) -> Dict[str, Tensor]:
-    """The heads' statistics from the last training forward, as detached tensors (no sync).
+    """The heads' statistics from the last training forward, as detached tensors.
 
-    Keys: ``rpn/pos_per_image``, ``rpn/neg_per_image``, ``rpn/cls_avg_factor``,
-    ``rpn/bbox_avg_factor``, ``roi/pos_per_image``, ``roi/neg_per_image``, ``roi/cls_avg_factor``,
-    ``roi/bbox_avg_factor``, ``roi/fg_prob``. Empty before the first training step.
+    Keys: ``rpn/pos_per_image``, ``rpn/neg_per_image`` (sampled anchors), ``rpn/cls_avg_factor``,
+    ``rpn/bbox_avg_factor``, ``roi/pos_per_image``, ``roi/neg_per_image`` (sampled RoIs),
+    ``roi/cls_avg_factor``, ``roi/bbox_avg_factor``, ``roi/fg_prob`` (mean probability the
+    classifier gives the true class of positive RoIs). Empty before the first training step.
+    The heads keep raw tensors and the statistics are derived here, so a training step pays
+    nothing for them; no value is read back to the host.
     """
     target = getattr(model, "module", model)
     out: Dict[str, Tensor] = {}
-    for prefix, head in (("rpn", getattr(target, "rpn", None)), ("roi", getattr(target, "roi_heads", None))):
-        for k, v in getattr(head, "training_stats", {}).items():
-            out[f"{prefix}/{k}"] = v
+    with torch.no_grad():
+        for prefix, head in (("rpn", getattr(target, "rpn", None)), ("roi", getattr(target, "roi_heads", None))):
+            state = getattr(head, "loss_state", None)
+            if not state:
+                continue
+            n = max(head.loss_state_images, 1)
+            is_pos = state["is_pos"]
+            num_pos = is_pos.sum(dtype=torch.float32)
+            out[f"{prefix}/pos_per_image"] = num_pos / n
+            out[f"{prefix}/neg_per_image"] = (is_pos.numel() - num_pos) / n
+            out[f"{prefix}/cls_avg_factor"] = state["cls_avg_factor"]
+            out[f"{prefix}/bbox_avg_factor"] = state["bbox_avg_factor"]
+            if "class_logits" in state:
+                prob = torch.softmax(state["class_logits"].float(), dim=-1).gather(1, state["labels"][:, None])[:, 0]
+                out[f"{prefix}/fg_prob"] = (prob * is_pos).sum() / num_pos.clamp(min=1.0)
     return out

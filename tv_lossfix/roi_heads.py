@@ -3,7 +3,6 @@
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
@@ -26,15 +25,15 @@ class LossFixRoIHeads(RoIHeads):
     Inference, parameters, ``state_dict`` and the sampling of RoIs are the parent's. torchvision
     computes these losses in module-level functions called from ``forward`` (no hook, see
     pytorch/vision#3753), so ``forward`` is ours; it calls the parent's building blocks.
-    After each training forward, ``training_stats`` holds detached tensors: ``pos_per_image``,
-    ``neg_per_image`` (sampled RoIs), ``cls_avg_factor``, ``bbox_avg_factor`` and ``fg_prob``
-    (mean probability the classifier gives the true class of positive RoIs).
+    After each training forward, ``loss_state`` holds the detached tensors that
+    :func:`tv_lossfix.training_stats` turns into statistics (sampled RoIs, normalizers, ``fg_prob``).
     """
 
     __annotations__ = {
         **RoIHeads.__annotations__,
         "class_weight": Tensor,
-        "training_stats": Dict[str, Tensor],
+        "loss_state": Dict[str, Tensor],
+        "loss_state_images": int,
     }
 
     def __init__(self, *args, loss_cfg: Optional[RoILossConfig] = None, sync_avg_factor: bool = False, **kwargs):
@@ -71,14 +70,14 @@ class LossFixRoIHeads(RoIHeads):
         num_rois = labels_all.shape[0]
         is_pos = labels_all > 0
 
-        sampled = torch.full((), num_rois, dtype=torch.float32, device=labels_all.device).clamp(min=1.0)
-        cls_avg = reduce_mean(sampled) if self.sync_avg_factor else sampled
+        cls_avg = targets_all.new_full((), max(num_rois, 1), dtype=torch.float32)
+        if self.sync_avg_factor:
+            cls_avg = reduce_mean(cls_avg)
+        bbox_avg = cls_avg
         if self.bbox_avg_factor == "positive":
             bbox_avg = L.count(is_pos)
             if self.sync_avg_factor:
                 bbox_avg = reduce_mean(bbox_avg)
-        else:
-            bbox_avg = cls_avg
 
         class_weight: Optional[Tensor] = None
         if self.use_class_weight:
@@ -89,24 +88,21 @@ class LossFixRoIHeads(RoIHeads):
         # Class-specific deltas: the slot of each RoI's own label (background RoIs are masked out).
         deltas = box_regression.reshape(num_rois, -1, 4)[torch.arange(num_rois, device=labels_all.device), labels_all]
         ref_boxes: Optional[Tensor] = None
-        if self.bbox_loss not in ("smooth_l1", "l1"):
+        if self.bbox_loss != "smooth_l1" and self.bbox_loss != "l1":
             ref_boxes = torch.cat(proposals, dim=0)
         loss_box = L.box_regression_loss(
             deltas, targets_all, is_pos, bbox_avg, self.bbox_loss, self.smooth_l1_beta, ref_boxes, self.box_coder.weights
         )
 
-        with torch.no_grad():
-            n_img = float(len(labels))
-            num_pos = is_pos.sum(dtype=torch.float32)
-            prob = F.softmax(class_logits.detach().float(), dim=-1).gather(1, labels_all[:, None]).squeeze(1)
-            fg_prob = torch.where(is_pos, prob, torch.zeros_like(prob)).sum() / num_pos.clamp(min=1.0)
-            self.training_stats = {
-                "pos_per_image": num_pos / n_img,
-                "neg_per_image": (num_rois - num_pos) / n_img,
-                "cls_avg_factor": cls_avg.detach(),
-                "bbox_avg_factor": bbox_avg.detach(),
-                "fg_prob": fg_prob,
-            }
+        # Raw and detached; tv_lossfix.training_stats() derives the statistics when read.
+        self.loss_state = {
+            "is_pos": is_pos,
+            "class_logits": class_logits.detach(),
+            "labels": labels_all,
+            "cls_avg_factor": cls_avg.detach(),
+            "bbox_avg_factor": bbox_avg.detach(),
+        }
+        self.loss_state_images = len(labels)
         return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)
 
     def mask_losses(

@@ -19,8 +19,8 @@ class LossFixRPN(RegionProposalNetwork):
 
     Proposals, sampling (same sampler calls, same order), parameters and ``state_dict`` are
     those of the parent; at default settings the losses equal stock torchvision's.
-    After each training forward, ``training_stats`` holds detached tensors:
-    ``pos_per_image``, ``neg_per_image`` (sampled anchors), ``cls_avg_factor``, ``bbox_avg_factor``.
+    After each training forward, ``loss_state`` holds the detached tensors that
+    :func:`tv_lossfix.training_stats` turns into statistics (sampled anchors, normalizers).
 
     Build one with :func:`tv_lossfix.patch_model` or the builders; ``LossFixRPN(*args,
     loss_cfg=..., **kwargs)`` takes the parent's arguments.
@@ -28,7 +28,8 @@ class LossFixRPN(RegionProposalNetwork):
 
     __annotations__ = {
         **RegionProposalNetwork.__annotations__,
-        "training_stats": Dict[str, Tensor],
+        "loss_state": Dict[str, Tensor],
+        "loss_state_images": int,
     }
 
     def __init__(self, *args, loss_cfg: Optional[RPNLossConfig] = None, sync_avg_factor: bool = False, **kwargs):
@@ -43,13 +44,13 @@ class LossFixRPN(RegionProposalNetwork):
     def extra_repr(self) -> str:
         return loss_cfg_repr(self)
 
-    def _avg_factor(self, mode: str, pos: Tensor, neg: Tensor) -> Tensor:
+    def _avg_factor(self, mode: str, num_pos: Tensor, num_sampled: int, pos: Tensor, neg: Tensor, num_images: int) -> Tensor:
         if mode == "positive":
-            f = L.count(pos)
+            f = num_pos.clamp(min=1.0)
         elif mode == "sampled_per_image":
-            f = L.per_image_count(pos, neg)
+            f = L.per_image_count(pos.view(num_images, -1) > 0, neg.view(num_images, -1) > 0)
         else:
-            f = L.count(pos | neg)
+            f = num_pos.new_full((), max(num_sampled, 1))
         if self.sync_avg_factor:
             f = reduce_mean(f)
         return f
@@ -67,25 +68,28 @@ class LossFixRPN(RegionProposalNetwork):
         ``anchors`` is needed only by the IoU box losses, which decode the deltas.
         """
         pos_list, neg_list = self.fg_bg_sampler(labels)
-        # Every image of a batch has the same anchors, so the masks stack to [num_images, A].
-        pos = torch.stack(pos_list) > 0
-        neg = torch.stack(neg_list) > 0
-        num_images = pos.shape[0]
-        # One nonzero for the whole batch (stock: two); everything after is on the sampled set.
-        sampled = torch.where((pos | neg).flatten())[0]
-        is_pos = pos.flatten()[sampled]
+        pos = torch.cat(pos_list)
+        neg = torch.cat(neg_list)
+        num_images = len(pos_list)
+        # One nonzero for the whole batch (stock: two); everything after works on the sampled set.
+        sampled = torch.where(pos | neg)[0]
+        num_sampled = sampled.shape[0]
+        is_pos = pos[sampled] > 0
+        num_pos = is_pos.sum(dtype=torch.float32)  # lazy in effect: only the "positive" mode reads it
 
-        cls_avg = self._avg_factor(self.cls_avg_factor, pos, neg)
-        bbox_avg = cls_avg if self.bbox_avg_factor == self.cls_avg_factor else self._avg_factor(self.bbox_avg_factor, pos, neg)
+        cls_avg = self._avg_factor(self.cls_avg_factor, num_pos, num_sampled, pos, neg, num_images)
+        bbox_avg = cls_avg
+        if self.bbox_avg_factor != self.cls_avg_factor:
+            bbox_avg = self._avg_factor(self.bbox_avg_factor, num_pos, num_sampled, pos, neg, num_images)
 
         weight = L.sample_weights(is_pos, self.cls_pos_weight)
         loss_cls = L.objectness_loss(objectness.flatten()[sampled], is_pos, cls_avg, weight)
 
         ref_boxes: Optional[Tensor] = None
-        if anchors is not None:
+        if self.bbox_loss != "smooth_l1" and self.bbox_loss != "l1":
+            if anchors is None:
+                raise ValueError(f"bbox_loss={self.bbox_loss} needs the anchors: pass anchors= to compute_loss")
             ref_boxes = torch.cat(anchors, dim=0)[sampled]
-        elif self.bbox_loss not in ("smooth_l1", "l1"):
-            raise ValueError(f"bbox_loss={self.bbox_loss} needs the anchors: pass anchors= to compute_loss")
         loss_box = L.box_regression_loss(
             pred_bbox_deltas[sampled],
             torch.cat(regression_targets, dim=0)[sampled],
@@ -97,12 +101,9 @@ class LossFixRPN(RegionProposalNetwork):
             self.box_coder.weights,
         )
 
-        self.training_stats = {
-            "pos_per_image": pos.sum(dtype=torch.float32) / num_images,
-            "neg_per_image": neg.sum(dtype=torch.float32) / num_images,
-            "cls_avg_factor": cls_avg.detach(),
-            "bbox_avg_factor": bbox_avg.detach(),
-        }
+        # Raw and detached; tv_lossfix.training_stats() derives the statistics when read.
+        self.loss_state = {"is_pos": is_pos, "cls_avg_factor": cls_avg.detach(), "bbox_avg_factor": bbox_avg.detach()}
+        self.loss_state_images = num_images
         return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)
 
     def forward(
