@@ -99,7 +99,9 @@ OPTIONS: List[Opt] = [
     _o("data.train_images", ["--train-images"], None, str, "coco_json: training image folder", nullable=True),
     _o("data.val_ann", ["--val-ann"], None, str, "coco_json: validation annotation JSON", nullable=True),
     _o("data.val_images", ["--val-images"], None, str, "coco_json: validation image folder", nullable=True),
-    _o("data.bad_annotations", ["--bad-annotations"], "stop", str, "faulty annotations: stop with the list, or drop them", ("stop", "drop")),
+    _o("data.bad_annotations", ["--bad-annotations"], None, str, "faulty annotations: stop with the list, or drop them "
+       "(default: drop for coco/coco_kp, whose 2017 files hold a few degenerate boxes torchvision drops silently; stop otherwise)",
+       ("stop", "drop"), nullable=True),
     _o("data.check_samples", ["--check-samples"], 16, int, "decoded samples checked before training"),
     _o("data.shapes", [], {}, dict, "shapes dataset knobs (see references/shapes.py ShapesSpec)"),
     _o("model.num_classes", ["--num-classes"], None, int, "classes incl. background (default: from the dataset)", nullable=True),
@@ -255,6 +257,8 @@ def finalize(cfg: Dict[str, Any], source: str = "config") -> Tuple[Dict[str, Any
     if t["lr"] <= 0:
         raise ConfigError(f"{source}: training.lr must be > 0, got {t['lr']}")
     d = cfg["data"]
+    if d["bad_annotations"] is None:
+        d["bad_annotations"] = "drop" if d["dataset"] in ("coco", "coco_kp") else "stop"
     if d["data_path"] is None:
         d["data_path"] = "data" if d["dataset"] == "shapes" else TORCHVISION_COCO_PATH
     if d["dataset"] == "coco_json":

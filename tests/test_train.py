@@ -108,6 +108,9 @@ def test_yaml_then_flags_precedence(tmp_path, data_root):
     assert (cfg["training"]["lr"], cfg["training"]["epochs"], cfg["training"]["lr_steps"], cfg["model"]["name"]) == (
         0.02, 26, [16, 22], "maskrcnn_resnet50_fpn")
     assert cfg["data"]["data_path"] == train_config.TORCHVISION_COCO_PATH
+    assert cfg["data"]["bad_annotations"] == "drop"  # COCO 2017 has degenerate boxes; reported, not fatal
+    cfg, _ = train_config.resolve(["--config", cfg_path])
+    assert cfg["data"]["bad_annotations"] == "stop"  # your own data: stop and list the problems
 
 
 @pytest.mark.parametrize(

@@ -62,25 +62,35 @@ def sample_weights(
     return w
 
 
-def objectness_loss(logits: Tensor, targets: Tensor, avg_factor: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+def objectness_loss(
+    logits: Tensor, targets: Tensor, avg_factor: Optional[Tensor] = None, weight: Optional[Tensor] = None
+) -> Tensor:
     """RPN objectness: binary cross-entropy over sampled anchors, ``sum(w * bce) / avg_factor``.
 
-    With ``weight=None`` and ``avg_factor`` = number of sampled anchors this is torchvision's
-    ``binary_cross_entropy_with_logits(..., reduction="mean")``. BCE's ``weight`` is per element,
-    so the weighted sum is one fused op.
+    ``avg_factor=None`` divides by the number of samples given (one fused mean, torchvision's
+    op at default settings). BCE's ``weight`` is per element, so weighting costs no extra op.
     """
-    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), weight=weight, reduction="sum") / avg_factor
+    targets = targets.to(logits.dtype)
+    if avg_factor is None:
+        return F.binary_cross_entropy_with_logits(logits, targets, weight=weight, reduction="mean")
+    return F.binary_cross_entropy_with_logits(logits, targets, weight=weight, reduction="sum") / avg_factor
 
 
-def classification_loss(logits: Tensor, labels: Tensor, avg_factor: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+def classification_loss(
+    logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor] = None, weight: Optional[Tensor] = None
+) -> Tensor:
     """RoI classifier: cross-entropy per sample, ``sum(w * ce) / avg_factor``.
 
-    Not ``F.cross_entropy(weight=...)``: that argument is per *class* and its mean divides by the
-    sum of the weights, so a class weight would also rescale the loss of every other class.
+    ``avg_factor=None`` divides by the number of samples given. Not ``F.cross_entropy(weight=...)``:
+    that argument is per *class* and its mean divides by the sum of the weights, so a class
+    weight would also rescale the loss of every other class.
     """
     if weight is None:
+        if avg_factor is None:
+            return F.cross_entropy(logits, labels)
         return F.cross_entropy(logits, labels, reduction="sum") / avg_factor
-    return (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / avg_factor
+    weighted = F.cross_entropy(logits, labels, reduction="none") * weight
+    return weighted.mean() if avg_factor is None else weighted.sum() / avg_factor
 
 
 def decode_deltas(
@@ -136,7 +146,7 @@ def box_regression_loss(
     pred_deltas: Tensor,
     target_deltas: Tensor,
     is_pos: Tensor,
-    avg_factor: Tensor,
+    avg_factor: Optional[Tensor],
     loss_type: str = "smooth_l1",
     beta: float = 1.0 / 9,
     ref_boxes: Optional[Tensor] = None,
@@ -150,6 +160,7 @@ def box_regression_loss(
     ``smooth_l1``/``l1`` sum over the 4 coordinates; ``giou``/``diou``/``ciou`` decode both sides
     against ``ref_boxes`` (required for them) and give one term per box.
     With zero positives the result is 0 and still depends on ``pred_deltas`` (DDP needs that).
+    ``avg_factor=None`` divides by S, the number of samples given (torchvision's normalizer).
     """
     pos = is_pos.unsqueeze(1)
     if loss_type == "smooth_l1" or loss_type == "l1":
@@ -157,21 +168,25 @@ def box_regression_loss(
         # in one fused reduction, and their targets (-inf without gt) are never read.
         target = torch.where(pos, target_deltas, pred_deltas.detach())
         if loss_type == "l1":
-            return F.l1_loss(pred_deltas, target, reduction="sum") / avg_factor
-        return F.smooth_l1_loss(pred_deltas, target, beta=beta, reduction="sum") / avg_factor
-    if loss_type not in ("giou", "diou", "ciou"):
-        raise ValueError(f"unknown bbox_loss {loss_type}")
-    if ref_boxes is None:
-        raise ValueError(f"bbox_loss={loss_type} needs the reference boxes to decode the deltas")
-    # Decode negatives against a zero delta, so no inf/NaN enters the graph; IoU math in
-    # float32 at least (fp16 areas overflow), as torchvision.ops does.
-    zeros = torch.zeros_like(pred_deltas)
-    pred_boxes = decode_deltas(torch.where(pos, pred_deltas, zeros).float(), ref_boxes.float(), coder_weights)
-    target_boxes = decode_deltas(torch.where(pos, target_deltas, zeros).float(), ref_boxes.float(), coder_weights)
-    per_box = iou_loss(pred_boxes, target_boxes, loss_type)
-    # where(), not a multiply: the result stays in the graph (zero gradient) with no positive.
-    per_box = torch.where(is_pos, per_box, torch.zeros_like(per_box))
-    return per_box.sum() / avg_factor
+            total = F.l1_loss(pred_deltas, target, reduction="sum")
+        else:
+            total = F.smooth_l1_loss(pred_deltas, target, beta=beta, reduction="sum")
+    else:
+        if loss_type not in ("giou", "diou", "ciou"):
+            raise ValueError(f"unknown bbox_loss {loss_type}")
+        if ref_boxes is None:
+            raise ValueError(f"bbox_loss={loss_type} needs the reference boxes to decode the deltas")
+        # Decode negatives against a zero delta, so no inf/NaN enters the graph; IoU math in
+        # float32 at least (fp16 areas overflow), as torchvision.ops does.
+        zeros = torch.zeros_like(pred_deltas)
+        pred_boxes = decode_deltas(torch.where(pos, pred_deltas, zeros).float(), ref_boxes.float(), coder_weights)
+        target_boxes = decode_deltas(torch.where(pos, target_deltas, zeros).float(), ref_boxes.float(), coder_weights)
+        per_box = iou_loss(pred_boxes, target_boxes, loss_type)
+        # where(), not a multiply: the result stays in the graph (zero gradient) with no positive.
+        total = torch.where(is_pos, per_box, torch.zeros_like(per_box)).sum()
+    if avg_factor is None:
+        return total / max(pred_deltas.shape[0], 1)
+    return total / avg_factor
 
 
 def mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> Tensor:

@@ -88,8 +88,9 @@ def training_stats(model: nn.Module) -> Dict[str, Tensor]:
             num_pos = is_pos.sum(dtype=torch.float32)
             out[f"{prefix}/pos_per_image"] = num_pos / n
             out[f"{prefix}/neg_per_image"] = (is_pos.numel() - num_pos) / n
-            out[f"{prefix}/cls_avg_factor"] = state["cls_avg_factor"]
-            out[f"{prefix}/bbox_avg_factor"] = state["bbox_avg_factor"]
+            sampled = torch.full((), max(is_pos.numel(), 1), dtype=torch.float32, device=is_pos.device)
+            out[f"{prefix}/cls_avg_factor"] = state.get("cls_avg_factor", sampled)
+            out[f"{prefix}/bbox_avg_factor"] = state.get("bbox_avg_factor", sampled)
             if "class_logits" in state:
                 prob = torch.softmax(state["class_logits"].float(), dim=-1).gather(1, state["labels"][:, None])[:, 0]
                 out[f"{prefix}/fg_prob"] = (prob * is_pos).sum() / num_pos.clamp(min=1.0)

@@ -70,9 +70,10 @@ class LossFixRoIHeads(RoIHeads):
         num_rois = labels_all.shape[0]
         is_pos = labels_all > 0
 
-        cls_avg = targets_all.new_full((), max(num_rois, 1), dtype=torch.float32)
+        # None: the number of sampled RoIs, left to the loss functions (a fused mean).
+        cls_avg: Optional[Tensor] = None
         if self.sync_avg_factor:
-            cls_avg = reduce_mean(cls_avg)
+            cls_avg = reduce_mean(L.count(torch.ones_like(is_pos)))
         bbox_avg = cls_avg
         if self.bbox_avg_factor == "positive":
             bbox_avg = L.count(is_pos)
@@ -95,13 +96,12 @@ class LossFixRoIHeads(RoIHeads):
         )
 
         # Raw and detached; tv_lossfix.training_stats() derives the statistics when read.
-        self.loss_state = {
-            "is_pos": is_pos,
-            "class_logits": class_logits.detach(),
-            "labels": labels_all,
-            "cls_avg_factor": cls_avg.detach(),
-            "bbox_avg_factor": bbox_avg.detach(),
-        }
+        state: Dict[str, Tensor] = {"is_pos": is_pos, "class_logits": class_logits.detach(), "labels": labels_all}
+        if cls_avg is not None:
+            state["cls_avg_factor"] = cls_avg.detach()
+        if bbox_avg is not None:
+            state["bbox_avg_factor"] = bbox_avg.detach()
+        self.loss_state = state
         self.loss_state_images = len(labels)
         return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)
 

@@ -44,14 +44,16 @@ class LossFixRPN(RegionProposalNetwork):
     def extra_repr(self) -> str:
         return loss_cfg_repr(self)
 
-    def _avg_factor(self, mode: str, num_pos: Tensor, num_sampled: int, pos: Tensor, neg: Tensor, num_images: int) -> Tensor:
+    def _avg_factor(self, mode: str, is_pos: Tensor, pos: Tensor, neg: Tensor, num_images: int) -> Optional[Tensor]:
+        # None: the number of sampled anchors, left to the loss functions (a fused mean).
+        f: Optional[Tensor] = None
         if mode == "positive":
-            f = num_pos.clamp(min=1.0)
+            f = L.count(is_pos)
         elif mode == "sampled_per_image":
             f = L.per_image_count(pos.view(num_images, -1) > 0, neg.view(num_images, -1) > 0)
-        else:
-            f = num_pos.new_full((), max(num_sampled, 1))
-        if self.sync_avg_factor:
+        elif self.sync_avg_factor:
+            f = L.count(torch.ones_like(is_pos))
+        if self.sync_avg_factor and f is not None:
             f = reduce_mean(f)
         return f
 
@@ -73,14 +75,12 @@ class LossFixRPN(RegionProposalNetwork):
         num_images = len(pos_list)
         # One nonzero for the whole batch (stock: two); everything after works on the sampled set.
         sampled = torch.where(pos | neg)[0]
-        num_sampled = sampled.shape[0]
         is_pos = pos[sampled] > 0
-        num_pos = is_pos.sum(dtype=torch.float32)  # lazy in effect: only the "positive" mode reads it
 
-        cls_avg = self._avg_factor(self.cls_avg_factor, num_pos, num_sampled, pos, neg, num_images)
+        cls_avg = self._avg_factor(self.cls_avg_factor, is_pos, pos, neg, num_images)
         bbox_avg = cls_avg
         if self.bbox_avg_factor != self.cls_avg_factor:
-            bbox_avg = self._avg_factor(self.bbox_avg_factor, num_pos, num_sampled, pos, neg, num_images)
+            bbox_avg = self._avg_factor(self.bbox_avg_factor, is_pos, pos, neg, num_images)
 
         weight = L.sample_weights(is_pos, self.cls_pos_weight)
         loss_cls = L.objectness_loss(objectness.flatten()[sampled], is_pos, cls_avg, weight)
@@ -102,7 +102,12 @@ class LossFixRPN(RegionProposalNetwork):
         )
 
         # Raw and detached; tv_lossfix.training_stats() derives the statistics when read.
-        self.loss_state = {"is_pos": is_pos, "cls_avg_factor": cls_avg.detach(), "bbox_avg_factor": bbox_avg.detach()}
+        state: Dict[str, Tensor] = {"is_pos": is_pos}
+        if cls_avg is not None:
+            state["cls_avg_factor"] = cls_avg.detach()
+        if bbox_avg is not None:
+            state["bbox_avg_factor"] = bbox_avg.detach()
+        self.loss_state = state
         self.loss_state_images = num_images
         return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)
 
