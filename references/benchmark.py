@@ -370,6 +370,29 @@ def bench_train_script(rounds, iters, out):
     out["train_script"] = {k: round(v, 3) for k, v in med.items()} | {"ratio": round(ratio, 4), "runs": speeds}
 
 
+def markdown(out: Dict) -> str:
+    """The figures as the README's tables."""
+    lines = []
+    if "losses" in out:
+        lines += ["| loss (fwd + bwd) | batch | stock ms | tv_lossfix ms | ratio | all options ratio | guide-style ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in out["losses"]:
+            lines.append(f"| {r['section']} | {r['batch']} | {r['stock']:.2f} | {r['tv_lossfix']:.2f} | {r['ratio']:.3f} | "
+                         f"{r['ratio all options']:.3f} | " + (f"{r['ratio guide-style']:.2f}" if "ratio guide-style" in r else "—") + " |")
+        lines.append("")
+    if "step" in out:
+        st, mem, sy = out["step"], out["memory"], out["syncs"]
+        lines += ["| full step (Mask R-CNN R50-FPN) | stock | tv_lossfix | ratio |", "|---|---|---|---|",
+                  f"| time, 2 images {st['size']}px | {st['stock']:.0f} ms | {st['tv_lossfix']:.0f} ms | {st['ratio']:.3f} |",
+                  f"| peak memory | {mem['stock'] / 2**20:.1f} MiB | {mem['tv_lossfix'] / 2**20:.1f} MiB | {mem['ratio']:.4f} |",
+                  f"| host syncs (.item()-like + nonzero) | {sy['stock']['item']} + {sy['stock']['nonzero']} | "
+                  f"{sy['tv_lossfix']['item']} + {sy['tv_lossfix']['nonzero']} | |"]
+    if "train_script" in out:
+        ts = out["train_script"]
+        lines.append(f"| references/train.py throughput (shapes) | {ts['stock']:.2f} img/s | {ts['tv_lossfix']:.2f} img/s | {ts['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds and smaller images (< 2 min on 2 CPU cores)")
@@ -396,7 +419,7 @@ def main(argv=None) -> int:
         print("5. references/train.py throughput:", flush=True)
         bench_train_script(2 if args.quick else 3, 20 if args.quick else 40, out)
     out["seconds"] = round(time.time() - t0, 1)
-    print(f"done in {out['seconds']:.0f} s", flush=True)
+    print(f"done in {out['seconds']:.0f} s\n\n" + markdown(out), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
