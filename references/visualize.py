@@ -23,6 +23,15 @@ def read_metrics(path: str) -> List[Dict]:
     return out
 
 
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(metrics_path: str, out_dir: str) -> List[str]:
     """Write training_curves.png (loss terms, grad norm) and eval_curves.png (AP, detections)."""
     import matplotlib
@@ -48,11 +57,7 @@ def plot_curves(metrics_path: str, out_dir: str) -> List[str]:
         axes[1].set_yscale("log")
         axes[1].set_xlabel("iteration")
         axes[1].set_title("grad_norm (before clipping)")
-        fig.tight_layout()
-        p = os.path.join(out_dir, "training_curves.png")
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        written.append(p)
+        written.append(_save(fig, os.path.join(out_dir, "training_curves.png")))
     if evals:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         ep = [r["epoch"] for r in evals]
@@ -72,11 +77,7 @@ def plot_curves(metrics_path: str, out_dir: str) -> List[str]:
         axes[1].legend(loc="upper left")
         twin.legend(loc="upper right")
         axes[1].set_title("collapse watch")
-        fig.tight_layout()
-        p = os.path.join(out_dir, "eval_curves.png")
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        written.append(p)
+        written.append(_save(fig, os.path.join(out_dir, "eval_curves.png")))
     return written
 
 

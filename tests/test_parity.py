@@ -75,3 +75,21 @@ def test_builder_equals_torchvision_builder():
     la, lb = run_losses(stock, images, targets), run_losses(ours, images, targets)
     for k in la:
         torch.testing.assert_close(lb[k], la[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_training_trajectory_matches_stock():
+    # Several SGD steps at a sane learning rate: same weights as stock up to float noise.
+    # (In a diverging run the rounding differences grow; see the README's collapse study.)
+    from conftest import tiny_model
+
+    stock = tiny_model("mask")
+    ours = patched_copy(stock)
+    images, targets = make_targets("mask", [(64, 80), (72, 64)], empty=(1,))
+    for model in (stock, ours):
+        opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+        for step in range(6):
+            opt.zero_grad()
+            sum(run_losses(model, images, targets, seed=step).values()).backward()
+            opt.step()
+    for (name, a), b in zip(stock.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,7 +1,7 @@
 """Loss math of the detection heads, as pure functions (tensors in, tensors out).
 
 Every function works on the whole batch at once and never reads a tensor value on the host
-(no ``.item()``, ``bool(tensor)``, ``nonzero``): on a GPU each of those is a device sync.
+(no item(), bool(tensor) or nonzero calls): on a GPU each of those is a device sync.
 Normalizers ("avg_factors") are counts kept as tensors. Weighted losses follow MMDetection's
 convention: ``sum(w * loss) / avg_factor`` where avg_factor is a *count*, not a sum of weights
 (see shared/reference/loss-semantics.md). All functions are TorchScript-compatible.
