@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import statistics
 import sys

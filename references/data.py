@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence
 
 import numpy as np
 import torch

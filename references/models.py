@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Dict, Optional
 
-import torch
 from torch import nn
 from torchvision.models import detection as tvdet
 from torchvision.models.detection.anchor_utils import AnchorGenerator

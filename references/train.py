@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import random
 import sys

@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torchvision.models import detection as tvdet
 
 import tv_lossfix

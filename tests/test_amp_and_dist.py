@@ -1,6 +1,5 @@
 """Clipping order under AMP (with a scaler that really scales), and sync_avg_factor over 2 ranks."""
 
-import math
 import os
 import sys
 

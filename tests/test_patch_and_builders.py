@@ -5,7 +5,7 @@ import torch
 from torchvision.models import detection as tvdet
 
 import tv_lossfix
-from conftest import STOCK, make_targets, run_losses, tiny_model
+from conftest import make_targets, run_losses, tiny_model
 from tv_lossfix import LossConfigError, LossFixRoIHeads, LossFixRPN
 
 

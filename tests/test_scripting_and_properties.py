@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tv_lossfix
-from conftest import STOCK, make_targets, run_losses, tiny_model
+from conftest import make_targets, run_losses, tiny_model
 from tv_lossfix import losses as L
 
 CFG = {"rpn_head": {"cls_pos_weight": 2.0, "bbox_loss": "l1"}, "roi_head": {"bbox_loss": "giou", "class_weight": [1, 2, 3]}}

@@ -14,7 +14,6 @@ sys.path.insert(0, REFS)
 
 import train  # noqa: E402
 import train_config  # noqa: E402
-from checks import DataError  # noqa: E402
 
 TINY_SHAPES = {"num_train": 8, "num_val": 4, "image_size": 64, "min_size": 12, "max_size": 30, "empty_fraction": 0.25}
 
