@@ -53,14 +53,6 @@ def all_gather(obj: Any) -> List[Any]:
     return out
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if not is_dist():
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / world()
-
-
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()

@@ -1,9 +1,12 @@
 """Small helpers shared by the two heads."""
 
 import dataclasses
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
+
+from . import losses as L
 
 
 @torch.jit.unused
@@ -46,3 +49,41 @@ def apply_loss_cfg(head: nn.Module, cfg, sync_avg_factor: bool) -> None:
 
 def loss_cfg_repr(head: nn.Module) -> str:
     return f"loss_cfg={head.loss_cfg}, sync_avg_factor={head.sync_avg_factor}"
+
+
+def avg_factor(
+    mode: str,
+    is_pos: Tensor,
+    sync: bool,
+    pos: Optional[Tensor] = None,
+    neg: Optional[Tensor] = None,
+    num_images: int = 1,
+) -> Optional[Tensor]:
+    """The normalizer a head divides a loss by, for ``mode`` (see config.py), or None.
+
+    None means "the number of sampled anchors/RoIs", left to the loss functions (one fused mean,
+    torchvision's op). ``sampled_per_image`` needs the [B*A] sampled masks ``pos``/``neg``.
+    With ``sync`` the count is averaged over DDP ranks, so it is always a tensor.
+    """
+    f: Optional[Tensor] = None
+    if mode == "positive":
+        f = L.count(is_pos)
+    elif mode == "sampled_per_image":
+        if pos is None or neg is None:
+            raise ValueError("sampled_per_image needs the sampled masks")
+        f = L.per_image_count(pos.view(num_images, -1) > 0, neg.view(num_images, -1) > 0)
+    elif sync:
+        f = torch.full((), max(is_pos.numel(), 1), dtype=torch.float32, device=is_pos.device)
+    if sync and f is not None:
+        f = reduce_mean(f)
+    return f
+
+
+def loss_state(is_pos: Tensor, cls_avg: Optional[Tensor], bbox_avg: Optional[Tensor]) -> Dict[str, Tensor]:
+    """What a head keeps for tv_lossfix.training_stats(): raw, detached, derived only when read."""
+    state: Dict[str, Tensor] = {"is_pos": is_pos}
+    if cls_avg is not None:
+        state["cls_avg_factor"] = cls_avg.detach()
+    if bbox_avg is not None:
+        state["bbox_avg_factor"] = bbox_avg.detach()
+    return state

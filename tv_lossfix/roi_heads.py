@@ -13,7 +13,7 @@ from torchvision.models.detection.roi_heads import (
 )
 
 from . import losses as L
-from ._utils import apply_loss_cfg, loss_cfg_repr, reduce_mean, scale
+from ._utils import apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
 from .config import RoILossConfig
 
 __all__ = ["LossFixRoIHeads"]
@@ -70,15 +70,10 @@ class LossFixRoIHeads(RoIHeads):
         num_rois = labels_all.shape[0]
         is_pos = labels_all > 0
 
-        # None: the number of sampled RoIs, left to the loss functions (a fused mean).
-        cls_avg: Optional[Tensor] = None
-        if self.sync_avg_factor:
-            cls_avg = reduce_mean(L.count(torch.ones_like(is_pos)))
+        cls_avg = avg_factor("sampled", is_pos, self.sync_avg_factor)
         bbox_avg = cls_avg
-        if self.bbox_avg_factor == "positive":
-            bbox_avg = L.count(is_pos)
-            if self.sync_avg_factor:
-                bbox_avg = reduce_mean(bbox_avg)
+        if self.bbox_avg_factor != "sampled":
+            bbox_avg = avg_factor(self.bbox_avg_factor, is_pos, self.sync_avg_factor)
 
         class_weight: Optional[Tensor] = None
         if self.use_class_weight:
@@ -96,11 +91,9 @@ class LossFixRoIHeads(RoIHeads):
         )
 
         # Raw and detached; tv_lossfix.training_stats() derives the statistics when read.
-        state: Dict[str, Tensor] = {"is_pos": is_pos, "class_logits": class_logits.detach(), "labels": labels_all}
-        if cls_avg is not None:
-            state["cls_avg_factor"] = cls_avg.detach()
-        if bbox_avg is not None:
-            state["bbox_avg_factor"] = bbox_avg.detach()
+        state = loss_state(is_pos, cls_avg, bbox_avg)
+        state["class_logits"] = class_logits.detach()
+        state["labels"] = labels_all
         self.loss_state = state
         self.loss_state_images = len(labels)
         return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)

@@ -8,7 +8,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from . import losses as L
-from ._utils import apply_loss_cfg, loss_cfg_repr, reduce_mean, scale
+from ._utils import apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
 from .config import RPNLossConfig
 
 __all__ = ["LossFixRPN"]
@@ -44,19 +44,6 @@ class LossFixRPN(RegionProposalNetwork):
     def extra_repr(self) -> str:
         return loss_cfg_repr(self)
 
-    def _avg_factor(self, mode: str, is_pos: Tensor, pos: Tensor, neg: Tensor, num_images: int) -> Optional[Tensor]:
-        # None: the number of sampled anchors, left to the loss functions (a fused mean).
-        f: Optional[Tensor] = None
-        if mode == "positive":
-            f = L.count(is_pos)
-        elif mode == "sampled_per_image":
-            f = L.per_image_count(pos.view(num_images, -1) > 0, neg.view(num_images, -1) > 0)
-        elif self.sync_avg_factor:
-            f = L.count(torch.ones_like(is_pos))
-        if self.sync_avg_factor and f is not None:
-            f = reduce_mean(f)
-        return f
-
     def compute_loss(
         self,
         objectness: Tensor,
@@ -77,10 +64,10 @@ class LossFixRPN(RegionProposalNetwork):
         sampled = torch.where(pos | neg)[0]
         is_pos = pos[sampled] > 0
 
-        cls_avg = self._avg_factor(self.cls_avg_factor, is_pos, pos, neg, num_images)
+        cls_avg = avg_factor(self.cls_avg_factor, is_pos, self.sync_avg_factor, pos, neg, num_images)
         bbox_avg = cls_avg
         if self.bbox_avg_factor != self.cls_avg_factor:
-            bbox_avg = self._avg_factor(self.bbox_avg_factor, is_pos, pos, neg, num_images)
+            bbox_avg = avg_factor(self.bbox_avg_factor, is_pos, self.sync_avg_factor, pos, neg, num_images)
 
         weight = L.sample_weights(is_pos, self.cls_pos_weight)
         loss_cls = L.objectness_loss(objectness.flatten()[sampled], is_pos, cls_avg, weight)
@@ -101,13 +88,7 @@ class LossFixRPN(RegionProposalNetwork):
             self.box_coder.weights,
         )
 
-        # Raw and detached; tv_lossfix.training_stats() derives the statistics when read.
-        state: Dict[str, Tensor] = {"is_pos": is_pos}
-        if cls_avg is not None:
-            state["cls_avg_factor"] = cls_avg.detach()
-        if bbox_avg is not None:
-            state["bbox_avg_factor"] = bbox_avg.detach()
-        self.loss_state = state
+        self.loss_state = loss_state(is_pos, cls_avg, bbox_avg)
         self.loss_state_images = num_images
         return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)
 
