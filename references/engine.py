@@ -98,10 +98,11 @@ def train_one_epoch(
         if dist.is_dist():  # average for logging; any rank's non-finite value stops every rank
             packed = torch.cat([torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0), bad])
             tdist.all_reduce(packed)
-            shown = (packed[:-1] / dist.world()).tolist()
-            any_bad = packed[-1].item() > 0
-            local = vec.tolist()
-            shown = [v if math.isfinite(l) else l for v, l in zip(shown, local)]
+            n = vec.numel()
+            # One host read: the rank means, the any-rank flag, and this rank's own values.
+            both = torch.cat([packed[:n] / dist.world(), packed[n:], vec]).tolist()
+            any_bad = both[n] > 0
+            shown = [v if math.isfinite(l) else l for v, l in zip(both[:n], both[n + 1 :])]
         else:
             shown = vec.tolist()  # the step's one host sync
             any_bad = not all(math.isfinite(v) for v in shown)
