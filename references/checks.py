@@ -1,6 +1,6 @@
 """Data checks run before the first step: every problem names the image / annotation at fault.
 
-The known causes of "zero detections" / NaN that come from data (shared/reference): degenerate
+The known causes of "zero detections" / NaN that come from data: degenerate
 boxes, boxes outside the image, COCO xywh boxes written as xyxy, unknown category ids, label 0
 (background) used for an object, missing image files, masks that are not 0/1, 0-255 images.
 Policy ``stop`` (default) raises with the list; ``drop`` drops the faulty annotations (and
@@ -41,19 +41,35 @@ class DataReport:
     problems: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        s = (f"{self.split}: {self.images} images, {self.annotations} annotations, "
-             f"{self.negatives} images without annotations (kept as negatives), {self.crowd} crowd")
+        s = (
+            f"{self.split}: {self.images} images, {self.annotations} annotations, "
+            f"{self.negatives} images without annotations (kept as negatives), {self.crowd} crowd"
+        )
         if self.dropped or self.dropped_images:
-            s += f"; dropped {sum(self.dropped.values())} annotations ({dict(self.dropped)}) and {self.dropped_images} images"
+            s += (
+                f"; dropped {sum(self.dropped.values())} annotations ({dict(self.dropped)}) "
+                f"and {self.dropped_images} images"
+            )
         return s
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"split": self.split, "images": self.images, "annotations": self.annotations, "negatives": self.negatives,
-                "crowd": self.crowd, "dropped": dict(self.dropped), "dropped_images": self.dropped_images}
+        return {
+            "split": self.split,
+            "images": self.images,
+            "annotations": self.annotations,
+            "negatives": self.negatives,
+            "crowd": self.crowd,
+            "dropped": dict(self.dropped),
+            "dropped_images": self.dropped_images,
+        }
 
 
 def _bbox_problem(bbox: Any, w: int, h: int) -> Optional[Tuple[str, str]]:
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+    if (
+        not isinstance(bbox, (list, tuple))
+        or len(bbox) != 4
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+    ):
         return "bad_bbox", f"bbox {bbox!r} is not 4 finite numbers [x, y, width, height]"
     x, y, bw, bh = bbox
     if bw <= 0 or bh <= 0:
@@ -61,8 +77,10 @@ def _bbox_problem(bbox: Any, w: int, h: int) -> Optional[Tuple[str, str]]:
     if x < -_TOL or y < -_TOL or x + bw > w + _TOL or y + bh > h + _TOL:
         # [x1, y1, x2, y2] saved where COCO wants [x, y, w, h]: as xyxy the box would fit.
         if bw > x and bh > y and bw <= w + _TOL and bh <= h + _TOL:
-            return "xyxy_as_xywh", (f"box {bbox} extends past the {w}x{h} image but fits as [x1, y1, x2, y2]: "
-                                    f"COCO boxes are [x, y, width, height] (convert with w = x2 - x1, h = y2 - y1)")
+            return "xyxy_as_xywh", (
+                f"box {bbox} extends past the {w}x{h} image but fits as [x1, y1, x2, y2]: "
+                f"COCO boxes are [x, y, width, height] (convert with w = x2 - x1, h = y2 - y1)"
+            )
         return "out_of_image", f"box [x, y, w, h] = {bbox} extends outside the {w}x{h} image"
     return None
 
@@ -78,8 +96,10 @@ def _box_vs_polygon_problem(bbox: Any, seg: Any) -> Optional[Tuple[str, str]]:
     as_xywh = (x, y, x + w, y + h)
     off = lambda a: max(abs(u - v) for u, v in zip(a, extent))  # noqa: E731
     if off(as_xywh) > 2.0 and off((x, y, w, h)) <= 2.0:
-        return "xyxy_as_xywh", (f"box {bbox} matches its segmentation only as [x1, y1, x2, y2]: COCO boxes are "
-                                f"[x, y, width, height] (convert with w = x2 - x1, h = y2 - y1)")
+        return "xyxy_as_xywh", (
+            f"box {bbox} matches its segmentation only as [x1, y1, x2, y2]: COCO boxes are "
+            f"[x, y, width, height] (convert with w = x2 - x1, h = y2 - y1)"
+        )
     return None
 
 
@@ -140,8 +160,10 @@ def load_coco_checked(
         raise DataError(f"{split}: {ann_file} defines no categories")
     if label_mode == "category_id":
         if 0 in categories:
-            raise DataError(f"{split}: category id 0 ({categories[0]!r}) would be label 0, which is the background; "
-                            f"renumber categories from 1 or use contiguous labels (--dataset coco_json)")
+            raise DataError(
+                f"{split}: category id 0 ({categories[0]!r}) would be label 0, which is the background; "
+                f"renumber categories from 1 or use contiguous labels (--dataset coco_json)"
+            )
         label_map = {cid: cid for cid in categories}
     else:
         label_map = {cid: i + 1 for i, cid in enumerate(sorted(categories))}
@@ -187,7 +209,10 @@ def load_coco_checked(
         img = images[iid]
         issue = None
         if a.get("category_id") not in categories:
-            issue = ("unknown_category", f"category_id {a.get('category_id')} is not in 'categories' (ids: {sorted(categories)[:20]})")
+            issue = (
+                "unknown_category",
+                f"category_id {a.get('category_id')} is not in 'categories' (ids: {sorted(categories)[:20]})",
+            )
         if issue is None:
             issue = _bbox_problem(a.get("bbox"), img["width"], img["height"])
         if issue is None:
@@ -243,8 +268,10 @@ def check_samples(dataset, num_classes: int, count: int = 16) -> List[str]:
             problems.append(f"{where}: image values reach {float(image.max()):.1f}; scale 0-255 images to [0, 1]")
         labels = t["labels"]
         if labels.numel() and (labels.min() < 1 or labels.max() >= num_classes):
-            problems.append(f"{where}: labels {labels.tolist()} outside 1..{num_classes - 1} "
-                            f"(0 is background; num_classes includes it)")
+            problems.append(
+                f"{where}: labels {labels.tolist()} outside 1..{num_classes - 1} "
+                f"(0 is background; num_classes includes it)"
+            )
         boxes = t["boxes"]
         if boxes.numel() and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
             problems.append(f"{where}: degenerate boxes (x2 <= x1 or y2 <= y1) after loading")

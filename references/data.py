@@ -26,14 +26,22 @@ class CocoDetection(Dataset):
         coco: a ``pycocotools.coco.COCO`` (already checked, see ``checks.py``).
         image_dir: folder the ``file_name`` entries are relative to.
         label_map: category id -> contiguous label (1..K); identity for COCO's 91-class ids.
-        transforms: callable (image, target) -> (image, target).
-        backend: "PIL" (decode with Pillow) or "tensor" (torchvision.io), as torchvision's --backend.
+        transforms: callable (uint8 image, target) -> (float image, target); default: convert to [0, 1].
+        backend: "pil" (decode with Pillow) or "tensor" / "tv_tensor" (torchvision.io), as --backend.
         with_masks: decode segmentations into masks.
         with_keypoints: add ``keypoints`` [N, K, 3] (x, y, visibility) from COCO keypoint annotations.
     """
 
-    def __init__(self, coco, image_dir: str, label_map: Dict[int, int], transforms=None, backend: str = "PIL",
-                 with_masks: bool = True, with_keypoints: bool = False):
+    def __init__(
+        self,
+        coco,
+        image_dir: str,
+        label_map: Dict[int, int],
+        transforms=None,
+        backend: str = "pil",
+        with_masks: bool = True,
+        with_keypoints: bool = False,
+    ):
         self.coco = coco
         self.image_dir = image_dir
         self.ids = sorted(coco.imgs)
@@ -50,13 +58,14 @@ class CocoDetection(Dataset):
         return [self.coco.imgs[i]["width"] / max(self.coco.imgs[i]["height"], 1) for i in self.ids]
 
     def _load_image(self, path: str) -> torch.Tensor:
-        if self.backend == "tensor":
+        """uint8 [3, H, W]: the transforms work on uint8 (as torchvision's presets) and end in [0, 1] floats."""
+        if self.backend in ("tensor", "tv_tensor"):
             from torchvision.io import ImageReadMode, decode_image
 
-            return decode_image(path, mode=ImageReadMode.RGB).float().div_(255)
+            return decode_image(path, mode=ImageReadMode.RGB)
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
     def target_for(self, image_id: int) -> Dict[str, torch.Tensor]:
         info = self.coco.imgs[image_id]
@@ -85,9 +94,7 @@ class CocoDetection(Dataset):
         image_id = self.ids[idx]
         image = self._load_image(os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"]))
         target = self.target_for(image_id)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        return (self.transforms or eval_transform)(image, target)
 
 
 def decode_segmentation(seg: Any, h: int, w: int) -> np.ndarray:
@@ -102,128 +109,195 @@ def decode_segmentation(seg: Any, h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(np.uint8)
 
 
-# -- transforms (on tensors, so they run the same with both image backends) -------------------
-class Compose:
-    def __init__(self, transforms):
-        self.transforms = transforms
-
-    def __call__(self, image, target):
-        for t in self.transforms:
-            image, target = t(image, target)
-        return image, target
-
-
+# -- transforms: torchvision's detection presets, on transforms.v2 ---------------------------------
 # COCO person keypoints swap left and right under a horizontal flip.
 COCO_KEYPOINT_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
+MEAN = (123.0, 117.0, 104.0)  # torchvision's fill for padded / zoomed-out pixels (uint8 scale)
+MULTISCALE_SIZES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+# Policies that set the input size themselves: the model must not resize again (_skip_resize).
+SIZE_SETTING_POLICIES = ("lsj", "multiscale")
 
 
-class RandomHorizontalFlip:
+class KeypointHorizontalFlip:
+    """Horizontal flip that also mirrors keypoints (transforms.v2 leaves plain keypoint tensors alone)."""
+
     def __init__(self, p: float = 0.5):
         self.p = p
 
     def __call__(self, image, target):
-        if torch.rand(()) < self.p:
-            image = image.flip(-1)
-            w = image.shape[-1]
-            boxes = target["boxes"].clone()
-            boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
-            target = {**target, "boxes": boxes}
-            if "masks" in target:
-                target["masks"] = target["masks"].flip(-1)
-            if "keypoints" in target:
-                kps = target["keypoints"].clone()
-                kps[..., 0] = w - kps[..., 0]
-                if kps.shape[1] == len(COCO_KEYPOINT_FLIP):
-                    kps = kps[:, COCO_KEYPOINT_FLIP]
-                kps[..., 0][kps[..., 2] == 0] = 0  # invisible points stay at 0
-                target["keypoints"] = kps
+        if torch.rand(1) >= self.p:
+            return image, target
+        image = image.flip(-1)
+        w = image.shape[-1]
+        target = dict(target)
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
+        target["boxes"] = boxes
+        if "masks" in target:
+            target["masks"] = target["masks"].flip(-1)
+        kps = target["keypoints"].clone()
+        kps[..., 0] = w - kps[..., 0]
+        if kps.shape[1] == len(COCO_KEYPOINT_FLIP):
+            kps = kps[:, COCO_KEYPOINT_FLIP]
+        kps[..., 0][kps[..., 2] == 0] = 0  # invisible points stay at 0
+        target["keypoints"] = kps
         return image, target
 
 
-class RandomScale:
-    """Rescale image, boxes and masks by a random factor (multi-scale / large-scale jitter)."""
+class FixedSizeCrop:
+    """torchvision's lsj crop: a random crop to at most ``size``, then bottom/right padding to exactly it."""
 
-    def __init__(self, low: float, high: float):
-        self.low, self.high = low, high
+    def __init__(self, size: int, fill=MEAN):
+        self.size, self.fill = size, fill
 
     def __call__(self, image, target):
-        s = self.low + (self.high - self.low) * torch.rand(()).item()
+        from torchvision.transforms.v2 import functional as F
+
         h, w = image.shape[-2:]
-        nh, nw = max(1, round(h * s)), max(1, round(w * s))
-        image = torch.nn.functional.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        nh, nw = min(h, self.size), min(w, self.size)
+        r = float(torch.rand(1))  # one draw for both offsets, as torchvision
+        top, left = int(max(h - self.size, 0) * r), int(max(w - self.size, 0) * r)
+        pad = [0, 0, self.size - nw, self.size - nh]
+        image = F.pad(F.crop(image, top, left, nh, nw), pad, fill=list(self.fill))
         target = dict(target)
-        target["boxes"] = target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
-        if "masks" in target and target["masks"].numel():
-            target["masks"] = torch.nn.functional.interpolate(target["masks"][:, None].float(), size=(nh, nw), mode="nearest")[:, 0].byte()
-        elif "masks" in target:
-            target["masks"] = torch.zeros(0, nh, nw, dtype=torch.uint8)
-        target["area"] = target["area"] * (nw * nh) / (w * h)
-        if "keypoints" in target:
-            kps = target["keypoints"].clone()
-            kps[..., 0] *= nw / w
-            kps[..., 1] *= nh / h
-            target["keypoints"] = kps
+        target["boxes"] = F.pad(F.crop(target["boxes"], top, left, nh, nw), pad)
+        if "masks" in target:
+            target["masks"] = F.pad(F.crop(target["masks"], top, left, nh, nw), pad, fill=0)
         return image, target
 
 
-AUGMENTATIONS = ("hflip", "multiscale", "lsj", "none")
+def _wrap(image, target):
+    from torchvision import tv_tensors
+
+    target = dict(target)
+    target["boxes"] = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
+    if "masks" in target:
+        target["masks"] = tv_tensors.Mask(target["masks"])
+    return tv_tensors.Image(image), target
 
 
-def train_transforms(policy: str):
-    """torchvision's --data-augmentation policies that apply to two-stage detectors."""
-    if policy == "hflip":
-        return Compose([RandomHorizontalFlip(0.5)])
-    if policy == "multiscale":
-        return Compose([RandomScale(0.8, 1.25), RandomHorizontalFlip(0.5)])
-    if policy == "lsj":
-        return Compose([RandomScale(0.1, 2.0), RandomHorizontalFlip(0.5)])
-    if policy == "none":
-        return None
-    raise ValueError(f"data.augmentation must be one of {', '.join(AUGMENTATIONS)}, got {policy!r}")
+def _unwrap_and_sanitize(image, target):
+    """Plain tensors again; drop boxes a crop left degenerate (with their labels, masks...), as
+    torchvision's SanitizeBoundingBoxes does, and recompute area from what is left."""
+    plain = lambda t: t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    image = plain(image)
+    target = {k: plain(v) for k, v in target.items()}
+    boxes = target["boxes"]
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+    if not bool(keep.all()):
+        for k in ("boxes", "labels", "masks", "keypoints", "area", "iscrowd"):
+            if k in target:
+                target[k] = target[k][keep]
+    if "masks" in target and target["masks"].numel():
+        target["area"] = target["masks"].flatten(1).sum(1).float()
+    elif "area" in target:
+        target["area"] = (target["boxes"][:, 2:] - target["boxes"][:, :2]).prod(1)
+    return image, target
+
+
+def _to_float(image, target):
+    # uint8 -> [0, 1], as x / 255 (v2.ToDtype multiplies by 1/255, one ulp off from the division).
+    return image.float().div_(255), target
+
+
+class DetectionPresetTrain:
+    """torchvision's ``DetectionPresetTrain`` policies on transforms.v2 (images in uint8 until the end).
+
+    ``hflip``; ``lsj`` (ScaleJitter to ``lsj_size`` with a fixed-size crop); ``multiscale``
+    (RandomShortestSize 480..800, max 1333); ``ssd`` (photometric distort, zoom out, IoU crop);
+    ``ssdlite`` (IoU crop); each with a horizontal flip at p=0.5. ``none`` (ours) only converts.
+    Keypoint targets support ``hflip`` and ``none`` only (v2 does not move plain keypoint tensors).
+    """
+
+    def __init__(self, policy: str, lsj_size: int = 1024, with_keypoints: bool = False):
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2 as T
+
+        if with_keypoints and policy not in ("hflip", "none"):
+            raise ValueError(
+                f"--data-augmentation {policy} would move images and boxes but not keypoints: "
+                f"keypoint models train with hflip (torchvision's keypoint recipe) or none"
+            )
+        flip = [KeypointHorizontalFlip(0.5)] if with_keypoints else [T.RandomHorizontalFlip(0.5)]
+        steps: Dict[str, list] = {
+            "hflip": flip,
+            "lsj": [T.ScaleJitter(target_size=(lsj_size, lsj_size), antialias=True), FixedSizeCrop(lsj_size), *flip],
+            "multiscale": [T.RandomShortestSize(min_size=MULTISCALE_SIZES, max_size=1333, antialias=True), *flip],
+            "ssd": [
+                T.RandomPhotometricDistort(),
+                T.RandomZoomOut(fill={tv_tensors.Image: MEAN, tv_tensors.Mask: 0}),
+                T.RandomIoUCrop(),
+                *flip,
+            ],
+            "ssdlite": [T.RandomIoUCrop(), *flip],
+            "none": [],
+        }
+        if policy not in steps:
+            raise ValueError(f"data.augmentation must be one of {', '.join(steps)}, got {policy!r}")
+        self.policy = policy
+        self.steps = ([] if with_keypoints else [_wrap]) + steps[policy]
+
+    def __call__(self, image, target):
+        for step in self.steps:
+            image, target = step(image, target)
+        return _to_float(*_unwrap_and_sanitize(image, target))
+
+
+def eval_transform(image, target):
+    return _to_float(image, target)
 
 
 def collate(batch):
     return tuple(zip(*batch))
 
 
-# -- simple copy-paste (Ghiasi et al. 2021), batch level as in torchvision's references --------
+# -- simple copy-paste (Ghiasi et al. 2021), torchvision's SimpleCopyPaste semantics -----------------
+def _paste(image, target, src_image, src):
+    """Paste a random subset of ``src``'s instances onto ``image``, blended, resized to ``image``."""
+    from torchvision.ops import masks_to_boxes
+    from torchvision.transforms.v2 import functional as F
+
+    n = len(src["labels"])
+    if n == 0 or "masks" not in src:
+        return image, target
+    pick = torch.unique(torch.randint(0, n, (n,)))  # a random subset, as torchvision draws it
+    masks, boxes, labels = src["masks"][pick], src["boxes"][pick], src["labels"][pick]
+    size = tuple(image.shape[-2:])
+    if tuple(src_image.shape[-2:]) != size:
+        sy, sx = size[0] / src_image.shape[-2], size[1] / src_image.shape[-1]
+        src_image = F.resize(src_image, list(size), antialias=True)
+        masks = F.resize(masks, list(size), interpolation=F.InterpolationMode.NEAREST)
+        boxes = boxes * torch.tensor([sx, sy, sx, sy])
+    alpha = (masks.sum(0) > 0).float()[None]
+    alpha_blur = F.gaussian_blur(alpha, kernel_size=[5, 5], sigma=[2.0, 2.0])  # blending=True
+    image = image * (1 - alpha_blur) + src_image * alpha_blur
+    kept_masks = target["masks"] * (1 - alpha.to(target["masks"].dtype))
+    keep = kept_masks.flatten(1).sum(1) > 0
+    kept_masks = kept_masks[keep]
+    out = dict(target)
+    out["masks"] = torch.cat([kept_masks, masks.to(kept_masks.dtype)])
+    out["boxes"] = torch.cat([masks_to_boxes(kept_masks) if len(kept_masks) else boxes.new_zeros(0, 4), boxes])
+    out["labels"] = torch.cat([target["labels"][keep], labels])
+    out["area"] = out["masks"].flatten(1).sum(1).float()
+    out["iscrowd"] = torch.zeros(len(out["labels"]), dtype=torch.int64)
+    valid = (out["boxes"][:, 2:] > out["boxes"][:, :2]).all(1)
+    for k in ("masks", "boxes", "labels", "area", "iscrowd"):
+        out[k] = out[k][valid]
+    return image, out
+
+
 def copy_paste_collate(batch):
-    """Paste the instances of each image onto the next one in the batch (needs masks)."""
+    """Each image gets instances of the previous one in the batch (torchvision's batch roll)."""
     images, targets = [list(x) for x in zip(*batch)]
-    n = len(images)
-    out_images, out_targets = [], []
-    for i in range(n):
-        img, tgt = images[i], targets[i]
-        src_img, src = images[(i + 1) % n], targets[(i + 1) % n]
-        if n < 2 or "masks" not in src or src["masks"].numel() == 0 or src_img.shape != img.shape:
-            out_images.append(img)
-            out_targets.append(tgt)
-            continue
-        paste = src["masks"].bool().any(0)
-        img = torch.where(paste[None], src_img, img)
-        # Instances of the target image lose the pixels covered by the pasted ones.
-        masks = tgt["masks"] & ~paste[None]
-        keep = masks.flatten(1).sum(1) > 0
-        masks = masks[keep]
-        ys_xs = [torch.where(m) for m in masks]
-        boxes = torch.tensor([[x.min(), y.min(), x.max() + 1, y.max() + 1] for y, x in ys_xs], dtype=torch.float32).reshape(-1, 4)
-        new = {
-            "boxes": torch.cat([boxes, src["boxes"]]),
-            "labels": torch.cat([tgt["labels"][keep], src["labels"]]),
-            "masks": torch.cat([masks.byte(), src["masks"]]),
-            "image_id": tgt["image_id"],
-            "area": torch.cat([masks.flatten(1).sum(1).float(), src["area"]]),
-            "iscrowd": torch.zeros(int(keep.sum()) + len(src["labels"]), dtype=torch.int64),
-        }
-        out_images.append(img)
-        out_targets.append(new)
-    return tuple(out_images), tuple(out_targets)
+    pairs = zip(images, targets, images[-1:] + images[:-1], targets[-1:] + targets[:-1])
+    out = [_paste(i, t, si, st) for i, t, si, st in pairs] if len(images) > 1 else list(zip(images, targets))
+    return tuple(o[0] for o in out), tuple(o[1] for o in out)
 
 
 # -- samplers -----------------------------------------------------------------------------------
 def aspect_ratio_groups(ratios: Sequence[float], k: int) -> List[int]:
     """Group index of each image: log2 aspect ratio quantized into 2k bins (torchvision's scheme)."""
-    bins = [2 ** x for x in np.linspace(-1, 1, 2 * k + 1)] if k > 0 else [1.0]
+    bins = [2**x for x in np.linspace(-1, 1, 2 * k + 1)] if k > 0 else [1.0]
     return [bisect.bisect_right(bins, r) for r in ratios]
 
 

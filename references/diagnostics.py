@@ -1,14 +1,24 @@
-"""Why did detections collapse? Turns evaluation and training numbers into named causes."""
+"""Why did detections collapse? Turns evaluation and training numbers into named causes.
+
+Each cause is a small function that returns a sentence with its numbers and the next lever to
+pull given the current config (never advice that is already applied), or None.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from collections import defaultdict
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+# torchvision's reference lr (0.02) is for 16 images per step (8 GPUs x 2): the linear-scaling rule.
+REFERENCE_LR, REFERENCE_BATCH = 0.02, 16
 
-def score_summary(max_scores: List[float], kept_counts: List[int], all_scores: List[float], thresh: float) -> Dict[str, Any]:
+
+def score_summary(
+    max_scores: List[float], kept_counts: List[int], all_scores: List[float], thresh: float
+) -> Dict[str, Any]:
     """Detections per image above ``thresh`` and the score distribution of one evaluation."""
     n = max(len(kept_counts), 1)
     scores = np.asarray(all_scores, dtype=np.float64)
@@ -26,70 +36,304 @@ def score_summary(max_scores: List[float], kept_counts: List[int], all_scores: L
     }
 
 
+# -- per class ------------------------------------------------------------------------------------
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of [N, 4] and [M, 4] xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def _xyxy(boxes: List[List[float]]) -> np.ndarray:
+    a = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    a[:, 2:] += a[:, :2]
+    return a
+
+
+def matched_gt(
+    gt_boxes: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray, iou_thresh: float = 0.5
+) -> np.ndarray:
+    """Which ground-truth boxes a detection matches (greedy by score, IoU >= ``iou_thresh``, one each)."""
+    hit = np.zeros(len(gt_boxes), dtype=bool)
+    if len(gt_boxes) == 0 or len(det_boxes) == 0:
+        return hit
+    iou = _box_iou(det_boxes[np.argsort(-det_scores)], gt_boxes)
+    for row in iou:
+        row = np.where(hit, -1.0, row)
+        j = int(row.argmax())
+        if row[j] >= iou_thresh:
+            hit[j] = True
+    return hit
+
+
+def _ap_per_category(ev, k: int) -> tuple:
+    # precision: [IoU thresholds, recall points, categories, area ranges, max dets]; -1 = no gt.
+    p = ev.eval["precision"][:, :, k, 0, -1]
+    ap = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+    p50 = p[0]
+    ap50 = float(p50[p50 > -1].mean()) if (p50 > -1).any() else float("nan")
+    return ap, ap50
+
+
+def per_class_summary(
+    coco_gt,
+    img_ids: List[int],
+    bbox_dets: List[Dict[str, Any]],
+    evals: Dict[str, Any],
+    label_to_cat: Dict[int, int],
+    class_names: Optional[List[str]] = None,
+) -> Dict[str, Dict[str, float]]:
+    """By category name: AP and AP50 per evaluated IoU type, ground-truth count, detections per
+    image above the score threshold (``bbox_dets`` are already filtered) and recall at it (IoU 0.5)."""
+    cats = sorted(label_to_cat.values())
+    names = {c: coco_gt.cats.get(c, {}).get("name", str(c)) for c in cats}
+    if class_names:  # labels 1..K in order
+        names.update({label_to_cat[i + 1]: n for i, n in enumerate(class_names) if i + 1 in label_to_cat})
+    ids = set(img_ids)
+    gt_by: Dict[tuple, List] = defaultdict(list)  # (category, image) -> boxes; one pass each
+    for a in coco_gt.dataset["annotations"]:
+        if a["image_id"] in ids and not a.get("iscrowd", 0):
+            gt_by[(a["category_id"], a["image_id"])].append(a["bbox"])
+    det_by: Dict[tuple, List] = defaultdict(list)
+    for d in bbox_dets:
+        det_by[(d["category_id"], d["image_id"])].append(d)
+    out: Dict[str, Dict[str, float]] = {}
+    for cat in cats:
+        n_gt = hits = 0
+        for (c, iid), boxes in gt_by.items():
+            if c != cat:
+                continue
+            n_gt += len(boxes)
+            dd = det_by.get((c, iid), [])
+            hits += int(
+                matched_gt(_xyxy(boxes), _xyxy([d["bbox"] for d in dd]), np.asarray([d["score"] for d in dd])).sum()
+            )
+        n_det = sum(len(v) for (c, _), v in det_by.items() if c == cat)
+        row = {
+            "gt": float(n_gt),
+            "dets_per_image": n_det / max(len(ids), 1),
+            "recall": hits / n_gt if n_gt else float("nan"),
+        }
+        for iou, ev in evals.items():
+            k = list(ev.params.catIds).index(cat) if cat in ev.params.catIds else None
+            ap, ap50 = _ap_per_category(ev, k) if k is not None else (float("nan"), float("nan"))
+            row[f"{iou}_AP"], row[f"{iou}_AP50"] = ap, ap50
+        out[names[cat]] = row
+    return out
+
+
+def per_class_table(per_class: Dict[str, Dict[str, float]], thresh: float) -> str:
+    """A compact fixed-width table of :func:`per_class_summary`."""
+    if not per_class:
+        return ""
+    ap_cols = [c for c in next(iter(per_class.values())) if c.endswith("_AP") or c.endswith("_AP50")]
+    width = max(8, *(len(n) for n in per_class))
+    head = f"{'class':<{width}} {'gt':>6} {'dets/img':>8} {'recall@' + format(thresh, 'g'):>11} " + " ".join(
+        f"{c:>10}" for c in ap_cols
+    )
+    lines = [head]
+    for name, r in per_class.items():
+        aps = " ".join(f"{r[c]:>10.3f}" if math.isfinite(r[c]) else f"{'-':>10}" for c in ap_cols)
+        rec = f"{r['recall']:>11.3f}" if math.isfinite(r["recall"]) else f"{'-':>11}"
+        lines.append(f"{name:<{width}} {int(r['gt']):>6} {r['dets_per_image']:>8.2f} {rec} {aps}")
+    return "\n".join(lines)
+
+
+# -- the learning rate ------------------------------------------------------------------------------
+def linear_scaling_lr(images_per_step: int) -> float:
+    return REFERENCE_LR * images_per_step / REFERENCE_BATCH
+
+
+def lr_warning(lr: float, images_per_step: int, warmup_iters: int) -> Optional[str]:
+    """A warning when lr exceeds the linear-scaling rule by more than 2x with no warmup."""
+    ref = linear_scaling_lr(images_per_step)
+    if warmup_iters > 0 or lr <= 2 * ref:
+        return None
+    return (
+        f"lr {lr:g} is {lr / ref:.1f}x the linear-scaling rule for {images_per_step} images per step "
+        f"({REFERENCE_LR:g} x {images_per_step}/{REFERENCE_BATCH} = {ref:g}) and there is no warmup: the most common "
+        f"cause of a collapse. Use --lr {ref:g}, or training.auto_scale_lr: true, or --warmup-iters 1000"
+    )
+
+
+# -- collapse causes --------------------------------------------------------------------------------
+def _cause_underconfident(current, train, cfg) -> Optional[str]:
+    thresh = current["score_thresh"]
+    if current["max_score"] >= thresh:
+        return None
+    roi = cfg["model"]["roi_head"]
+    if roi.get("cls_pos_weight", 1.0) < 2:
+        lever = "raise model.roi_head.cls_pos_weight to 2"
+    elif not roi.get("class_weight"):
+        lever = (
+            f"cls_pos_weight is already {roi['cls_pos_weight']:g}: set model.roi_head.class_weight for the rare classes"
+        )
+    else:
+        lever = "positive and class weights are set: train longer, or lower model.kwargs.box_score_thresh to inspect"
+    return (
+        f"every score is under box_score_thresh={thresh:g} (highest {current['max_score']:.3f}): the classifier "
+        f"is under-confident; {lever}"
+    )
+
+
+def _cause_few_positives(current, train, cfg) -> Optional[str]:
+    pos = train.get("roi/pos_per_image")
+    if pos is None or pos >= 4:
+        return None
+    return (
+        f"few positive RoIs per image ({pos:.1f} sampled): the classifier sees mostly background; check the data "
+        f"report's anchor coverage and the boxes/labels"
+    )
+
+
+def _cause_fg_prob(current, train, cfg) -> Optional[str]:
+    fg = train.get("roi/fg_prob")
+    if fg is None or fg >= 0.3:
+        return None
+    w = cfg["model"]["roi_head"].get("cls_pos_weight", 1.0)
+    lever = "raise model.roi_head.cls_pos_weight to 2" if w < 2 else f"cls_pos_weight is {w:g}: lower --lr"
+    return f"mean probability of the true class on positive RoIs is {fg:.2f}: foreground is out-voted; {lever}"
+
+
+def _cause_rpn(current, train, cfg) -> Optional[str]:
+    rpn_pos = train.get("rpn/pos_per_image")
+    if rpn_pos is None or rpn_pos >= 2:
+        return None
+    return (
+        f"the RPN samples {rpn_pos:.1f} positive anchors per image: the anchors do not fit the objects, or boxes "
+        f"are wrong; see the data report's anchor coverage and set model.anchor_sizes as it advises"
+    )
+
+
+def _cause_gradients(current, train, cfg) -> Optional[str]:
+    gn, gmax = train.get("grad_norm"), train.get("grad_norm_max")
+    clip = cfg["training"]["gradient_clip"]
+    if gn is None or gmax is None:
+        return None
+    if clip["enabled"]:
+        lever = (
+            f"clipping is on at {clip['max_norm']:g}: lower it to 10"
+            if clip["max_norm"] > 10
+            else f"clipping is on at {clip['max_norm']:g}: lower --lr"
+        )
+    else:
+        lever = "enable --clip-grad-norm 35"
+    if gmax > 10 * max(gn, 1e-12):
+        return f"gradient spikes: max grad_norm {gmax:.1f} vs mean {gn:.2f}; {lever}"
+    if not clip["enabled"] and gn > 100:
+        return f"large gradients (mean grad_norm {gn:.1f}) with no clipping; {lever}"
+    return None
+
+
+def _cause_skipped(current, train, cfg) -> Optional[str]:
+    skipped = train.get("skipped_steps", 0)
+    if not skipped:
+        return None
+    clip = cfg["training"]["gradient_clip"]
+    lever = "lower --lr" if clip["enabled"] else "add --clip-grad-norm 35, or lower --lr"
+    return f"{int(skipped)} steps were skipped for non-finite loss/gradients; {lever}"
+
+
+def _cause_lr(current, train, cfg) -> Optional[str]:
+    t = cfg["training"]
+    ips = t["batch_size"] * int(train.get("world_size", 1))
+    ref = linear_scaling_lr(ips)
+    if t["lr"] <= 2 * ref:
+        return None
+    return (
+        f"lr {t['lr']:g} is {t['lr'] / ref:.1f}x the linear-scaling rule for {ips} images per step "
+        f"({REFERENCE_LR:g} x {ips}/{REFERENCE_BATCH} = {ref:g}); use --lr {ref:g} or training.auto_scale_lr: true"
+    )
+
+
+def _cause_loss_rose(current, train, cfg, history) -> Optional[str]:
+    if not history or train.get("loss") is None or history[-1].get("train_loss") is None:
+        return None
+    prev = history[-1]["train_loss"]
+    if not math.isfinite(prev) or train["loss"] <= 1.5 * prev:
+        return None
+    return f"training loss rose from {prev:.3f} to {train['loss']:.3f}: divergence; lower --lr"
+
+
+CAUSES = (
+    _cause_lr,
+    _cause_skipped,
+    _cause_gradients,
+    _cause_underconfident,
+    _cause_fg_prob,
+    _cause_rpn,
+    _cause_few_positives,
+)
+MAX_CAUSES = 3  # the strongest few; a list of five "likely" causes tells a user nothing
+
+
+def _headline(history, current, gt_per_image) -> Optional[str]:
+    dets = current["dets_per_image"]
+    best = max((h["dets_per_image"] for h in history if "dets_per_image" in h), default=None)
+    if dets == 0:
+        return (
+            f"detections collapsed: 0 detections per image above score {current['score_thresh']:g} "
+            f"(ground truth: {gt_per_image:.2f} per image)"
+        )
+    if best is not None and best > 0 and dets < 0.5 * (min(best, gt_per_image) if gt_per_image > 0 else best):
+        # An untrained model over-detects (~100 boxes/image); falling from there towards the
+        # ground-truth count is learning, not collapse. Falling below half of it is a drop.
+        return (
+            f"detections per image dropped sharply: {dets:.2f} now vs {best:.2f} at best "
+            f"({gt_per_image:.2f} objects per image)"
+        )
+    if gt_per_image > 0 and dets < 0.1 * gt_per_image and len(history) >= 2:
+        return f"very few detections: {dets:.2f} per image vs {gt_per_image:.2f} ground-truth objects"
+    return None
+
+
+def _class_warnings(history, current) -> List[str]:
+    out = []
+    thresh = current["score_thresh"]
+    for name, row in (current.get("per_class") or {}).items():
+        if row["gt"] <= 0 or row["dets_per_image"] > 0:
+            continue
+        msg = f"class {name!r}: 0 detections above {thresh:g} for {int(row['gt'])} ground-truth objects"
+        for back, h in enumerate(reversed(history), start=1):
+            ap50 = (h.get("per_class") or {}).get(name, {}).get("bbox_AP50")
+            if ap50 is not None and math.isfinite(ap50) and ap50 > 0:
+                msg += f"; AP50 was {ap50:.2f} {back} evaluation{'s' if back > 1 else ''} ago"
+                break
+        out.append(msg)
+    return out
+
+
 def collapse_warnings(
     history: List[Dict[str, Any]],
     current: Dict[str, Any],
     train: Dict[str, float],
     cfg: Dict[str, Any],
     gt_per_image: float,
+    iteration: int = 10**9,
+    judge_after: int = 0,
 ) -> List[str]:
-    """Warnings for the current evaluation, each followed by the likely causes with their numbers.
+    """Warnings for the current evaluation, each followed by at most three likely causes with numbers.
 
-    ``history``: earlier evaluation records; ``current``: this one (score_summary + AP);
-    ``train``: the last epoch's means of losses, grad_norm and the heads' training statistics.
+    ``history``: earlier evaluation records; ``current``: this one (score_summary + AP + per_class);
+    ``train``: the last epoch's means of losses, grad_norm and the heads' statistics. Nothing is
+    said before ``iteration`` reaches ``judge_after``: an untrained model is not a collapsed one.
     """
-    dets = current["dets_per_image"]
-    best = max((h["dets_per_image"] for h in history), default=None)
-    if dets == 0:
-        head = f"detections collapsed: 0 detections per image above score {current['score_thresh']:g} (ground truth: {gt_per_image:.2f} per image)"
-    elif best is not None and best > 0 and dets < 0.5 * (min(best, gt_per_image) if gt_per_image > 0 else best):
-        # An untrained model over-detects (~100 boxes/image); falling from there towards the
-        # ground-truth count is learning, not collapse. Falling below half of it is a drop.
-        head = f"detections per image dropped sharply: {dets:.2f} now vs {best:.2f} at best ({gt_per_image:.2f} objects per image)"
-    elif gt_per_image > 0 and dets < 0.1 * gt_per_image and len(history) >= 2:
-        head = f"very few detections: {dets:.2f} per image vs {gt_per_image:.2f} ground-truth objects"
-    else:
+    if iteration < judge_after:
         return []
-    causes = []
-    thresh = current["score_thresh"]
-    if current["max_score"] < thresh:
-        causes.append(
-            f"every score is under box_score_thresh={thresh:g} (highest {current['max_score']:.3f}): the classifier is "
-            f"under-confident; raise model.roi_head.cls_pos_weight (2-3) or class_weight for rare classes, train longer, "
-            f"or lower model.kwargs.box_score_thresh to inspect")
-    pos = train.get("roi/pos_per_image")
-    if pos is not None and pos < 4:
-        causes.append(
-            f"few positive RoIs per image ({pos:.1f} sampled): the classifier sees mostly background; "
-            f"model.roi_head.cls_pos_weight > 1 or bbox_avg_factor: positive compensate, check boxes/labels")
-    fg = train.get("roi/fg_prob")
-    if fg is not None and fg < 0.3:
-        causes.append(f"mean probability of the true class on positive RoIs is {fg:.2f}: foreground is being "
-                      f"out-voted by background; raise model.roi_head.cls_pos_weight")
-    rpn_pos = train.get("rpn/pos_per_image")
-    if rpn_pos is not None and rpn_pos < 2:
-        causes.append(f"the RPN samples {rpn_pos:.1f} positive anchors per image: objects are smaller or shaped "
-                      f"unlike the anchors (tiny objects?), or boxes are wrong; check anchor sizes and box format")
-    gn, gmax = train.get("grad_norm"), train.get("grad_norm_max")
-    clip = cfg["training"]["gradient_clip"]
-    if gn is not None and gmax is not None and gmax > 10 * max(gn, 1e-12):
-        causes.append(f"gradient spikes: max grad_norm {gmax:.1f} vs mean {gn:.2f}" +
-                      ("" if clip["enabled"] else "; enable --clip-grad-norm 35 (training.gradient_clip)"))
-    elif gn is not None and not clip["enabled"] and gn > 100:
-        causes.append(f"large gradients (mean grad_norm {gn:.1f}) with no clipping: --clip-grad-norm 35")
-    skipped = train.get("skipped_steps", 0)
-    if skipped:
-        causes.append(f"{int(skipped)} steps were skipped for non-finite loss/gradients: lower --lr, add --clip-grad-norm")
-    lr, bs, world = cfg["training"]["lr"], cfg["training"]["batch_size"], train.get("world_size", 1)
-    ref_lr = 0.02 * bs * world / 16
-    if lr > 2 * ref_lr:
-        causes.append(f"lr {lr:g} is {lr / ref_lr:.1f}x the linear-scaling rule for {bs * world} images per step "
-                      f"(0.02 x {bs * world}/16 = {ref_lr:g}): lower --lr or add --clip-grad-norm")
-    if len(history) >= 1 and train.get("loss") is not None and history[-1].get("train_loss") is not None:
-        prev = history[-1]["train_loss"]
-        if math.isfinite(prev) and train["loss"] > 1.5 * prev:
-            causes.append(f"training loss rose from {prev:.3f} to {train['loss']:.3f}: divergence; lower --lr, clip gradients")
+    head = _headline(history, current, gt_per_image)
+    classes = _class_warnings(history, current)
+    if head is None and not classes:
+        return []
+    causes = [c for c in (f(current, train, cfg) for f in CAUSES) if c]
+    loss = _cause_loss_rose(current, train, cfg, history)
+    causes = ([loss] if loss else []) + causes
     if not causes:
-        causes.append("no loss-side cause stands out: check the data report (empty images, dropped annotations) "
-                      "and the score distribution in metrics.jsonl")
-    return [head] + [f"  likely cause: {c}" for c in causes]
+        causes.append(
+            "no loss-side cause stands out: check the data report (class balance, anchor coverage, empty "
+            "images) and the score distribution in metrics.jsonl"
+        )
+    lines = ([head] if head else []) + classes
+    return lines + [f"  likely cause: {c}" for c in causes[:MAX_CAUSES]]

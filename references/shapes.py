@@ -79,7 +79,10 @@ def _polygon(cls: int, cx: float, cy: float, r: float, rot: float) -> List[Tuple
         n, radii = 3, [r * 1.15] * 3
     else:  # star
         n, radii = 10, [r if i % 2 == 0 else r * 0.45 for i in range(10)]
-    return [(cx + radii[i] * math.cos(rot + 2 * math.pi * i / n), cy + radii[i] * math.sin(rot + 2 * math.pi * i / n)) for i in range(n)]
+    return [
+        (cx + radii[i] * math.cos(rot + 2 * math.pi * i / n), cy + radii[i] * math.sin(rot + 2 * math.pi * i / n))
+        for i in range(n)
+    ]
 
 
 def _make_image(spec: ShapesSpec, rng: np.random.Generator, image_id: int, probs: np.ndarray):
@@ -102,8 +105,15 @@ def _make_image(spec: ShapesSpec, rng: np.random.Generator, image_id: int, probs
         w, h = max(xs) - x0, max(ys) - y0
         flat = [round(v, 2) for p in poly for v in p]
         area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
-        anns.append({"category_id": cls + 1, "bbox": [round(x0, 2), round(y0, 2), round(w, 2), round(h, 2)],
-                     "segmentation": [flat], "area": round(area, 2), "iscrowd": 0})
+        anns.append(
+            {
+                "category_id": cls + 1,
+                "bbox": [round(x0, 2), round(y0, 2), round(w, 2), round(h, 2)],
+                "segmentation": [flat],
+                "area": round(area, 2),
+                "iscrowd": 0,
+            }
+        )
     return img, anns
 
 
@@ -127,8 +137,15 @@ def _write_split(spec: ShapesSpec, out_dir: str, split: str, count: int, seed: i
     path = os.path.join(out_dir, f"{split}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"info": {"description": "tv_lossfix shapes", "spec": asdict(spec)}, "images": images,
-                   "annotations": annotations, "categories": categories}, f)
+        json.dump(
+            {
+                "info": {"description": "tv_lossfix shapes", "spec": asdict(spec)},
+                "images": images,
+                "annotations": annotations,
+                "categories": categories,
+            },
+            f,
+        )
     os.replace(tmp, path)  # the JSON appears only once its images are all written
     return path
 

@@ -1,9 +1,11 @@
-"""End-of-run pictures: loss / grad-norm / AP curves from metrics.jsonl, a prediction gallery."""
+"""End-of-run pictures: loss / grad-norm / AP curves (overall and per class) from metrics.jsonl, and a
+gallery of ground truth beside predictions for the images that show the failure."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from typing import Dict, List, Optional
 
 import torch
@@ -59,7 +61,8 @@ def plot_curves(metrics_path: str, out_dir: str) -> List[str]:
         axes[1].set_title("grad_norm (before clipping)")
         written.append(_save(fig, os.path.join(out_dir, "training_curves.png")))
     if evals:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        per_class = any(r.get("per_class") for r in evals)
+        fig, axes = plt.subplots(1, 3 if per_class else 2, figsize=(18 if per_class else 12, 4))
         ep = [r["epoch"] for r in evals]
         for k in ("bbox_AP", "segm_AP", "keypoints_AP", "bbox_AP50"):
             if any(k in r for r in evals):
@@ -77,36 +80,103 @@ def plot_curves(metrics_path: str, out_dir: str) -> List[str]:
         axes[1].legend(loc="upper left")
         twin.legend(loc="upper right")
         axes[1].set_title("collapse watch")
+        if per_class:
+            classes = sorted({c for r in evals for c in (r.get("per_class") or {})})
+            for c in classes:
+                pc = [(r.get("per_class") or {}).get(c, {}) for r in evals]
+                axes[2].plot(ep, [p.get("bbox_AP50", float("nan")) for p in pc], marker="o", label=f"{c} AP50")
+                axes[2].plot(ep, [p.get("recall", float("nan")) for p in pc], ls="--", alpha=0.6, label=f"{c} recall")
+            axes[2].set_xlabel("epoch")
+            axes[2].set_ylim(-0.02, 1.02)
+            axes[2].legend(fontsize=7, ncol=2)
+            axes[2].set_title("per class: bbox AP50 and recall at the score threshold")
         written.append(_save(fig, os.path.join(out_dir, "eval_curves.png")))
     return written
 
 
+def _colors(n: int) -> List[str]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return ["#%02x%02x%02x" % tuple(int(255 * c) for c in cmap(i % 10)[:3]) for i in range(n + 1)]
+
+
+def _draw(image, boxes, labels, masks, names, colors, scores=None):
+    """One panel: masks then boxes, coloured by class; a short label only (no stacking of long text)."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
+    if len(boxes) == 0:
+        return canvas
+    cols = [colors[int(lab) % len(colors)] for lab in labels]
+    if masks is not None and len(masks):
+        canvas = draw_segmentation_masks(canvas, masks, alpha=0.4, colors=cols)
+    text = [names[int(lab) - 1] if 0 < int(lab) <= len(names) else str(int(lab)) for lab in labels]
+    if scores is not None:
+        text = [f"{t} {s:.2f}" for t, s in zip(text, scores.tolist())]
+    return draw_bounding_boxes(canvas, boxes, labels=text, colors=cols, width=1)
+
+
+def _miss_score(gt, out, thresh: float, rarity: Dict[int, float]) -> float:
+    """How badly an image is missed: the rarity of each ground-truth object no detection finds."""
+    from diagnostics import matched_gt
+
+    if len(gt["labels"]) == 0:
+        return 0.0
+    keep = out["scores"] >= thresh
+    missed = 0.0
+    for lab in gt["labels"].unique().tolist():
+        g = gt["boxes"][gt["labels"] == lab].numpy().astype("float64")
+        sel = keep & (out["labels"] == lab)
+        hit = matched_gt(g, out["boxes"][sel].numpy().astype("float64"), out["scores"][sel].numpy())
+        missed += float((~hit).sum()) * rarity.get(lab, 1.0)
+    return missed
+
+
 @torch.no_grad()
-def draw_gallery(model, dataset, device, names: List[str], out_path: str, count: int = 8, thresh: Optional[float] = None) -> Optional[str]:
-    """A grid of validation predictions (boxes, labels, masks) drawn with torchvision.utils."""
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid, save_image
+def draw_gallery(
+    model,
+    dataset,
+    device,
+    names: List[str],
+    out_path: str,
+    count: int = 8,
+    label_to_cat: Optional[Dict[int, int]] = None,
+    candidates: int = 64,
+) -> Optional[str]:
+    """Ground truth beside predictions (boxes and masks, coloured by class) for the images that show
+    the failure: those whose missed objects are rarest first, not simply the first ``count``."""
+    from torchvision.utils import make_grid, save_image
 
     if count <= 0 or len(dataset) == 0:
         return None
     net = getattr(model, "module", model)
     net.eval()
-    thresh = float(net.roi_heads.score_thresh) if thresh is None else thresh
-    tiles = []
-    size = None
-    for idx in range(min(count, len(dataset))):
-        image, _ = dataset[idx]
-        out = net([image.to(device)])[0]
+    thresh = float(net.roi_heads.score_thresh)
+    items = []
+    for idx in range(min(candidates, len(dataset))):
+        image, gt = dataset[idx]
+        out = {k: v.cpu() for k, v in net([image.to(device)])[0].items()}
+        items.append((image, gt, out))
+    freq = Counter(int(lab) for _, gt, _ in items for lab in gt["labels"])
+    rarity = {lab: 1.0 / n for lab, n in freq.items()}
+    order = sorted(range(len(items)), key=lambda i: -_miss_score(items[i][1], items[i][2], thresh, rarity))
+    colors = _colors(len(names))
+    tiles, size = [], None
+    for i in order[:count]:
+        image, gt, out = items[i]
         keep = out["scores"] >= max(thresh, 0.5)  # the confident ones: a readable picture
-        canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
-        if "masks" in out and keep.any():
-            canvas = draw_segmentation_masks(canvas, out["masks"][keep][:, 0].cpu() > 0.5, alpha=0.45)
-        if keep.any():
-            labels = [f"{names[int(l) - 1] if 0 < int(l) <= len(names) else int(l)} {s:.2f}"
-                      for l, s in zip(out["labels"][keep].cpu(), out["scores"][keep].cpu())]
-            canvas = draw_bounding_boxes(canvas, out["boxes"][keep].cpu(), labels=labels, colors="yellow", width=1)
-        size = size or canvas.shape[-2:]
-        if canvas.shape[-2:] != size:
-            canvas = torch.nn.functional.interpolate(canvas[None].float(), size=tuple(size))[0].to(torch.uint8)
-        tiles.append(canvas.float() / 255)
+        gt_masks = gt["masks"].bool() if "masks" in gt else None
+        pred_masks = out["masks"][keep][:, 0] > 0.5 if "masks" in out else None
+        pair = [
+            _draw(image, gt["boxes"], gt["labels"], gt_masks, names, colors),
+            _draw(image, out["boxes"][keep], out["labels"][keep], pred_masks, names, colors, out["scores"][keep]),
+        ]
+        for canvas in pair:
+            size = size or canvas.shape[-2:]
+            if canvas.shape[-2:] != size:
+                canvas = torch.nn.functional.interpolate(canvas[None].float(), size=tuple(size))[0].to(torch.uint8)
+            tiles.append(canvas.float() / 255)
+    # Two columns per image: ground truth, then the prediction.
     save_image(make_grid(tiles, nrow=min(4, len(tiles)), padding=2), out_path)
     return out_path

@@ -1,19 +1,13 @@
 """Clipping order under AMP (with a scaler that really scales), and sync_avg_factor over 2 ranks."""
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-REFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "references")
-sys.path.insert(0, REFS)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import engine  # noqa: E402
+import helpers  # noqa: F401,E402  (puts references/ on sys.path)
 import train_config  # noqa: E402
-from conftest import make_targets, tiny_model  # noqa: E402
+from helpers import make_targets, tiny_model  # noqa: E402
 
 
 class RecordingScaler:
@@ -50,10 +44,14 @@ def _one_epoch(scaler, max_norm):
     images, targets = make_targets("mask", [(64, 64), (64, 64)])
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves weights as they were
     logged = []
-    state = {"iteration": 0, "skipped": 0, "consecutive_skips": 0, "amp_overflows": 0, "warmup_total": 0}
+    clip = cfg["training"]["gradient_clip"]
+    ctx = engine.StepContext(
+        model, opt, torch.device("cpu"), scaler, clip["max_norm"] if clip["enabled"] else float("inf")
+    )
     torch.manual_seed(0)
-    engine.train_one_epoch(model, opt, [(images, targets)], torch.device("cpu"), 0, state, cfg, scaler, None,
-                           logged.append, lambda s: None)
+    engine.train_one_epoch(
+        ctx, [(images, targets)], 0, engine.TrainState(), cfg["training"], None, logged.append, lambda s: None
+    )
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return logged[-1]["grad_norm"], grads.norm().item()
 

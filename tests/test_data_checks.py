@@ -2,17 +2,13 @@
 
 import copy
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-REFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "references")
-sys.path.insert(0, REFS)
-
+import helpers  # noqa: F401,E402  (puts references/ on sys.path)
 import train  # noqa: E402
 from checks import DataError, check_samples, load_coco_checked  # noqa: E402
 from data import CocoDetection, GroupedBatchSampler, SeededRandomSampler, aspect_ratio_groups  # noqa: E402
@@ -69,14 +65,23 @@ def test_shapes_is_deterministic_real_coco(shapes, tmp_path):
     "corrupt,match",
     [
         (lambda d: first_ann(d).update(bbox=[10, 10, 0, 5]), r"annotation 1 \(image \d+\): degenerate box"),
-        (lambda d: first_ann(d).update(bbox=[50, 50, 40, 40]), r"annotation 1 \(image \d+\): box .* extends outside the 64x64 image"),
-        (lambda d: first_ann(d).update(bbox=[30, 30, 60, 62]), r"annotation 1 .*fits as \[x1, y1, x2, y2\]: COCO boxes are \[x, y, width, height\]"),
+        (
+            lambda d: first_ann(d).update(bbox=[50, 50, 40, 40]),
+            r"annotation 1 \(image \d+\): box .* extends outside the 64x64 image",
+        ),
+        (
+            lambda d: first_ann(d).update(bbox=[30, 30, 60, 62]),
+            r"annotation 1 .*fits as \[x1, y1, x2, y2\]: COCO boxes are \[x, y, width, height\]",
+        ),
         (to_xyxy, r"annotation 1 .*matches its segmentation only as \[x1, y1, x2, y2\]"),
         (lambda d: first_ann(d).update(bbox=[1, 2, 3]), r"annotation 1 .*is not 4 finite numbers"),
         (lambda d: first_ann(d).update(category_id=42), r"annotation 1 .*category_id 42 is not in 'categories'"),
         (lambda d: first_ann(d).update(image_id=999), r"annotation 1 \(image 999\): image_id 999 is not in 'images'"),
         (lambda d: first_ann(d).update(segmentation=[[1, 2, 3, 4]]), r"annotation 1 .*polygon needs >= 3"),
-        (lambda d: first_ann(d).update(segmentation={"size": [32, 32], "counts": "abc"}), r"annotation 1 .*RLE size \[32, 32\] differs"),
+        (
+            lambda d: first_ann(d).update(segmentation={"size": [32, 32], "counts": "abc"}),
+            r"annotation 1 .*RLE size \[32, 32\] differs",
+        ),
         (lambda d: first_ann(d).update(segmentation=[]), r"annotation 1 .*has no segmentation"),
         (lambda d: d["images"][0].update(file_name="missing.png"), r"image 1: file not found: .*missing.png"),
         (lambda d: d["images"][0].update(width=100), r"image 1: .*is 64x64 but the JSON says 100x64"),
@@ -146,9 +151,11 @@ class _Broken(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize(
     "mode,match",
-    [("mask255", r"image \d+: masks hold values \[0, 255\], expected 0/1"),
-     ("image255", r"image \d+: image values reach .*scale 0-255 images to \[0, 1\]"),
-     ("label0", r"image \d+: labels \[0.*outside 1..4 \(0 is background")],
+    [
+        ("mask255", r"image \d+: masks hold values \[0, 255\], expected 0/1"),
+        ("image255", r"image \d+: image values reach .*scale 0-255 images to \[0, 1\]"),
+        ("label0", r"image \d+: labels \[0.*outside 1..4 \(0 is background"),
+    ],
 )
 def test_sample_checks(shapes, mode, match):
     coco, label_map, _, _ = load_coco_checked(shapes["train_ann"], shapes["train_images"], "train")
@@ -163,7 +170,8 @@ def test_coco_json_dataset_with_rle_and_crowd(coco, shapes, tmp_path):
     for a in data["annotations"][::2]:
         img = next(i for i in data["images"] if i["id"] == a["image_id"])
         m = np.asfortranarray(
-            mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], img["height"], img["width"]))))
+            mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], img["height"], img["width"])))
+        )
         rle = mask_utils.encode(m)
         rle["counts"] = rle["counts"].decode()
         a["segmentation"] = rle
@@ -176,12 +184,41 @@ def test_coco_json_dataset_with_rle_and_crowd(coco, shapes, tmp_path):
         a["category_id"] += 10
     ann = write(tmp_path, data)
     out = tmp_path / "out"
-    rc = train.main([
-        "--dataset", "coco_json", "--train-ann", ann, "--train-images", shapes["train_images"], "--val-ann", ann,
-        "--val-images", shapes["train_images"], "--model", "maskrcnn_tiny", "--device", "cpu", "-b", "2", "--epochs", "1",
-        "-j", "0", "--aspect-ratio-group-factor", "-1", "--iters-per-epoch", "2", "--no-plots", "--gallery-images", "0",
-        "--output-dir", str(out), "--print-freq", "1",
-    ])
+    rc = train.main(
+        [
+            "--dataset",
+            "coco_json",
+            "--train-ann",
+            ann,
+            "--train-images",
+            shapes["train_images"],
+            "--val-ann",
+            ann,
+            "--val-images",
+            shapes["train_images"],
+            "--model",
+            "maskrcnn_tiny",
+            "--device",
+            "cpu",
+            "-b",
+            "2",
+            "--epochs",
+            "1",
+            "-j",
+            "0",
+            "--aspect-ratio-group-factor",
+            "-1",
+            "--iters-per-epoch",
+            "2",
+            "--no-plots",
+            "--gallery-images",
+            "0",
+            "--output-dir",
+            str(out),
+            "--print-freq",
+            "1",
+        ]
+    )
     assert rc == 0
     with open(out / "metrics.jsonl") as f:
         recs = [json.loads(line) for line in f]
@@ -205,27 +242,70 @@ def test_grouped_batch_sampler_covers_every_sample_once():
     assert list(s) == first
 
 
-def test_copy_paste_and_scale_augmentations_keep_targets_consistent(shapes):
-    from data import RandomHorizontalFlip, RandomScale, copy_paste_collate
+def _consistent(t, tol=3.0):
+    # Masks are resized nearest-neighbour, boxes exactly: they agree to about the scale factor.
+    assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"]) == len(t["area"]) == len(t["iscrowd"])
+    assert set(t["masks"].unique().tolist()) <= {0, 1}
+    for box, m in zip(t["boxes"], t["masks"]):
+        ys, xs = torch.where(m > 0)
+        assert (
+            xs.min() >= box[0] - tol
+            and xs.max() <= box[2] + tol
+            and ys.min() >= box[1] - tol
+            and ys.max() <= box[3] + tol
+        )
+
+
+def _raw_samples(shapes, n=4):
+    from data import DetectionPresetTrain
 
     coco, label_map, _, _ = load_coco_checked(shapes["train_ann"], shapes["train_images"], "train")
-    ds = CocoDetection(coco, shapes["train_images"], label_map)
-    with_objects = [ds[i] for i in range(len(ds)) if len(ds[i][1]["boxes"])][:2]
-    images, targets = copy_paste_collate(with_objects)
-    src = with_objects[1][1]
-    assert len(targets[0]["labels"]) >= len(src["labels"])  # the next image's instances were pasted in
-    assert torch.equal(targets[0]["labels"][-len(src["labels"]):], src["labels"])
-    for t in targets:
-        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"]) == len(t["area"]) == len(t["iscrowd"])
-        assert set(t["masks"].unique().tolist()) <= {0, 1}
-        for box, m in zip(t["boxes"], t["masks"]):
-            ys, xs = torch.where(m > 0)
-            assert xs.min() >= box[0] - 1 and xs.max() <= box[2] and ys.min() >= box[1] - 1 and ys.max() <= box[3]
+    ds = CocoDetection(coco, shapes["train_images"], label_map, transforms=lambda i, t: (i, t))  # uint8, untouched
+    return [ds[i] for i in range(len(ds)) if len(ds[i][1]["boxes"])][:n], DetectionPresetTrain
+
+
+def test_presets_follow_torchvision_policies(shapes):
+    from data import MULTISCALE_SIZES
+
+    samples, Preset = _raw_samples(shapes)
+    image, target = samples[0]
     torch.manual_seed(0)
-    image, t = RandomScale(1.5, 1.5)(*with_objects[0])
-    assert image.shape[-2:] == (96, 96) and t["masks"].shape[-2:] == (96, 96)
-    torch.testing.assert_close(t["boxes"], with_objects[0][1]["boxes"] * 1.5)
-    image, t = RandomHorizontalFlip(1.0)(*with_objects[0])
-    b0 = with_objects[0][1]["boxes"]
-    torch.testing.assert_close(t["boxes"][:, 0], 64 - b0[:, 2])
-    assert torch.equal(t["masks"], with_objects[0][1]["masks"].flip(-1))
+    out, t = Preset("lsj", lsj_size=80)(image, target)
+    assert out.dtype == torch.float32 and out.shape[-2:] == (80, 80) and t["masks"].shape[-2:] == (80, 80)
+    _consistent(t, tol=6)
+    torch.manual_seed(0)
+    out, t = Preset("multiscale")(image, target)
+    assert min(out.shape[-2:]) in MULTISCALE_SIZES
+    _consistent(t, tol=2 + out.shape[-1] / 64)
+    for policy in ("ssd", "ssdlite"):
+        torch.manual_seed(1)
+        out, t = Preset(policy)(image, target)
+        _consistent(t)
+    flip = Preset("hflip")
+    flip.steps[1].p = 1.0
+    out, t = flip(image, target)
+    torch.testing.assert_close(t["boxes"][:, 0], 64 - target["boxes"][:, 2])
+    assert torch.equal(t["masks"], target["masks"].flip(-1))
+    assert torch.equal(out, image.flip(-1).float().div(255))  # x / 255, exactly
+
+
+def test_copy_paste_pastes_a_subset_blended_and_resized(shapes):
+    from data import copy_paste_collate
+
+    samples, Preset = _raw_samples(shapes)
+    lsj = Preset("lsj", lsj_size=96)
+    torch.manual_seed(0)
+    batch = [lsj(*s) for s in samples]
+    changed = 0
+    for _ in range(5):
+        images, targets = copy_paste_collate(batch)
+        for (img0, t0), img, t, (_, src) in zip(batch, images, targets, batch[-1:] + batch[:-1]):
+            _consistent(t)
+            changed += int(not torch.equal(img0, img))
+            assert set(t["labels"].tolist()) <= set(t0["labels"].tolist()) | set(src["labels"].tolist())
+    assert changed >= 15  # every image of every draw got pasted onto (20 pairs)
+    # Different sizes: the source is resized to the target image.
+    a, b = lsj(*samples[0]), Preset("none")(*samples[1])
+    images, targets = copy_paste_collate([a, b])
+    assert images[1].shape == b[0].shape
+    _consistent(targets[1])

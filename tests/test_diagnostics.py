@@ -1,41 +1,167 @@
-import os
-import sys
+import math
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "references"))
+import numpy as np
+import pytest
 
-from diagnostics import collapse_warnings, score_summary  # noqa: E402
+import diagnostics as D  # noqa: E402
+import helpers  # noqa: F401  (puts references/ on sys.path)
 from train_config import defaults  # noqa: E402
 
 
-def _eval(dets, max_score, thresh=0.05):
-    return {"dets_per_image": dets, "max_score": max_score, "score_thresh": thresh}
+def _eval(dets, max_score, thresh=0.05, per_class=None):
+    return {"dets_per_image": dets, "max_score": max_score, "score_thresh": thresh, "per_class": per_class or {}}
+
+
+def _cfg(clip=False, max_norm=35.0, cls_pos_weight=1.0, class_weight=None, lr=0.02, batch=2):
+    cfg = defaults()
+    cfg["training"]["gradient_clip"].update(enabled=clip, max_norm=max_norm)
+    cfg["training"]["lr"], cfg["training"]["batch_size"] = lr, batch
+    cfg["model"]["roi_head"] = {"cls_pos_weight": cls_pos_weight, "class_weight": class_weight}
+    return cfg
+
+
+SICK = {
+    "loss": 5.0,
+    "roi/pos_per_image": 1.5,
+    "roi/fg_prob": 0.12,
+    "rpn/pos_per_image": 0.8,
+    "grad_norm": 2.0,
+    "grad_norm_max": 400.0,
+    "skipped_steps": 3,
+    "world_size": 1,
+}
 
 
 def test_score_summary():
-    s = score_summary([0.9, 0.02], [3, 0], [0.9, 0.5, 0.2, 0.02], 0.05)
+    s = D.score_summary([0.9, 0.01], [3, 0], [0.9, 0.5, 0.2, 0.01], 0.05)
     assert s["dets_per_image"] == 1.5 and s["images_without_dets"] == 0.5 and s["max_score"] == 0.9
     assert sum(s["score_hist"]) == 4
 
 
-def test_collapse_to_zero_lists_causes_with_numbers():
-    cfg = defaults()
-    cfg["training"]["lr"] = 0.08
-    cfg["training"]["batch_size"] = 2
-    train = {"roi/pos_per_image": 1.5, "roi/fg_prob": 0.12, "rpn/pos_per_image": 0.8, "grad_norm": 2.0,
-             "grad_norm_max": 400.0, "skipped_steps": 3, "loss": 5.0, "world_size": 1}
+def test_nothing_is_judged_before_the_model_has_trained():
     history = [{**_eval(4.0, 0.9), "train_loss": 1.0}]
-    w = collapse_warnings(history, _eval(0.0, 0.031), train, cfg, gt_per_image=2.5)
-    text = "\n".join(w)
+    assert D.collapse_warnings(history, _eval(0.0, 0.03), SICK, _cfg(), 2.5, iteration=6, judge_after=200) == []
+    assert D.collapse_warnings(history, _eval(0.0, 0.03), SICK, _cfg(), 2.5, iteration=200, judge_after=200)
+
+
+def test_collapse_names_at_most_three_causes_with_numbers():
+    history = [{**_eval(4.0, 0.9), "train_loss": 1.0}]
+    w = D.collapse_warnings(history, _eval(0.0, 0.031), SICK, _cfg(lr=0.08, batch=1), gt_per_image=2.5)
     assert w[0].startswith("detections collapsed: 0 detections per image")
-    for expected in ("highest 0.031", "1.5 sampled", "0.12", "0.8 positive anchors", "max grad_norm 400.0",
-                     "--clip-grad-norm 35", "3 steps were skipped", "lr 0.08 is 32.0x", "rose from 1.000 to 5.000"):
+    causes = [line for line in w if line.startswith("  likely cause")]
+    assert len(causes) == 3
+    text = "\n".join(w)
+    # The strongest first: divergence (the loss rose 5x), an lr 32x the rule, skipped steps.
+    for expected in ("rose from 1.000 to 5.000", "lr 0.08 is 64.0x", "use --lr 0.00125", "3 steps were skipped"):
         assert expected in text, expected
 
 
+@pytest.mark.parametrize(
+    "cfg, never, lever",
+    [
+        (_cfg(clip=False), "lower it to 10", "enable --clip-grad-norm 35"),
+        (_cfg(clip=True, max_norm=35.0), "--clip-grad-norm 35", "clipping is on at 35: lower it to 10"),
+        (_cfg(clip=True, max_norm=10.0), "--clip-grad-norm", "clipping is on at 10: lower --lr"),
+    ],
+)
+def test_gradient_advice_names_the_next_lever(cfg, never, lever):
+    cause = D._cause_gradients({}, {"grad_norm": 1.0, "grad_norm_max": 50.0}, cfg)
+    assert lever in cause and never not in cause
+
+
+@pytest.mark.parametrize(
+    "cfg, lever",
+    [
+        (_cfg(cls_pos_weight=1.0), "raise model.roi_head.cls_pos_weight to 2"),
+        (_cfg(cls_pos_weight=2.0), "cls_pos_weight is already 2: set model.roi_head.class_weight"),
+        (_cfg(cls_pos_weight=3.0, class_weight=[1, 1, 4]), "train longer"),
+    ],
+)
+def test_underconfidence_advice_never_repeats_what_is_set(cfg, lever):
+    cause = D._cause_underconfident(_eval(0.0, 0.03), {}, cfg)
+    assert lever in cause
+    assert D._cause_underconfident(_eval(1.0, 0.9), {}, cfg) is None
+
+
+def test_each_cause_fires_only_on_its_signal():
+    cfg = _cfg()
+    healthy = {
+        "roi/pos_per_image": 20,
+        "roi/fg_prob": 0.8,
+        "rpn/pos_per_image": 30,
+        "grad_norm": 2.0,
+        "grad_norm_max": 5.0,
+        "skipped_steps": 0,
+        "world_size": 8,
+    }
+    for f in D.CAUSES:
+        assert f(_eval(2.0, 0.9), healthy, cfg) is None, f.__name__
+    assert "few positive RoIs" in D._cause_few_positives(None, {"roi/pos_per_image": 2.0}, cfg)
+    assert "0.12" in D._cause_fg_prob(None, {"roi/fg_prob": 0.12}, cfg)
+    assert "model.anchor_sizes" in D._cause_rpn(None, {"rpn/pos_per_image": 0.5}, cfg)
+
+
 def test_learning_model_is_not_flagged():
-    cfg = defaults()
-    # Early over-detection falling towards the ground-truth count is learning.
-    assert collapse_warnings([_eval(95.0, 0.17)], _eval(30.0, 0.42), {}, cfg, gt_per_image=2.4) == []
-    assert collapse_warnings([_eval(95.0, 0.17), _eval(3.0, 0.8)], _eval(2.5, 0.9), {}, cfg, gt_per_image=2.4) == []
-    w = collapse_warnings([_eval(95.0, 0.17), _eval(3.0, 0.8)], _eval(0.5, 0.9), {}, cfg, gt_per_image=2.4)
-    assert w and "dropped sharply" in w[0]
+    history = [{**_eval(95.0, 0.3), "train_loss": 2.0}]
+    train = {
+        "loss": 1.5,
+        "roi/pos_per_image": 20,
+        "roi/fg_prob": 0.6,
+        "rpn/pos_per_image": 30,
+        "grad_norm": 3.0,
+        "grad_norm_max": 9.0,
+        "world_size": 8,
+    }
+    assert D.collapse_warnings(history, _eval(3.0, 0.95), train, _cfg(), gt_per_image=2.5) == []
+
+
+def test_per_class_collapse_names_the_class_and_its_past_ap50():
+    def rows(dets, ap50):
+        return {
+            "rare": {"gt": 12.0, "dets_per_image": dets, "recall": 0.0, "bbox_AP50": ap50},
+            "common": {"gt": 80.0, "dets_per_image": 3.0, "recall": 0.9, "bbox_AP50": 0.8},
+        }
+
+    history = [_eval(3.0, 0.9, per_class=rows(0.5, 0.31)), _eval(3.0, 0.9, per_class=rows(0.2, 0.0))]
+    w = D.collapse_warnings(history, _eval(3.0, 0.9, per_class=rows(0.0, 0.0)), {}, _cfg(), gt_per_image=2.5)
+    assert w[0] == "class 'rare': 0 detections above 0.05 for 12 ground-truth objects; AP50 was 0.31 2 evaluations ago"
+    assert not any("common" in line for line in w)
+
+
+def test_lr_warning_before_step_one():
+    assert D.lr_warning(0.02, 16, 0) is None  # exactly the rule
+    assert D.lr_warning(0.02, 4, 1000) is None  # 4x the rule, but warmed up
+    w = D.lr_warning(0.02, 4, 0)
+    assert "lr 0.02 is 4.0x the linear-scaling rule for 4 images per step" in w and "0.005" in w
+    assert D.lr_warning(0.011, 4, 0) is not None and D.lr_warning(0.0099, 4, 0) is None  # > 2x triggers
+
+
+def test_matched_gt_is_greedy_by_score_one_each():
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=float)
+    dets = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]], dtype=float)
+    assert D.matched_gt(gt, dets, np.array([0.9, 0.8, 0.7])).tolist() == [True, False]
+    assert D.matched_gt(gt, dets[:0], np.zeros(0)).tolist() == [False, False]
+
+
+def test_per_class_summary_by_hand():
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [50, 50, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [20, 20, 30, 30], "area": 900, "iscrowd": 0},
+        ],
+    }
+    coco.createIndex()
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
+        {"image_id": 2, "category_id": 2, "bbox": [70, 70, 10, 10], "score": 0.8},
+    ]
+    out = D.per_class_summary(coco, [1, 2], dets, {}, {1: 1, 2: 2})
+    assert out["cat"] == {"gt": 2.0, "dets_per_image": 0.5, "recall": 0.5}
+    assert out["dog"] == {"gt": 1.0, "dets_per_image": 0.5, "recall": 0.0}
+    assert "recall@0.05" in D.per_class_table(out, 0.05) and math.isnan(float("nan"))

@@ -107,7 +107,9 @@ def test_decode_matches_torchvision_box_coder():
 
 def test_zero_positive_box_loss_is_zero_and_connected():
     pred = torch.randn(4, 4, requires_grad=True)
-    loss = L.box_regression_loss(pred, torch.full((4, 4), -math.inf), torch.zeros(4, dtype=torch.bool), torch.tensor(4.0))
+    loss = L.box_regression_loss(
+        pred, torch.full((4, 4), -math.inf), torch.zeros(4, dtype=torch.bool), torch.tensor(4.0)
+    )
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert pred.grad is not None and pred.grad.abs().sum() == 0

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import tv_lossfix
-from conftest import make_targets, patched_copy, run_losses
+
+from helpers import make_targets, patched_copy, run_losses
 
 SIZES = [(96, 128), (112, 96), (96, 96)]
 
@@ -66,7 +67,9 @@ def test_builder_equals_torchvision_builder():
     torch.manual_seed(0)
     stock = tvdet.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=128)
     torch.manual_seed(0)
-    ours = tv_lossfix.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=128)
+    ours = tv_lossfix.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=128
+    )
     sa, sb = stock.state_dict(), ours.state_dict()
     assert list(sa) == list(sb)
     for k in sa:
@@ -80,7 +83,7 @@ def test_builder_equals_torchvision_builder():
 def test_training_trajectory_matches_stock():
     # Several SGD steps at a sane learning rate: same weights as stock up to float noise.
     # (In a diverging run the rounding differences grow; see the README's collapse study.)
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     stock = tiny_model("mask")
     ours = patched_copy(stock)

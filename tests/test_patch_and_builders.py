@@ -5,8 +5,9 @@ import torch
 from torchvision.models import detection as tvdet
 
 import tv_lossfix
-from conftest import make_targets, run_losses, tiny_model
 from tv_lossfix import LossConfigError, LossFixRoIHeads, LossFixRPN
+
+from helpers import make_targets, run_losses, tiny_model
 
 
 def test_patch_round_trip_keeps_weights_and_keys():
@@ -63,11 +64,15 @@ def test_class_weight_buffer_not_in_state_dict_and_moves_with_model():
 
 
 def test_builder_rejects_unknown_kwargs():
-    with pytest.raises(TypeError, match="unexpected keyword argument 'box_score_tresh'.*did you mean 'box_score_thresh'"):
+    with pytest.raises(
+        TypeError, match="unexpected keyword argument 'box_score_tresh'.*did you mean 'box_score_thresh'"
+    ):
         tv_lossfix.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, box_score_tresh=0.1)
     with pytest.raises(TypeError, match="totally_bogus"):
         tv_lossfix.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, totally_bogus=5)
-    m = tv_lossfix.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=4, size_divisible=16)
+    m = tv_lossfix.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=4, size_divisible=16
+    )
     assert m.transform.size_divisible == 16 and isinstance(m.rpn, LossFixRPN)
 
 
@@ -88,7 +93,9 @@ def test_local_checkpoint_with_other_num_classes_replaces_predictors(tmp_path, w
     state = src.state_dict()
     torch.save({"model": {"module." + k: v for k, v in state.items()}, "epoch": 3} if wrap else state, path)
 
-    model = tv_lossfix.maskrcnn_resnet50_fpn(weights=str(path), num_classes=3, loss_cfg={"roi_head": {"class_weight": [1, 2, 2]}})
+    model = tv_lossfix.maskrcnn_resnet50_fpn(
+        weights=str(path), num_classes=3, loss_cfg={"roi_head": {"class_weight": [1, 2, 2]}}
+    )
     assert model.roi_heads.box_predictor.cls_score.out_features == 3
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
     new = model.state_dict()
@@ -99,7 +106,10 @@ def test_local_checkpoint_with_other_num_classes_replaces_predictors(tmp_path, w
         if k not in replaced:
             assert torch.equal(v, state[k]), k
     # Like weights=..., the first backbone stages are frozen (trainable_backbone_layers=3).
-    assert not model.backbone.body.conv1.weight.requires_grad and not model.backbone.body.layer1[0].conv1.weight.requires_grad
+    assert (
+        not model.backbone.body.conv1.weight.requires_grad
+        and not model.backbone.body.layer1[0].conv1.weight.requires_grad
+    )
     assert model.backbone.body.layer2[0].conv1.weight.requires_grad
     images, targets = make_targets("mask", [(96, 96)])
     model.transform.min_size, model.transform.max_size = (96,), 128
@@ -127,13 +137,13 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
         tv_lossfix.maskrcnn_resnet50_fpn(weights=str(tmp_path / "missing.pth"))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read weights checkpoint .*junk.pth"):
+    with pytest.raises(ValueError, match="weights: cannot read .*junk.pth"):
         tv_lossfix.maskrcnn_resnet50_fpn(weights=str(junk))
     truncated = tmp_path / "trunc.pth"
     torch.save(tvdet.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), truncated)
     data = truncated.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cannot read weights checkpoint .*trunc.pth"):
+    with pytest.raises(ValueError, match="weights: cannot read .*trunc.pth"):
         tv_lossfix.fasterrcnn_resnet50_fpn(weights=str(truncated))
     faster = tmp_path / "faster.pth"
     torch.save(tvdet.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), faster)
@@ -151,11 +161,13 @@ def test_weights_enum_goes_through_torchvision_and_num_classes_is_replaced(monke
 
     torch.manual_seed(0)
     coco = tvdet.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, num_keypoints=17)
-    from torchvision.models.resnet import resnet50
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.resnet import resnet50
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    frozen = tvdet.KeypointRCNN(_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3), num_classes=2, num_keypoints=17)
+    frozen = tvdet.KeypointRCNN(
+        _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3), num_classes=2, num_keypoints=17
+    )
     frozen.load_state_dict(coco.state_dict(), strict=False)
     calls = []
     monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: calls.append(self) or frozen.state_dict())

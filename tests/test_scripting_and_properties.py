@@ -8,10 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tv_lossfix
-from conftest import make_targets, run_losses, tiny_model
 from tv_lossfix import losses as L
 
-CFG = {"rpn_head": {"cls_pos_weight": 2.0, "bbox_loss": "l1"}, "roi_head": {"bbox_loss": "giou", "class_weight": [1, 2, 3]}}
+from helpers import make_targets, run_losses, tiny_model
+
+CFG = {
+    "rpn_head": {"cls_pos_weight": 2.0, "bbox_loss": "l1"},
+    "roi_head": {"bbox_loss": "giou", "class_weight": [1, 2, 3]},
+}
 
 
 @pytest.mark.parametrize("kind", ["faster", "mask", "keypoint"])
@@ -51,10 +55,17 @@ finite = st.floats(-20, 20, allow_nan=False, width=32)
 @st.composite
 def box_batches(draw):
     n = draw(st.integers(0, 12))
-    ref = torch.tensor(draw(st.lists(st.tuples(finite, finite, st.floats(1, 60), st.floats(1, 60)), min_size=n, max_size=n)), dtype=torch.float32).reshape(n, 4)
+    ref = torch.tensor(
+        draw(st.lists(st.tuples(finite, finite, st.floats(1, 60), st.floats(1, 60)), min_size=n, max_size=n)),
+        dtype=torch.float32,
+    ).reshape(n, 4)
     ref = torch.cat([ref[:, :2], ref[:, :2] + ref[:, 2:]], dim=1)
-    pred = torch.tensor(draw(st.lists(st.tuples(finite, finite, finite, finite), min_size=n, max_size=n)), dtype=torch.float32).reshape(n, 4)
-    target = torch.tensor(draw(st.lists(st.tuples(finite, finite, finite, finite), min_size=n, max_size=n)), dtype=torch.float32).reshape(n, 4)
+    pred = torch.tensor(
+        draw(st.lists(st.tuples(finite, finite, finite, finite), min_size=n, max_size=n)), dtype=torch.float32
+    ).reshape(n, 4)
+    target = torch.tensor(
+        draw(st.lists(st.tuples(finite, finite, finite, finite), min_size=n, max_size=n)), dtype=torch.float32
+    ).reshape(n, 4)
     is_pos = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool)
     # Negatives of images without ground truth carry -inf targets in torchvision.
     target[~is_pos, 2:] = -math.inf
@@ -62,7 +73,11 @@ def box_batches(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(box_batches(), st.sampled_from(["smooth_l1", "l1", "giou", "diou", "ciou"]), st.sampled_from(["sampled", "positive"]))
+@given(
+    box_batches(),
+    st.sampled_from(["smooth_l1", "l1", "giou", "diou", "ciou"]),
+    st.sampled_from(["sampled", "positive"]),
+)
 def test_box_loss_finite_with_finite_gradients(batch, loss_type, mode):
     pred, target, is_pos, ref = batch
     pred.requires_grad_(True)
@@ -85,7 +100,9 @@ def test_box_loss_finite_with_finite_gradients(batch, loss_type, mode):
 )
 def test_classification_and_objectness_finite(n, num_classes, pos_weight, data):
     logits = (torch.randn(n, num_classes) * 30).requires_grad_(True)
-    labels = torch.tensor(data.draw(st.lists(st.integers(0, num_classes - 1), min_size=n, max_size=n)), dtype=torch.long)
+    labels = torch.tensor(
+        data.draw(st.lists(st.integers(0, num_classes - 1), min_size=n, max_size=n)), dtype=torch.long
+    )
     cw = torch.tensor(data.draw(st.lists(st.floats(0, 5), min_size=num_classes, max_size=num_classes)))
     w = L.sample_weights(labels > 0, pos_weight, labels, cw)
     loss = L.classification_loss(logits, labels, L.count(torch.ones(n, dtype=torch.bool)), w)
@@ -116,7 +133,11 @@ def detection_batches(draw):
 
 
 @settings(max_examples=12, deadline=None)
-@given(detection_batches(), st.sampled_from(["smooth_l1", "giou", "ciou"]), st.sampled_from(["torchvision", "mmdetection", "positive"]))
+@given(
+    detection_batches(),
+    st.sampled_from(["smooth_l1", "giou", "ciou"]),
+    st.sampled_from(["torchvision", "mmdetection", "positive"]),
+)
 def test_model_losses_and_gradients_finite(batch, bbox_loss, preset):
     images, targets = batch
     model = tiny_model("mask", loss_cfg={"preset": preset, "roi_head": {"bbox_loss": bbox_loss, "cls_pos_weight": 2.0}})

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import tv_lossfix
-from conftest import make_targets, run_losses, tiny_model
+
+from helpers import make_targets, run_losses, tiny_model
 
 SIZES = [(64, 80), (72, 64), (64, 64)]
 
@@ -46,7 +47,9 @@ def test_cls_pos_weight_is_linear_with_count_normalizer(section, loss_name):
 
 
 def test_class_weight_is_per_sample_and_linear():
-    parts = [losses_with({"roi_head": {"class_weight": w}})[0]["loss_classifier"] for w in ([1, 0, 0], [0, 1, 0], [0, 0, 1])]
+    parts = [
+        losses_with({"roi_head": {"class_weight": w}})[0]["loss_classifier"] for w in ([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    ]
     mixed, _ = losses_with({"roi_head": {"class_weight": [0.5, 2.0, 3.0]}})
     assert mixed["loss_classifier"] == pytest.approx(0.5 * parts[0] + 2.0 * parts[1] + 3.0 * parts[2], rel=1e-5)
     ones, _ = losses_with({"roi_head": {"class_weight": [1, 1, 1]}})
@@ -54,7 +57,9 @@ def test_class_weight_is_per_sample_and_linear():
     assert ones["loss_classifier"] == pytest.approx(base["loss_classifier"], rel=1e-6)
 
 
-@pytest.mark.parametrize("section,loss_name,stat", [("rpn_head", "loss_rpn_box_reg", "rpn"), ("roi_head", "loss_box_reg", "roi")])
+@pytest.mark.parametrize(
+    "section,loss_name,stat", [("rpn_head", "loss_rpn_box_reg", "rpn"), ("roi_head", "loss_box_reg", "roi")]
+)
 def test_positive_normalization(section, loss_name, stat):
     base, s_base = losses_with({})
     pos, s_pos = losses_with({section: {"bbox_avg_factor": "positive"}})
@@ -109,8 +114,15 @@ def test_zero_positives_every_parameter_gets_a_gradient(kind):
 def test_training_stats_are_detached_and_consistent():
     _, stats = losses_with({}, empty=(1,))
     assert set(stats) == {
-        "rpn/pos_per_image", "rpn/neg_per_image", "rpn/cls_avg_factor", "rpn/bbox_avg_factor",
-        "roi/pos_per_image", "roi/neg_per_image", "roi/cls_avg_factor", "roi/bbox_avg_factor", "roi/fg_prob",
+        "rpn/pos_per_image",
+        "rpn/neg_per_image",
+        "rpn/cls_avg_factor",
+        "rpn/bbox_avg_factor",
+        "roi/pos_per_image",
+        "roi/neg_per_image",
+        "roi/cls_avg_factor",
+        "roi/bbox_avg_factor",
+        "roi/fg_prob",
     }
     assert all(not v.requires_grad for v in stats.values())
     n = len(SIZES)

@@ -8,12 +8,23 @@ from torch.profiler import ProfilerActivity, profile
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 import tv_lossfix
-from conftest import tiny_model
+
+from helpers import tiny_model
 
 ALL_ON = {
-    "rpn_head": {"cls_pos_weight": 2.0, "cls_avg_factor": "sampled_per_image", "bbox_avg_factor": "positive", "bbox_loss": "ciou"},
-    "roi_head": {"cls_pos_weight": 3.0, "class_weight": [0.5, 1.0, 2.0], "bbox_avg_factor": "positive", "bbox_loss": "giou",
-                 "loss_cls_weight": 2.0},
+    "rpn_head": {
+        "cls_pos_weight": 2.0,
+        "cls_avg_factor": "sampled_per_image",
+        "bbox_avg_factor": "positive",
+        "bbox_loss": "ciou",
+    },
+    "roi_head": {
+        "cls_pos_weight": 3.0,
+        "class_weight": [0.5, 1.0, 2.0],
+        "bbox_avg_factor": "positive",
+        "bbox_loss": "giou",
+        "loss_cls_weight": 2.0,
+    },
 }
 
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 import yaml
 
-REFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "references")
-sys.path.insert(0, REFS)
-
+import checkpoint  # noqa: E402
+import helpers  # noqa: F401,E402  (puts references/ on sys.path)
 import train  # noqa: E402
 import train_config  # noqa: E402
 
@@ -26,10 +25,27 @@ def data_root(tmp_path_factory):
 def tiny_config(tmp_path, data_root, **training):
     cfg = {
         "model": {"name": "maskrcnn_tiny", "kwargs": {"min_size": 64, "max_size": 64}},
-        "data": {"dataset": "shapes", "data_path": data_root, "shapes": TINY_SHAPES, "workers": 0,
-                 "aspect_ratio_group_factor": -1, "check_samples": 4},
-        "training": {"device": "cpu", "batch_size": 2, "epochs": 1, "lr": 0.01, "warmup_iters": 2, "print_freq": 1,
-                     "output_dir": str(tmp_path / "out"), "plots": False, "gallery_images": 0, **training},
+        "data": {
+            "dataset": "shapes",
+            "data_path": data_root,
+            "shapes": TINY_SHAPES,
+            "workers": 0,
+            "aspect_ratio_group_factor": -1,
+            "check_samples": 4,
+            "lsj_size": 64,
+        },
+        "training": {
+            "device": "cpu",
+            "batch_size": 2,
+            "epochs": 1,
+            "lr": 0.01,
+            "warmup_iters": 2,
+            "print_freq": 1,
+            "output_dir": str(tmp_path / "out"),
+            "plots": False,
+            "gallery_images": 0,
+            **training,
+        },
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -44,10 +60,17 @@ def records(out_dir, kind=None):
 
 def test_end_to_end_run_writes_everything(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, plots=True, gallery_images=2)
-    assert train.main(["--config", cfg, "--clip-grad-norm", "10", "--use-copypaste", "--data-augmentation", "multiscale"]) == 0
+    assert train.main(["--config", cfg, "--clip-grad-norm", "10", "--use-copypaste", "--data-augmentation", "lsj"]) == 0
     out = tmp_path / "out"
-    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pth", "model_0.pth", "training_curves.png",
-                 "eval_curves.png", "gallery.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint.pth",
+        "model_0.pth",
+        "training_curves.png",
+        "eval_curves.png",
+        "gallery.png",
+    ):
         assert (out / name).exists(), name
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["training"]["gradient_clip"] == {"enabled": True, "max_norm": 10.0, "norm_type": 2.0}
@@ -84,7 +107,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, data_root):
 def test_bad_resume_checkpoints(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root)
     trunc = tmp_path / "trunc.pth"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(1000)}}, trunc)
+    torch.save({"format": checkpoint.FORMAT, "model": {"w": torch.zeros(1000)}}, trunc)
     trunc.write_bytes(trunc.read_bytes()[:200])
     with pytest.raises(train.CheckpointError, match="cannot read .*trunc.pth"):
         train.main(["--config", cfg, "--resume", str(trunc)])
@@ -98,17 +121,23 @@ def test_bad_resume_checkpoints(tmp_path, data_root):
 
 def test_yaml_then_flags_precedence(tmp_path, data_root):
     cfg_path = tiny_config(tmp_path, data_root, lr=0.05)
-    cfg, loss = train_config.resolve(["--config", cfg_path, "--lr", "0.5", "-b", "3", "--loss-preset", "mmdetection"])
+    cfg, loss, _ = train_config.resolve(
+        ["--config", cfg_path, "--lr", "0.5", "-b", "3", "--loss-preset", "mmdetection"]
+    )
     assert cfg["training"]["lr"] == 0.5 and cfg["training"]["batch_size"] == 3  # flags win
     assert cfg["training"]["epochs"] == 1  # from the YAML
     assert cfg["training"]["momentum"] == 0.9  # built-in default (torchvision's)
     assert loss.rpn_head.bbox_loss == "l1"
-    cfg, _ = train_config.resolve([])  # torchvision's defaults
+    cfg, _, _ = train_config.resolve([])  # torchvision's defaults
     assert (cfg["training"]["lr"], cfg["training"]["epochs"], cfg["training"]["lr_steps"], cfg["model"]["name"]) == (
-        0.02, 26, [16, 22], "maskrcnn_resnet50_fpn")
+        0.02,
+        26,
+        [16, 22],
+        "maskrcnn_resnet50_fpn",
+    )
     assert cfg["data"]["data_path"] == train_config.TORCHVISION_COCO_PATH
     assert cfg["data"]["bad_annotations"] == "drop"  # COCO 2017 has degenerate boxes; reported, not fatal
-    cfg, _ = train_config.resolve(["--config", cfg_path])
+    cfg, _, _ = train_config.resolve(["--config", cfg_path])
     assert cfg["data"]["bad_annotations"] == "stop"  # your own data: stop and list the problems
 
 
@@ -117,14 +146,26 @@ def test_yaml_then_flags_precedence(tmp_path, data_root):
     [
         ("training:\n  lrr: 0.1\n", r"unknown key 'training.lrr'; did you mean 'training.lr'"),
         ("trainning:\n  lr: 0.1\n", r"unknown key 'trainning'; did you mean 'training'"),
-        ("training:\n  gradient_clip:\n    max_nrom: 1\n", r"'training.gradient_clip.max_nrom'.*'training.gradient_clip.max_norm'"),
+        (
+            "training:\n  gradient_clip:\n    max_nrom: 1\n",
+            r"'training.gradient_clip.max_nrom'.*'training.gradient_clip.max_norm'",
+        ),
         ("training:\n  lr: fast\n", r"training.lr \(--lr\) must be a number"),
         ("training:\n  batch_size: 0\n", r"training.batch_size must be >= 1"),
         ("training:\n  nan_policy: ignore\n", r"training.nan_policy \(--nan-policy\) must be one of stop, skip"),
-        ("model:\n  roi_head:\n    cls_pos_weight: -2\n", r"model.roi_head.cls_pos_weight must be a finite number >= 0"),
-        ("model:\n  roi_head:\n    clss_pos_weight: 2\n", r"model.unknown loss config key roi_head.'clss_pos_weight'"),
-        ("data:\n  dataset: coco_json\n", r"--dataset coco_json needs --train-ann, --train-images, --val-ann, --val-images"),
-        ("data:\n  shapes:\n    num_trian: 3\n", r"unknown key 'data.shapes.num_trian'; did you mean 'data.shapes.num_train'"),
+        ("model:\n  roi_head:\n    cls_pos_weight: -2\n", r"model.roi_head.cls_pos_weight must be a finite number > 0"),
+        (
+            "model:\n  roi_head:\n    clss_pos_weight: 2\n",
+            r"unknown key 'model.roi_head.clss_pos_weight'; did you mean 'model.roi_head.cls_pos_weight'\?",
+        ),
+        (
+            "data:\n  dataset: coco_json\n",
+            r"--dataset coco_json needs --train-ann, --train-images, --val-ann, --val-images",
+        ),
+        (
+            "data:\n  shapes:\n    num_trian: 3\n",
+            r"unknown key 'data.shapes.num_trian'; did you mean 'data.shapes.num_train'",
+        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, yaml_text, match):
@@ -138,12 +179,13 @@ def test_guide_config_schema_is_accepted(tmp_path):
     p = tmp_path / "guide.yaml"
     p.write_text(
         "model:\n  rpn_head:\n    cls_pos_weight: 1.0\n    loss_cls_weight: 1.0\n    loss_bbox_weight: 1.0\n"
-        "  roi_head:\n    cls_pos_weight: 2.0\n    loss_cls_weight: 1.0\n    loss_bbox_weight: 1.0\n    loss_mask_weight: 1.0\n"
+        "  roi_head:\n    cls_pos_weight: 2.0\n    loss_cls_weight: 1.0\n    loss_bbox_weight: 1.0\n"
+        "    loss_mask_weight: 1.0\n"
         "training:\n  gradient_clip:\n    enabled: true\n    max_norm: 35.0\n    norm_type: 2\n"
     )
-    cfg, loss = train_config.resolve(["--config", str(p)])
+    cfg, loss, _ = train_config.resolve(["--config", str(p)])
     assert loss.roi_head.cls_pos_weight == 2.0 and cfg["training"]["gradient_clip"]["enabled"]
-    cfg, _ = train_config.resolve(["--config", str(p), "--clip-grad-norm", "0"])
+    cfg, _, _ = train_config.resolve(["--config", str(p), "--clip-grad-norm", "0"])
     assert not cfg["training"]["gradient_clip"]["enabled"]
 
 
@@ -152,7 +194,7 @@ def _nan_model(monkeypatch, bad_iters, term="loss_classifier"):
     real = train.build_model
 
     def build(*a, **k):
-        model = real(*a, **k)
+        model, replaced = real(*a, **k)
         forward = model.forward
         calls = {"n": 0}
 
@@ -165,7 +207,7 @@ def _nan_model(monkeypatch, bad_iters, term="loss_classifier"):
             return out
 
         model.forward = patched
-        return model
+        return model, replaced
 
     monkeypatch.setattr(train, "build_model", build)
 
@@ -175,7 +217,11 @@ def test_nan_policy_stop_names_term_and_iteration(tmp_path, data_root, monkeypat
     cfg = tiny_config(tmp_path, data_root)
     assert train.main(["--config", cfg]) == 2
     stopped = records(tmp_path / "out", "stopped")
-    assert len(stopped) == 1 and "non-finite loss_classifier" in stopped[0]["reason"] and "iteration 2" in stopped[0]["reason"]
+    assert (
+        len(stopped) == 1
+        and "non-finite loss_classifier" in stopped[0]["reason"]
+        and "iteration 2" in stopped[0]["reason"]
+    )
     assert "non-finite loss_classifier" in capsys.readouterr().out
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
 
@@ -219,8 +265,17 @@ def test_stock_flag_builds_torchvision_model(tmp_path, data_root):
 def test_two_process_gloo_run(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REFS, "train.py"), "--config", cfg, "--sync-avg-factor"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(helpers.REFS, "train.py"),
+        "--config",
+        cfg,
+        "--sync-avg-factor",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout

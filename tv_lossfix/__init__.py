@@ -1,8 +1,8 @@
 """tv_lossfix: configurable, exact-by-default losses for torchvision's two-stage detectors.
 
-    import tv_lossfix
-    model = tv_lossfix.maskrcnn_resnet50_fpn(weights="DEFAULT", num_classes=3, loss_cfg="loss.yaml")
-    model = tv_lossfix.patch_model(torchvision_model, loss_cfg={"roi_head": {"cls_pos_weight": 2.0}})
+import tv_lossfix
+model = tv_lossfix.maskrcnn_resnet50_fpn(weights="DEFAULT", num_classes=3, loss_cfg="loss.yaml")
+model = tv_lossfix.patch_model(torchvision_model, loss_cfg={"roi_head": {"cls_pos_weight": 2.0}})
 """
 
 from . import losses

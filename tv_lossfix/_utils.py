@@ -1,6 +1,5 @@
 """Small helpers shared by the two heads."""
 
-import dataclasses
 from typing import Dict, Optional
 
 import torch
@@ -11,7 +10,7 @@ from . import losses as L
 
 @torch.jit.unused
 def reduce_mean(x: Tensor) -> Tensor:
-    """Mean of ``x`` over the DDP ranks (identity when not distributed); at least 1.
+    """Mean of ``x`` over the DDP ranks (identity when not distributed).
 
     MMDetection's ``reduce_mean``: every rank then divides its loss sum by the same normalizer.
     Not scriptable (collectives); a scripted model with ``sync_avg_factor`` raises when training.
@@ -22,7 +21,7 @@ def reduce_mean(x: Tensor) -> Tensor:
         return x
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return (x / dist.get_world_size()).clamp(min=1.0)
+    return x / dist.get_world_size()
 
 
 def scale(loss: Tensor, weight: float) -> Tensor:
@@ -31,20 +30,33 @@ def scale(loss: Tensor, weight: float) -> Tensor:
 
 
 def apply_loss_cfg(head: nn.Module, cfg, sync_avg_factor: bool) -> None:
-    """Copy a head's config onto plain attributes (floats, strings: what TorchScript reads).
-
-    ``class_weight`` is not copied: the RoI head keeps it as a buffer.
-    """
+    """Copy the settings both heads share onto plain attributes (floats, strings: what TorchScript reads)."""
     head.loss_cfg = cfg
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, str):
-            setattr(head, f.name, value)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            setattr(head, f.name, float(value))
+    head.cls_pos_weight = float(cfg.cls_pos_weight)
+    head.loss_cls_weight = float(cfg.loss_cls_weight)
+    head.loss_bbox_weight = float(cfg.loss_bbox_weight)
+    head.cls_avg_factor = str(cfg.cls_avg_factor)
+    head.bbox_avg_factor = str(cfg.bbox_avg_factor)
+    head.bbox_loss = str(cfg.bbox_loss)
+    head.smooth_l1_beta = float(cfg.smooth_l1_beta)
     head.sync_avg_factor = bool(sync_avg_factor)
     head.loss_state = {}
     head.loss_state_images = 0
+
+
+# What each head reads at every forward, by name, for readers and for TorchScript.
+HEAD_LOSS_ATTRIBUTES = {
+    "cls_pos_weight": float,
+    "loss_cls_weight": float,
+    "loss_bbox_weight": float,
+    "cls_avg_factor": str,
+    "bbox_avg_factor": str,
+    "bbox_loss": str,
+    "smooth_l1_beta": float,
+    "sync_avg_factor": bool,
+    "loss_state": Dict[str, Tensor],
+    "loss_state_images": int,
+}
 
 
 def loss_cfg_repr(head: nn.Module) -> str:
@@ -63,19 +75,20 @@ def avg_factor(
 
     None means "the number of sampled anchors/RoIs", left to the loss functions (one fused mean,
     torchvision's op). ``sampled_per_image`` needs the [B*A] sampled masks ``pos``/``neg``.
-    With ``sync`` the count is averaged over DDP ranks, so it is always a tensor.
+    With ``sync`` the count is ``max(mean over DDP ranks, 1)`` (MMDetection's reduce_mean use): the
+    raw counts are averaged, so a rank without positives counts 0, not 1.
     """
     f: Optional[Tensor] = None
     if mode == "positive":
-        f = L.count(is_pos)
+        f = is_pos.sum(dtype=torch.float32) if sync else L.count(is_pos)
     elif mode == "sampled_per_image":
         if pos is None or neg is None:
             raise ValueError("sampled_per_image needs the sampled masks")
         f = L.per_image_count(pos.view(num_images, -1) > 0, neg.view(num_images, -1) > 0)
     elif sync:
-        f = torch.full((), max(is_pos.numel(), 1), dtype=torch.float32, device=is_pos.device)
+        f = torch.full((), is_pos.numel(), dtype=torch.float32, device=is_pos.device)
     if sync and f is not None:
-        f = reduce_mean(f)
+        f = reduce_mean(f).clamp(min=1.0)
     return f
 
 

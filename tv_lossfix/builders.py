@@ -12,10 +12,9 @@ fine-tuning steps torchvision leaves to the user are done here:
 An unknown keyword argument is a TypeError; torchvision's builders silently ignore it.
 """
 
-import difflib
 import inspect
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +26,8 @@ from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ._suggest import did_you_mean
+from .checkpoint import CheckpointError, model_state_dict, read_checkpoint
 from .config import LossConfig
 from .patch import patch_model
 
@@ -39,6 +40,8 @@ __all__ = [
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "keypointrcnn_resnet50_fpn",
     "BUILDERS",
+    "load_checkpoint_state",
+    "replace_predictors",
 ]
 
 # Keywords the transform accepts besides the model class's named parameters.
@@ -49,13 +52,13 @@ _TRANSFORM_KWARGS = {
 
 def _check_kwargs(name: str, model_cls: type, kwargs: Dict[str, Any]) -> None:
     allowed = {
-        n for n in inspect.signature(model_cls.__init__).parameters if n not in ("self", "backbone", "num_classes", "kwargs")
+        n
+        for n in inspect.signature(model_cls.__init__).parameters
+        if n not in ("self", "backbone", "num_classes", "kwargs")
     } | _TRANSFORM_KWARGS
     for key in kwargs:
         if key not in allowed:
-            hint = difflib.get_close_matches(key, sorted(allowed), n=1)
-            tip = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}{tip}")
+            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}{did_you_mean(key, allowed)}")
 
 
 def _is_path(weights: Any) -> bool:
@@ -68,19 +71,9 @@ def _is_path(weights: Any) -> bool:
 
 def load_checkpoint_state(path: Any) -> Dict[str, torch.Tensor]:
     """The model ``state_dict`` in a file: a bare state_dict or a training checkpoint's ``"model"``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickle of arbitrary objects, not a torch file
-        raise ValueError(f"cannot read weights checkpoint {path}: {e}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no model state_dict (expected a dict of tensors or a 'model' entry)")
-    # Checkpoints saved from a DistributedDataParallel wrapper prefix every key.
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
+    if not os.path.isfile(os.fspath(path)):
+        raise FileNotFoundError(f"weights checkpoint not found: {os.fspath(path)}")
+    return model_state_dict(read_checkpoint(path, "weights"), path, "weights")
 
 
 def _shape_of(state: Dict[str, torch.Tensor], key: str, path: Any, name: str) -> Tuple[int, ...]:
@@ -117,10 +110,14 @@ def _freeze_backbone(model: nn.Module, trainable_layers: int) -> None:
             b.requires_grad_(False)
 
 
-def _replace_predictors(model: nn.Module, num_classes: Optional[int], num_keypoints: Optional[int]) -> None:
+def replace_predictors(model: nn.Module, num_classes: Optional[int], num_keypoints: Optional[int] = None) -> List[str]:
+    """Replace the layers that depend on the class (keypoint) count; returns what was replaced."""
     heads = model.roi_heads
-    if num_classes is not None and num_classes != heads.box_predictor.cls_score.out_features:
+    replaced: List[str] = []
+    old_classes = heads.box_predictor.cls_score.out_features
+    if num_classes is not None and num_classes != old_classes:
         heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes)
+        replaced.append(f"roi_heads.box_predictor ({old_classes} -> {num_classes} classes)")
         if heads.mask_predictor is not None:
             # Only the per-class 1x1 logits layer depends on num_classes; the pretrained
             # class-agnostic upsampling (conv5_mask) is kept. Init as MaskRCNNPredictor's.
@@ -129,10 +126,13 @@ def _replace_predictors(model: nn.Module, num_classes: Optional[int], num_keypoi
             nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(new.bias)
             heads.mask_predictor.mask_fcn_logits = new
+            replaced.append("roi_heads.mask_predictor.mask_fcn_logits (mask_predictor.conv5_mask kept)")
     if num_keypoints is not None and heads.keypoint_predictor is not None:
         old = heads.keypoint_predictor.kps_score_lowres
         if num_keypoints != old.out_channels:
             heads.keypoint_predictor = KeypointRCNNPredictor(old.in_channels, num_keypoints)
+            replaced.append(f"roi_heads.keypoint_predictor ({old.out_channels} -> {num_keypoints} keypoints)")
+    return replaced
 
 
 def _build(
@@ -157,15 +157,19 @@ def _build(
         state = load_checkpoint_state(weights)
         ckpt_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", weights, name)[0]
         if extra:
-            extra["num_keypoints"] = _shape_of(state, "roi_heads.keypoint_predictor.kps_score_lowres.weight", weights, name)[1]
-        model = tv_builder(weights=None, progress=progress, num_classes=ckpt_classes, weights_backbone=None, **extra, **kwargs)
+            extra["num_keypoints"] = _shape_of(
+                state, "roi_heads.keypoint_predictor.kps_score_lowres.weight", weights, name
+            )[1]
+        model = tv_builder(
+            weights=None, progress=progress, num_classes=ckpt_classes, weights_backbone=None, **extra, **kwargs
+        )
         _match_norm_layers(model, state)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"{os.fspath(weights)} does not match {name}: {e}") from None
+            raise CheckpointError(f"{os.fspath(weights)} does not match {name}: {e}") from None
         _freeze_backbone(model, _validate_trainable_layers(True, trainable_backbone_layers, max_trainable, 3))
-        _replace_predictors(model, num_classes, num_keypoints)
+        replace_predictors(model, num_classes, num_keypoints)
     elif weights is not None:
         # torchvision loads the weights at their own class count; the predictors are replaced after.
         model = tv_builder(
@@ -177,7 +181,7 @@ def _build(
             **extra,
             **kwargs,
         )
-        _replace_predictors(model, num_classes, num_keypoints)
+        replace_predictors(model, num_classes, num_keypoints)
     else:
         if extra:
             extra["num_keypoints"] = num_keypoints
@@ -220,7 +224,11 @@ def _doc(summary: str, cls: str, wb: str, maxl: int, mask: bool = False, kp: boo
         if kp
         else ""
     )
-    return summary + "\n" + _ARGS_DOC.format(mask=" and the mask logits layer" if mask else "", wb=wb, maxl=maxl, kp=kp_doc, cls=cls)
+    return (
+        summary
+        + "\n"
+        + _ARGS_DOC.format(mask=" and the mask logits layer" if mask else "", wb=wb, maxl=maxl, kp=kp_doc, cls=cls)
+    )
 
 
 def maskrcnn_resnet50_fpn(
@@ -233,8 +241,18 @@ def maskrcnn_resnet50_fpn(
     loss_cfg: Any = None,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
-    return _build("maskrcnn_resnet50_fpn", tvdet.MaskRCNN, 5, weights, progress, num_classes,
-                  weights_backbone, trainable_backbone_layers, loss_cfg, kwargs)
+    return _build(
+        "maskrcnn_resnet50_fpn",
+        tvdet.MaskRCNN,
+        5,
+        weights,
+        progress,
+        num_classes,
+        weights_backbone,
+        trainable_backbone_layers,
+        loss_cfg,
+        kwargs,
+    )
 
 
 def maskrcnn_resnet50_fpn_v2(
@@ -247,8 +265,18 @@ def maskrcnn_resnet50_fpn_v2(
     loss_cfg: Any = None,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
-    return _build("maskrcnn_resnet50_fpn_v2", tvdet.MaskRCNN, 5, weights, progress, num_classes,
-                  weights_backbone, trainable_backbone_layers, loss_cfg, kwargs)
+    return _build(
+        "maskrcnn_resnet50_fpn_v2",
+        tvdet.MaskRCNN,
+        5,
+        weights,
+        progress,
+        num_classes,
+        weights_backbone,
+        trainable_backbone_layers,
+        loss_cfg,
+        kwargs,
+    )
 
 
 def fasterrcnn_resnet50_fpn(
@@ -261,8 +289,18 @@ def fasterrcnn_resnet50_fpn(
     loss_cfg: Any = None,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
-    return _build("fasterrcnn_resnet50_fpn", tvdet.FasterRCNN, 5, weights, progress, num_classes,
-                  weights_backbone, trainable_backbone_layers, loss_cfg, kwargs)
+    return _build(
+        "fasterrcnn_resnet50_fpn",
+        tvdet.FasterRCNN,
+        5,
+        weights,
+        progress,
+        num_classes,
+        weights_backbone,
+        trainable_backbone_layers,
+        loss_cfg,
+        kwargs,
+    )
 
 
 def fasterrcnn_resnet50_fpn_v2(
@@ -275,8 +313,18 @@ def fasterrcnn_resnet50_fpn_v2(
     loss_cfg: Any = None,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
-    return _build("fasterrcnn_resnet50_fpn_v2", tvdet.FasterRCNN, 5, weights, progress, num_classes,
-                  weights_backbone, trainable_backbone_layers, loss_cfg, kwargs)
+    return _build(
+        "fasterrcnn_resnet50_fpn_v2",
+        tvdet.FasterRCNN,
+        5,
+        weights,
+        progress,
+        num_classes,
+        weights_backbone,
+        trainable_backbone_layers,
+        loss_cfg,
+        kwargs,
+    )
 
 
 def fasterrcnn_mobilenet_v3_large_fpn(
@@ -289,8 +337,18 @@ def fasterrcnn_mobilenet_v3_large_fpn(
     loss_cfg: Any = None,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
-    return _build("fasterrcnn_mobilenet_v3_large_fpn", tvdet.FasterRCNN, 6, weights, progress, num_classes,
-                  weights_backbone, trainable_backbone_layers, loss_cfg, kwargs)
+    return _build(
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        tvdet.FasterRCNN,
+        6,
+        weights,
+        progress,
+        num_classes,
+        weights_backbone,
+        trainable_backbone_layers,
+        loss_cfg,
+        kwargs,
+    )
 
 
 def fasterrcnn_mobilenet_v3_large_320_fpn(
@@ -303,8 +361,18 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(
     loss_cfg: Any = None,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
-    return _build("fasterrcnn_mobilenet_v3_large_320_fpn", tvdet.FasterRCNN, 6, weights, progress, num_classes,
-                  weights_backbone, trainable_backbone_layers, loss_cfg, kwargs)
+    return _build(
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        tvdet.FasterRCNN,
+        6,
+        weights,
+        progress,
+        num_classes,
+        weights_backbone,
+        trainable_backbone_layers,
+        loss_cfg,
+        kwargs,
+    )
 
 
 def keypointrcnn_resnet50_fpn(
@@ -318,25 +386,59 @@ def keypointrcnn_resnet50_fpn(
     loss_cfg: Any = None,
     **kwargs: Any,
 ) -> tvdet.KeypointRCNN:
-    return _build("keypointrcnn_resnet50_fpn", tvdet.KeypointRCNN, 5, weights, progress, num_classes,
-                  weights_backbone, trainable_backbone_layers, loss_cfg, kwargs, num_keypoints=num_keypoints)
+    return _build(
+        "keypointrcnn_resnet50_fpn",
+        tvdet.KeypointRCNN,
+        5,
+        weights,
+        progress,
+        num_classes,
+        weights_backbone,
+        trainable_backbone_layers,
+        loss_cfg,
+        kwargs,
+        num_keypoints=num_keypoints,
+    )
 
 
-maskrcnn_resnet50_fpn.__doc__ = _doc("Mask R-CNN, ResNet-50-FPN backbone, with configurable losses.",
-                                     "MaskRCNN", "``ResNet50_Weights.IMAGENET1K_V1``", 5, mask=True)
-maskrcnn_resnet50_fpn_v2.__doc__ = _doc("Mask R-CNN v2 (improved recipe, arXiv:2111.11429), with configurable losses.",
-                                        "MaskRCNN", "None", 5, mask=True)
-fasterrcnn_resnet50_fpn.__doc__ = _doc("Faster R-CNN, ResNet-50-FPN backbone, with configurable losses.",
-                                       "FasterRCNN", "``ResNet50_Weights.IMAGENET1K_V1``", 5)
-fasterrcnn_resnet50_fpn_v2.__doc__ = _doc("Faster R-CNN v2 (improved recipe), with configurable losses.",
-                                          "FasterRCNN", "None", 5)
-fasterrcnn_mobilenet_v3_large_fpn.__doc__ = _doc("Faster R-CNN, MobileNetV3-Large FPN, with configurable losses.",
-                                                 "FasterRCNN", "``MobileNet_V3_Large_Weights.IMAGENET1K_V1``", 6)
+maskrcnn_resnet50_fpn.__doc__ = _doc(
+    "Mask R-CNN, ResNet-50-FPN backbone, with configurable losses.",
+    "MaskRCNN",
+    "``ResNet50_Weights.IMAGENET1K_V1``",
+    5,
+    mask=True,
+)
+maskrcnn_resnet50_fpn_v2.__doc__ = _doc(
+    "Mask R-CNN v2 (improved recipe, arXiv:2111.11429), with configurable losses.", "MaskRCNN", "None", 5, mask=True
+)
+fasterrcnn_resnet50_fpn.__doc__ = _doc(
+    "Faster R-CNN, ResNet-50-FPN backbone, with configurable losses.",
+    "FasterRCNN",
+    "``ResNet50_Weights.IMAGENET1K_V1``",
+    5,
+)
+fasterrcnn_resnet50_fpn_v2.__doc__ = _doc(
+    "Faster R-CNN v2 (improved recipe), with configurable losses.", "FasterRCNN", "None", 5
+)
+fasterrcnn_mobilenet_v3_large_fpn.__doc__ = _doc(
+    "Faster R-CNN, MobileNetV3-Large FPN, with configurable losses.",
+    "FasterRCNN",
+    "``MobileNet_V3_Large_Weights.IMAGENET1K_V1``",
+    6,
+)
 fasterrcnn_mobilenet_v3_large_320_fpn.__doc__ = _doc(
     "Faster R-CNN, MobileNetV3-Large FPN tuned for 320px mobile inputs, with configurable losses.",
-    "FasterRCNN", "``MobileNet_V3_Large_Weights.IMAGENET1K_V1``", 6)
-keypointrcnn_resnet50_fpn.__doc__ = _doc("Keypoint R-CNN, ResNet-50-FPN backbone, with configurable losses.",
-                                         "KeypointRCNN", "``ResNet50_Weights.IMAGENET1K_V1``", 5, kp=True)
+    "FasterRCNN",
+    "``MobileNet_V3_Large_Weights.IMAGENET1K_V1``",
+    6,
+)
+keypointrcnn_resnet50_fpn.__doc__ = _doc(
+    "Keypoint R-CNN, ResNet-50-FPN backbone, with configurable losses.",
+    "KeypointRCNN",
+    "``ResNet50_Weights.IMAGENET1K_V1``",
+    5,
+    kp=True,
+)
 
 BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     f.__name__: f

@@ -8,13 +8,14 @@ under ``model:``), a preset name, or another ``LossConfig``: see :meth:`LossConf
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Tuple, Union
 
-__all__ = ["RPNLossConfig", "RoILossConfig", "LossConfig", "LossConfigError", "PRESETS"]
+from ._suggest import did_you_mean
+
+__all__ = ["RPNLossConfig", "RoILossConfig", "LossConfig", "LossConfigError", "PRESETS", "TRAINING_MODEL_KEYS"]
 
 BBOX_LOSSES = ("smooth_l1", "l1", "giou", "diou", "ciou")
 # "sampled": positives + negatives of the batch (torchvision, Detectron2, MMDetection RoI head).
@@ -30,30 +31,29 @@ class LossConfigError(ValueError):
     """A loss config that cannot be used; the message names the offending key."""
 
 
-def _check_weight(where: str, value: Any) -> float:
+def _check_weight(where: str, value: Any, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LossConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise LossConfigError(f"{where} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise LossConfigError(f"{where} must be a finite number {bound}, got {value!r}")
     return value
 
 
 def _check_choice(where: str, value: Any, allowed: Tuple[str, ...]) -> str:
     if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        tip = f" (did you mean {hint[0]!r}?)" if hint else ""
+        tip = did_you_mean(value, allowed)
         raise LossConfigError(f"{where} must be one of {', '.join(map(repr, allowed))}, got {value!r}{tip}")
     return value
 
 
-def _reject_unknown(where: str, data: Mapping[str, Any], allowed) -> None:
+def _reject_unknown(prefix: str, data: Mapping[str, Any], allowed) -> None:
     for key in data:
         if key not in allowed:
-            hint = difflib.get_close_matches(str(key), list(allowed), n=1)
-            tip = f"; did you mean {where}{hint[0]!r}?" if hint else ""
             raise LossConfigError(
-                f"unknown loss config key {where}{key!r}{tip} Allowed keys: {', '.join(sorted(allowed))}"
+                f"unknown key {prefix + str(key)!r}{did_you_mean(key, allowed, prefix)} "
+                f"(allowed under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(allowed))})"
             )
 
 
@@ -75,7 +75,11 @@ class _HeadLossConfig:
 
     def __post_init__(self) -> None:
         s = self._section
-        for name in ("cls_pos_weight", "loss_cls_weight", "loss_bbox_weight", "smooth_l1_beta"):
+        # A positive weight of 0 would delete every positive's classification loss: the collapse
+        # this package exists to prevent. MMDetection reads pos_weight <= 0 as 1; we refuse it.
+        object.__setattr__(self, "cls_pos_weight", _check_weight(f"{s}.cls_pos_weight", self.cls_pos_weight, True))
+        # A loss weight of 0 turns a term off, which is legitimate (e.g. freezing a branch).
+        for name in ("loss_cls_weight", "loss_bbox_weight", "smooth_l1_beta"):
             object.__setattr__(self, name, _check_weight(f"{s}.{name}", getattr(self, name)))
         for name in self._weight_fields():
             object.__setattr__(self, name, _check_weight(f"{s}.{name}", getattr(self, name)))
@@ -91,13 +95,20 @@ class _HeadLossConfig:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def from_dict(cls, data: Optional[Mapping[str, Any]], base: Optional["_HeadLossConfig"] = None):
+    def from_dict(
+        cls, data: Optional[Mapping[str, Any]], base: Optional["_HeadLossConfig"] = None, prefix: str = ""
+    ) -> "_HeadLossConfig":
+        """Build from a mapping of this head's keys, on top of ``base``; ``prefix`` is for messages."""
+        where = prefix + cls._section
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise LossConfigError(f"{cls._section} must be a mapping of loss settings, got {type(data).__name__}")
-        _reject_unknown(f"{cls._section}.", data, cls.keys())
-        return dataclasses.replace(base if base is not None else cls(), **dict(data))
+            raise LossConfigError(f"{where} must be a mapping of loss settings, got {type(data).__name__}")
+        _reject_unknown(f"{where}.", data, cls.keys())
+        try:
+            return dataclasses.replace(base if base is not None else cls(), **dict(data))
+        except LossConfigError as e:
+            raise LossConfigError(f"{prefix}{e}" if prefix else str(e)) from None
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance((v := getattr(self, f.name)), tuple) else v) for f in fields(self)}
@@ -157,6 +168,39 @@ class RoILossConfig(_HeadLossConfig):
 
 _TOP_KEYS = ("rpn_head", "roi_head", "sync_avg_factor", "preset")
 
+# The keys references/train.py documents under ``model:`` in a training config. The loss keys
+# among them are read here, the same way for LossConfig.from_yaml and for the training script;
+# the others belong to the script, and any key in neither list is an error, never dropped.
+TRAINING_MODEL_LOSS_KEYS = ("loss_preset", "preset", "rpn_head", "roi_head", "sync_avg_factor")
+TRAINING_MODEL_KEYS = TRAINING_MODEL_LOSS_KEYS + (
+    "name",
+    "num_classes",
+    "weights",
+    "weights_backbone",
+    "trainable_backbone_layers",
+    "rpn_score_thresh",
+    "stock",
+    "kwargs",
+    "anchor_sizes",
+    "aspect_ratios",
+)
+
+
+def _loss_keys_of_model_section(model: Any) -> dict:
+    """The loss settings of a training config's ``model:`` section, in the bare form."""
+    if model is None:
+        return {}
+    if not isinstance(model, Mapping):
+        raise LossConfigError(f"model must be a mapping, got {type(model).__name__}")
+    _reject_unknown("model.", model, TRAINING_MODEL_KEYS)
+    if model.get("loss_preset") is not None and model.get("preset") is not None:
+        raise LossConfigError("model.loss_preset and model.preset both name a preset: keep one")
+    out = {k: model[k] for k in ("rpn_head", "roi_head", "sync_avg_factor") if model.get(k) is not None}
+    preset = model.get("loss_preset", model.get("preset"))
+    if preset is not None:
+        out["preset"] = preset
+    return out
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -189,8 +233,10 @@ class LossConfig:
     def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "LossConfig":
         """Build from ``{"rpn_head": {...}, "roi_head": {...}, "sync_avg_factor": ..., "preset": ...}``.
 
-        A full training config (the heads under ``model:``) is accepted too; its other keys are
-        left to the training script. ``preset`` names the base the other keys override.
+        A full training config is accepted too: its loss keys are read from ``model:``
+        (``loss_preset`` or ``preset``, ``rpn_head``, ``roi_head``, ``sync_avg_factor``), exactly as
+        references/train.py reads them, and an unknown key under ``model:`` is an error. Its other
+        sections (``data:``, ``training:``...) are left to the training script.
         """
         if data is None:
             return cls()
@@ -198,17 +244,18 @@ class LossConfig:
             return data
         if not isinstance(data, Mapping):
             raise LossConfigError(f"loss config must be a mapping, got {type(data).__name__}")
+        prefix = ""
         if "model" in data:
-            model = data["model"] or {}
-            if not isinstance(model, Mapping):
-                raise LossConfigError(f"model must be a mapping, got {type(model).__name__}")
-            data = {k: model[k] for k in _TOP_KEYS if k in model}
-        _reject_unknown("", data, _TOP_KEYS)
+            data, prefix = _loss_keys_of_model_section(data["model"]), "model."
+        _reject_unknown(prefix, data, _TOP_KEYS)
         base = cls.preset(data["preset"]) if data.get("preset") is not None else cls()
+        sync = data.get("sync_avg_factor", base.sync_avg_factor)
+        if not isinstance(sync, bool):
+            raise LossConfigError(f"{prefix}sync_avg_factor must be true or false, got {sync!r}")
         return cls(
-            rpn_head=RPNLossConfig.from_dict(data.get("rpn_head"), base.rpn_head),
-            roi_head=RoILossConfig.from_dict(data.get("roi_head"), base.roi_head),
-            sync_avg_factor=data.get("sync_avg_factor", base.sync_avg_factor),
+            rpn_head=RPNLossConfig.from_dict(data.get("rpn_head"), base.rpn_head, prefix),
+            roi_head=RoILossConfig.from_dict(data.get("roi_head"), base.roi_head, prefix),
+            sync_avg_factor=sync,
         )
 
     @classmethod
@@ -216,10 +263,12 @@ class LossConfig:
         """Read a YAML file: bare (``rpn_head:`` at the top) or a training config (under ``model:``)."""
         import yaml
 
+        from ._yaml import load_yaml
+
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
+                data = load_yaml(f)
         except FileNotFoundError:
             raise LossConfigError(f"loss config file not found: {path}") from None
         except yaml.YAMLError as e:
@@ -232,9 +281,7 @@ class LossConfig:
     @classmethod
     def preset(cls, name: str) -> "LossConfig":
         """A named configuration: ``"torchvision"``, ``"mmdetection"`` or ``"positive"``."""
-        if name not in PRESETS:
-            _check_choice("preset", name, tuple(PRESETS))
-        return PRESETS[name]
+        return PRESETS[_check_choice("preset", name, tuple(PRESETS))]
 
     @classmethod
     def coerce(cls, obj: Any) -> "LossConfig":

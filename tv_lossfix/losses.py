@@ -4,7 +4,7 @@ Every function works on the whole batch at once and never reads a tensor value o
 (no item(), bool(tensor) or nonzero calls): on a GPU each of those is a device sync.
 Normalizers ("avg_factors") are counts kept as tensors. Weighted losses follow MMDetection's
 convention: ``sum(w * loss) / avg_factor`` where avg_factor is a *count*, not a sum of weights
-(see shared/reference/loss-semantics.md). All functions are TorchScript-compatible.
+(as MMDetection's weighted losses do). All functions are TorchScript-compatible.
 """
 
 import math
@@ -124,7 +124,9 @@ def iou_loss(pred: Tensor, target: Tensor, kind: str = "giou", eps: float = 1e-7
     """
     x1, y1, x2, y2 = pred.unbind(dim=-1)
     gx1, gy1, gx2, gy2 = target.unbind(dim=-1)
-    inter = (torch.min(x2, gx2) - torch.max(x1, gx1)).clamp(min=0) * (torch.min(y2, gy2) - torch.max(y1, gy1)).clamp(min=0)
+    inter = (torch.min(x2, gx2) - torch.max(x1, gx1)).clamp(min=0) * (torch.min(y2, gy2) - torch.max(y1, gy1)).clamp(
+        min=0
+    )
     union = (x2 - x1) * (y2 - y1) + (gx2 - gx1) * (gy2 - gy1) - inter
     iou = inter / (union + eps)
     cw = torch.max(x2, gx2) - torch.min(x1, gx1)  # enclosing box
@@ -155,8 +157,10 @@ def box_regression_loss(
     """Box regression over the positive samples, ``sum_pos(loss) / avg_factor``.
 
     ``pred_deltas``/``target_deltas`` are [S, 4] for S sampled anchors or RoIs, ``is_pos`` [S].
-    Negatives contribute exactly 0 and their targets are never read: for images without ground
-    truth torchvision's targets hold -inf, which would turn a multiply-by-0 mask into NaN.
+    Negatives contribute exactly 0, and neither their prediction nor their target is read (value
+    or gradient): torchvision's targets hold -inf for images without ground truth, and an fp16
+    overflow puts inf in a prediction; either would turn a multiply-by-0 mask into NaN. So the
+    loss is non-finite only when stock torchvision's is (a non-finite positive).
     ``smooth_l1``/``l1`` sum over the 4 coordinates; ``giou``/``diou``/``ciou`` decode both sides
     against ``ref_boxes`` (required for them) and give one term per box.
     With zero positives the result is 0 and still depends on ``pred_deltas`` (DDP needs that).
@@ -164,13 +168,16 @@ def box_regression_loss(
     """
     pos = is_pos.unsqueeze(1)
     if loss_type == "smooth_l1" or loss_type == "l1":
-        # Negatives get their own (detached) prediction as target: exactly 0 loss and 0 gradient
-        # in one fused reduction, and their targets (-inf without gt) are never read.
-        target = torch.where(pos, target_deltas, pred_deltas.detach())
+        # Both sides of a negative are replaced by 0 before the loss: exactly 0 loss and 0 gradient
+        # in one fused reduction, whatever the negative held (where()'s backward sends the
+        # unselected side a zero gradient, never inf * 0).
+        zeros = torch.zeros_like(pred_deltas)
+        pred = torch.where(pos, pred_deltas, zeros)
+        target = torch.where(pos, target_deltas.to(pred_deltas.dtype), zeros)
         if loss_type == "l1":
-            total = F.l1_loss(pred_deltas, target, reduction="sum")
+            total = F.l1_loss(pred, target, reduction="sum")
         else:
-            total = F.smooth_l1_loss(pred_deltas, target, beta=beta, reduction="sum")
+            total = F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
     else:
         if loss_type not in ("giou", "diou", "ciou"):
             raise ValueError(f"unknown bbox_loss {loss_type}")

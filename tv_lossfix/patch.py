@@ -8,7 +8,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from .config import LossConfig
-from .roi_heads import LossFixRoIHeads
+from .roi_heads import LossFixRoIHeads, predictor_num_classes
 from .rpn import LossFixRPN
 
 __all__ = ["patch_model", "training_stats", "get_loss_cfg"]
@@ -49,7 +49,10 @@ def patch_model(model: nn.Module, loss_cfg: Any = None) -> nn.Module:
             f"with .rpn and .roi_heads; got {type(target).__name__}"
         )
     # Validate against the model before changing anything, so a bad config leaves it as it was.
-    cfg.roi_head.check_num_classes(roi.box_predictor.cls_score.out_features)
+    # A custom box predictor (any module returning torchvision's two outputs) is checked at forward.
+    num_classes = predictor_num_classes(roi.box_predictor)
+    if num_classes is not None:
+        cfg.roi_head.check_num_classes(num_classes)
     _swap(rpn, RegionProposalNetwork, LossFixRPN, "model.rpn")
     _swap(roi, RoIHeads, LossFixRoIHeads, "model.roi_heads")
     rpn.set_loss_cfg(cfg.rpn_head, cfg.sync_avg_factor)

@@ -3,7 +3,7 @@
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
     keypointrcnn_inference,
@@ -13,10 +13,16 @@ from torchvision.models.detection.roi_heads import (
 )
 
 from . import losses as L
-from ._utils import apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
+from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
 from .config import RoILossConfig
 
-__all__ = ["LossFixRoIHeads"]
+__all__ = ["LossFixRoIHeads", "predictor_num_classes"]
+
+
+def predictor_num_classes(box_predictor: nn.Module) -> Optional[int]:
+    """Classes (background included) of torchvision's box predictor; None for a custom one."""
+    cls_score = getattr(box_predictor, "cls_score", None)
+    return cls_score.out_features if isinstance(cls_score, nn.Linear) else None
 
 
 class LossFixRoIHeads(RoIHeads):
@@ -29,11 +35,14 @@ class LossFixRoIHeads(RoIHeads):
     :func:`tv_lossfix.training_stats` turns into statistics (sampled RoIs, normalizers, ``fg_prob``).
     """
 
+    # The loss settings are plain attributes, set by set_loss_cfg() (see _utils.apply_loss_cfg).
     __annotations__ = {
         **RoIHeads.__annotations__,
+        **HEAD_LOSS_ATTRIBUTES,
+        "loss_mask_weight": float,
+        "loss_keypoint_weight": float,
+        "use_class_weight": bool,
         "class_weight": Tensor,
-        "loss_state": Dict[str, Tensor],
-        "loss_state_images": int,
     }
 
     def __init__(self, *args, loss_cfg: Optional[RoILossConfig] = None, sync_avg_factor: bool = False, **kwargs):
@@ -42,12 +51,21 @@ class LossFixRoIHeads(RoIHeads):
 
     @torch.jit.unused
     def set_loss_cfg(self, cfg: Optional[RoILossConfig], sync_avg_factor: bool = False) -> None:
-        """Replace the loss settings (parameters untouched); checks ``class_weight`` length."""
+        """Replace the loss settings (parameters untouched).
+
+        ``class_weight`` is checked against the box predictor here when it is torchvision's
+        (a ``cls_score`` layer), and against the class logits at every training forward.
+        """
         cfg = RoILossConfig() if cfg is None else cfg
-        cfg.check_num_classes(self.box_predictor.cls_score.out_features)
+        num_classes = predictor_num_classes(self.box_predictor)
+        if num_classes is not None:
+            cfg.check_num_classes(num_classes)
         apply_loss_cfg(self, cfg, sync_avg_factor)
+        self.loss_mask_weight = float(cfg.loss_mask_weight)
+        self.loss_keypoint_weight = float(cfg.loss_keypoint_weight)
         self.use_class_weight = cfg.class_weight is not None
-        device = self.box_predictor.cls_score.weight.device
+        param = next(self.parameters(), None)
+        device = param.device if param is not None else None
         values = cfg.class_weight if cfg.class_weight is not None else [1.0]
         # Non-persistent: follows .to(device) but stays out of state_dict (stock keys).
         self.register_buffer("class_weight", torch.tensor(values, dtype=torch.float32, device=device), persistent=False)
@@ -77,6 +95,14 @@ class LossFixRoIHeads(RoIHeads):
 
         class_weight: Optional[Tensor] = None
         if self.use_class_weight:
+            # Shapes are host-side: no device sync. The predictor may have been replaced after
+            # the config was set; a mismatch would index out of range or weight the wrong class.
+            if class_logits.shape[-1] != self.class_weight.shape[0]:
+                raise ValueError(
+                    "roi_head.class_weight has " + str(self.class_weight.shape[0]) + " entries but the box "
+                    "predictor returns " + str(class_logits.shape[-1]) + " class logits (background "
+                    "included): set a class_weight with one entry per class (model.roi_heads.set_loss_cfg)"
+                )
             class_weight = self.class_weight
         weight = L.sample_weights(is_pos, self.cls_pos_weight, labels_all, class_weight)
         loss_cls = L.classification_loss(class_logits, labels_all, cls_avg, weight)
@@ -87,7 +113,14 @@ class LossFixRoIHeads(RoIHeads):
         if self.bbox_loss != "smooth_l1" and self.bbox_loss != "l1":
             ref_boxes = torch.cat(proposals, dim=0)
         loss_box = L.box_regression_loss(
-            deltas, targets_all, is_pos, bbox_avg, self.bbox_loss, self.smooth_l1_beta, ref_boxes, self.box_coder.weights
+            deltas,
+            targets_all,
+            is_pos,
+            bbox_avg,
+            self.bbox_loss,
+            self.smooth_l1_beta,
+            ref_boxes,
+            self.box_coder.weights,
         )
 
         # Raw and detached; tv_lossfix.training_stats() derives the statistics when read.
@@ -103,7 +136,9 @@ class LossFixRoIHeads(RoIHeads):
     ) -> Tensor:
         """Mask loss of the positive RoIs: targets cropped from the gt masks, per-pixel mean BCE."""
         size = mask_logits.shape[-1]
-        mask_targets = [project_masks_on_boxes(t["masks"], b, i, size) for t, b, i in zip(targets, mask_boxes, pos_idxs)]
+        mask_targets = [
+            project_masks_on_boxes(t["masks"], b, i, size) for t, b, i in zip(targets, mask_boxes, pos_idxs)
+        ]
         mask_labels = [t["labels"][i] for t, i in zip(targets, pos_idxs)]
         loss = L.mask_loss(mask_logits, torch.cat(mask_labels, dim=0), torch.cat(mask_targets, dim=0))
         return scale(loss, self.loss_mask_weight)
@@ -158,7 +193,9 @@ class LossFixRoIHeads(RoIHeads):
             )
             losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         else:
-            boxes, scores, det_labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+            boxes, scores, det_labels = self.postprocess_detections(
+                class_logits, box_regression, proposals, image_shapes
+            )
             for b, s, lab in zip(boxes, scores, det_labels):
                 result.append({"boxes": b, "labels": lab, "scores": s})
 
@@ -181,7 +218,11 @@ class LossFixRoIHeads(RoIHeads):
                 for p, r in zip(probs, result):
                     r["masks"] = p
 
-        if self.keypoint_roi_pool is not None and self.keypoint_head is not None and self.keypoint_predictor is not None:
+        if (
+            self.keypoint_roi_pool is not None
+            and self.keypoint_head is not None
+            and self.keypoint_predictor is not None
+        ):
             if self.training:
                 kp_boxes, pos_idxs = self._positive_rois(proposals, labels, matched_idxs)
             else:

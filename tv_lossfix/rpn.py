@@ -8,7 +8,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from . import losses as L
-from ._utils import apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
+from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
 from .config import RPNLossConfig
 
 __all__ = ["LossFixRPN"]
@@ -26,11 +26,8 @@ class LossFixRPN(RegionProposalNetwork):
     loss_cfg=..., **kwargs)`` takes the parent's arguments.
     """
 
-    __annotations__ = {
-        **RegionProposalNetwork.__annotations__,
-        "loss_state": Dict[str, Tensor],
-        "loss_state_images": int,
-    }
+    # The loss settings are plain attributes, set by set_loss_cfg() (see _utils.apply_loss_cfg).
+    __annotations__ = {**RegionProposalNetwork.__annotations__, **HEAD_LOSS_ATTRIBUTES}
 
     def __init__(self, *args, loss_cfg: Optional[RPNLossConfig] = None, sync_avg_factor: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,8 +1,8 @@
 r"""What tv_lossfix costs against stock torchvision, measured side by side in one process.
 
-    python references/benchmark.py --quick          # < 2 min on a 2-core CPU
-    python references/benchmark.py                  # realistic sizes, longer
-    python references/benchmark.py --device cuda    # GPU times + sync check
+    python references/benchmarks/benchmark.py --quick          # < 2 min on a 2-core CPU
+    python references/benchmarks/benchmark.py                  # realistic sizes, longer
+    python references/benchmarks/benchmark.py --device cuda    # GPU times + sync check
 
 Stock and tv_lossfix run interleaved (A B A B ..., several rounds, medians) on the same weights
 and inputs. Sections:
@@ -32,7 +32,7 @@ import time
 import warnings
 from typing import Callable, Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # references/
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -43,11 +43,23 @@ import tv_lossfix  # noqa: E402
 
 NUM_CLASSES = 81  # 80 COCO classes + background
 ALL_ON = {
-    "rpn_head": {"cls_pos_weight": 2.0, "loss_cls_weight": 1.5, "loss_bbox_weight": 2.0,
-                 "cls_avg_factor": "sampled_per_image", "bbox_avg_factor": "positive", "bbox_loss": "giou"},
-    "roi_head": {"cls_pos_weight": 2.0, "class_weight": [0.5] + [1.0 + (i % 3) / 2 for i in range(80)],
-                 "loss_cls_weight": 1.5, "loss_bbox_weight": 2.0, "loss_mask_weight": 2.0,
-                 "bbox_avg_factor": "positive", "bbox_loss": "giou"},
+    "rpn_head": {
+        "cls_pos_weight": 2.0,
+        "loss_cls_weight": 1.5,
+        "loss_bbox_weight": 2.0,
+        "cls_avg_factor": "sampled_per_image",
+        "bbox_avg_factor": "positive",
+        "bbox_loss": "giou",
+    },
+    "roi_head": {
+        "cls_pos_weight": 2.0,
+        "class_weight": [0.5] + [1.0 + (i % 3) / 2 for i in range(80)],
+        "loss_cls_weight": 1.5,
+        "loss_bbox_weight": 2.0,
+        "loss_mask_weight": 2.0,
+        "bbox_avg_factor": "positive",
+        "bbox_loss": "giou",
+    },
 }
 
 
@@ -129,7 +141,7 @@ def mask_inputs(batch: int, pos: int, device, g, size: int = 512, n_gt: int = 12
     return dict(logits=logits, boxes=boxes, idxs=idxs, masks=masks, labels=labels)
 
 
-# -- the guide's way: per image, per level, .item() counts (see shared/reference) -------------------
+# -- the guide's way: per image, per level, .item() counts  -------------------
 def guide_rpn_loss(sampler, inp, pos_weight: float = 1.0):
     pos_m, neg_m = sampler(inp["labels"])
     batch, sizes = len(pos_m), inp["sizes"]
@@ -184,30 +196,51 @@ def bench_losses(device, batches, rounds, image_hw, out):
         ri = rpn_inputs(batch, *image_hw, device, g)
         bi = roi_inputs(batch, 512, device, g)
         mi = mask_inputs(batch, 128, device, g)
-        tg = [{"masks": m, "labels": l} for m, l in zip(mi["masks"], mi["labels"])]
+        tg = [{"masks": m, "labels": lab} for m, lab in zip(mi["masks"], mi["labels"])]
 
         def run(fn):
             def f():
                 torch.manual_seed(0)
                 loss = sum(fn())
                 loss.backward()
+
             return f
 
         sections = {
             "RPN loss": {
-                "stock": run(lambda: stock.rpn.compute_loss(ri["objectness"], ri["deltas"], ri["labels"], ri["targets"])),
-                "tv_lossfix": run(lambda: ours.rpn.compute_loss(ri["objectness"], ri["deltas"], ri["labels"], ri["targets"], ri["anchors"])),
-                "all options": run(lambda: allon.rpn.compute_loss(ri["objectness"], ri["deltas"], ri["labels"], ri["targets"], ri["anchors"])),
+                "stock": run(
+                    lambda: stock.rpn.compute_loss(ri["objectness"], ri["deltas"], ri["labels"], ri["targets"])
+                ),
+                "tv_lossfix": run(
+                    lambda: ours.rpn.compute_loss(
+                        ri["objectness"], ri["deltas"], ri["labels"], ri["targets"], ri["anchors"]
+                    )
+                ),
+                "all options": run(
+                    lambda: allon.rpn.compute_loss(
+                        ri["objectness"], ri["deltas"], ri["labels"], ri["targets"], ri["anchors"]
+                    )
+                ),
                 "guide-style": run(lambda: guide_rpn_loss(stock.rpn.fg_bg_sampler, ri)),
             },
             "box-head loss": {
                 "stock": run(lambda: fastrcnn_loss(bi["logits"], bi["box"], bi["labels"], bi["targets"])),
-                "tv_lossfix": run(lambda: ours.roi_heads.box_losses(bi["logits"], bi["box"], bi["labels"], bi["targets"], bi["proposals"])),
-                "all options": run(lambda: allon.roi_heads.box_losses(bi["logits"], bi["box"], bi["labels"], bi["targets"], bi["proposals"])),
+                "tv_lossfix": run(
+                    lambda: ours.roi_heads.box_losses(
+                        bi["logits"], bi["box"], bi["labels"], bi["targets"], bi["proposals"]
+                    )
+                ),
+                "all options": run(
+                    lambda: allon.roi_heads.box_losses(
+                        bi["logits"], bi["box"], bi["labels"], bi["targets"], bi["proposals"]
+                    )
+                ),
                 "guide-style": run(lambda: guide_roi_loss(bi)),
             },
             "mask loss": {
-                "stock": run(lambda: (maskrcnn_loss(mi["logits"], mi["boxes"], mi["masks"], mi["labels"], mi["idxs"]),)),
+                "stock": run(
+                    lambda: (maskrcnn_loss(mi["logits"], mi["boxes"], mi["masks"], mi["labels"], mi["idxs"]),)
+                ),
                 "tv_lossfix": run(lambda: (ours.roi_heads.mask_losses(mi["logits"], mi["boxes"], mi["idxs"], tg),)),
                 "all options": run(lambda: (allon.roi_heads.mask_losses(mi["logits"], mi["boxes"], mi["idxs"], tg),)),
             },
@@ -220,17 +253,24 @@ def bench_losses(device, batches, rounds, image_hw, out):
             if "guide-style" in ms:
                 row["ratio guide-style"] = round(ms["guide-style"] / ms["stock"], 3)
             rows.append(row)
-            print(f"  {name:14s} batch {batch}: stock {ms['stock']:8.2f} ms | tv_lossfix {ms['tv_lossfix']:8.2f} ms "
-                  f"(x{row['ratio']:.3f}) | all options {ms['all options']:8.2f} ms (x{row['ratio all options']:.3f})"
-                  + (f" | guide-style {ms['guide-style']:8.2f} ms (x{row['ratio guide-style']:.2f})" if "guide-style" in ms else ""),
-                  flush=True)
+            print(
+                f"  {name:14s} batch {batch}: stock {ms['stock']:8.2f} ms | tv_lossfix {ms['tv_lossfix']:8.2f} ms "
+                f"(x{row['ratio']:.3f}) | all options {ms['all options']:8.2f} ms (x{row['ratio all options']:.3f})"
+                + (
+                    f" | guide-style {ms['guide-style']:8.2f} ms (x{row['ratio guide-style']:.2f})"
+                    if "guide-style" in ms
+                    else ""
+                ),
+                flush=True,
+            )
     out["losses"] = rows
 
 
 def _step_models(device, size):
     torch.manual_seed(0)
-    stock = tvdet.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
-                                        min_size=size, max_size=size).to(device)
+    stock = tvdet.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=size, max_size=size
+    ).to(device)
     ours = tv_lossfix.patch_model(copy.deepcopy(stock))
     g = torch.Generator().manual_seed(1)
     images, targets = [], []
@@ -242,8 +282,13 @@ def _step_models(device, size):
         masks = torch.zeros(n, size, size, dtype=torch.uint8)
         for j, b in enumerate(boxes.long().tolist()):
             masks[j, b[1] : b[3], b[0] : b[2]] = 1
-        targets.append({"boxes": boxes.to(device), "labels": torch.randint(1, NUM_CLASSES, (n,), generator=g).to(device),
-                        "masks": masks.to(device)})
+        targets.append(
+            {
+                "boxes": boxes.to(device),
+                "labels": torch.randint(1, NUM_CLASSES, (n,), generator=g).to(device),
+                "masks": masks.to(device),
+            }
+        )
     return stock, ours, images, targets
 
 
@@ -274,12 +319,16 @@ def bench_step(device, size, rounds, out):
             torch.manual_seed(0)
             model.zero_grad(set_to_none=True)
             sum(model(images, targets).values()).backward()
+
         return f
 
     ms = interleave({"stock": step(stock), "tv_lossfix": step(ours)}, rounds, device)
     ratio = ms["tv_lossfix"] / ms["stock"]
-    print(f"  training step (Mask R-CNN R50-FPN, 2 images {size}x{size}): stock {ms['stock']:.1f} ms | "
-          f"tv_lossfix {ms['tv_lossfix']:.1f} ms (x{ratio:.3f})", flush=True)
+    print(
+        f"  training step (Mask R-CNN R50-FPN, 2 images {size}x{size}): stock {ms['stock']:.1f} ms | "
+        f"tv_lossfix {ms['tv_lossfix']:.1f} ms (x{ratio:.3f})",
+        flush=True,
+    )
     out["step"] = {"size": size, **{k: round(v, 2) for k, v in ms.items()}, "ratio": round(ratio, 4)}
 
     # Peak memory and host syncs of one step each.
@@ -304,10 +353,17 @@ def bench_step(device, size, rounds, out):
         if device.type == "cpu":
             mem[name] = _cpu_peak_bytes(prof)
     mratio = mem["tv_lossfix"] / max(mem["stock"], 1)
-    print(f"  peak memory of the step: stock {mem['stock'] / 2**20:.1f} MiB | tv_lossfix {mem['tv_lossfix'] / 2**20:.1f} MiB "
-          f"(x{mratio:.4f})", flush=True)
-    print(f"  host syncs per step: stock {syncs['stock']['item']} .item()-like + {syncs['stock']['nonzero']} nonzero | "
-          f"tv_lossfix {syncs['tv_lossfix']['item']} + {syncs['tv_lossfix']['nonzero']}", flush=True)
+    print(
+        f"  peak memory of the step: stock {mem['stock'] / 2**20:.1f} MiB | "
+        f"tv_lossfix {mem['tv_lossfix'] / 2**20:.1f} MiB "
+        f"(x{mratio:.4f})",
+        flush=True,
+    )
+    print(
+        f"  host syncs per step: stock {syncs['stock']['item']} .item()-like + {syncs['stock']['nonzero']} nonzero | "
+        f"tv_lossfix {syncs['tv_lossfix']['item']} + {syncs['tv_lossfix']['nonzero']}",
+        flush=True,
+    )
     out["memory"] = {k: v for k, v in mem.items()} | {"ratio": round(mratio, 4)}
     out["syncs"] = syncs
 
@@ -320,10 +376,16 @@ def bench_sync_debug(device, out):
     ri = rpn_inputs(2, 800, 1088, device, g)
     bi = roi_inputs(2, 512, device, g)
     paths = {
-        ("RPN loss", "stock"): lambda: stock.rpn.compute_loss(ri["objectness"], ri["deltas"], ri["labels"], ri["targets"]),
-        ("RPN loss", "tv_lossfix"): lambda: ours.rpn.compute_loss(ri["objectness"], ri["deltas"], ri["labels"], ri["targets"], ri["anchors"]),
+        ("RPN loss", "stock"): lambda: stock.rpn.compute_loss(
+            ri["objectness"], ri["deltas"], ri["labels"], ri["targets"]
+        ),
+        ("RPN loss", "tv_lossfix"): lambda: ours.rpn.compute_loss(
+            ri["objectness"], ri["deltas"], ri["labels"], ri["targets"], ri["anchors"]
+        ),
         ("box-head loss", "stock"): lambda: fastrcnn_loss(bi["logits"], bi["box"], bi["labels"], bi["targets"]),
-        ("box-head loss", "tv_lossfix"): lambda: ours.roi_heads.box_losses(bi["logits"], bi["box"], bi["labels"], bi["targets"], bi["proposals"]),
+        ("box-head loss", "tv_lossfix"): lambda: ours.roi_heads.box_losses(
+            bi["logits"], bi["box"], bi["labels"], bi["targets"], bi["proposals"]
+        ),
     }
     res = {}
     for (sec, name), fn in paths.items():
@@ -345,14 +407,30 @@ def bench_sync_debug(device, out):
 def bench_train_script(rounds, iters, out):
     import train  # references/train.py, in-process
 
-    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shapes.yaml")
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.yaml")
     speeds: Dict[str, List[float]] = {"stock": [], "tv_lossfix": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             for name in ("stock", "tv_lossfix"):
                 od = os.path.join(tmp, f"{name}{r}")
-                argv = ["--config", config, "--epochs", "1", "--iters-per-epoch", str(iters), "--output-dir", od,
-                        "--no-plots", "--gallery-images", "0", "--print-freq", str(iters), "--warmup-iters", "0"]
+                argv = [
+                    "--config",
+                    config,
+                    "--epochs",
+                    "1",
+                    "--iters-per-epoch",
+                    str(iters),
+                    "--output-dir",
+                    od,
+                    "--no-plots",
+                    "--gallery-images",
+                    "0",
+                    "--print-freq",
+                    str(iters),
+                    "--warmup-iters",
+                    "0",
+                    "--no-data-report",
+                ]
                 if name == "stock":
                     argv.append("--stock")
                 import contextlib
@@ -365,8 +443,11 @@ def bench_train_script(rounds, iters, out):
                 speeds[name].append(ev["img_per_s"])
     med = {k: statistics.median(v) for k, v in speeds.items()}
     ratio = med["tv_lossfix"] / med["stock"]
-    print(f"  references/train.py on shapes ({iters} iterations x {rounds} rounds): stock {med['stock']:.2f} img/s | "
-          f"tv_lossfix {med['tv_lossfix']:.2f} img/s (x{ratio:.3f})", flush=True)
+    print(
+        f"  references/train.py on shapes ({iters} iterations x {rounds} rounds): stock {med['stock']:.2f} img/s | "
+        f"tv_lossfix {med['tv_lossfix']:.2f} img/s (x{ratio:.3f})",
+        flush=True,
+    )
     out["train_script"] = {k: round(v, 3) for k, v in med.items()} | {"ratio": round(ratio, 4), "runs": speeds}
 
 
@@ -374,22 +455,35 @@ def markdown(out: Dict) -> str:
     """The figures as the README's tables."""
     lines = []
     if "losses" in out:
-        lines += ["| loss (fwd + bwd) | batch | stock ms | tv_lossfix ms | ratio | all options ratio | guide-style ratio |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| loss (fwd + bwd) | batch | stock ms | tv_lossfix ms | ratio | all options ratio | guide-style ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in out["losses"]:
-            lines.append(f"| {r['section']} | {r['batch']} | {r['stock']:.2f} | {r['tv_lossfix']:.2f} | {r['ratio']:.3f} | "
-                         f"{r['ratio all options']:.3f} | " + (f"{r['ratio guide-style']:.2f}" if "ratio guide-style" in r else "—") + " |")
+            lines.append(
+                f"| {r['section']} | {r['batch']} | {r['stock']:.2f} | {r['tv_lossfix']:.2f} | {r['ratio']:.3f} | "
+                f"{r['ratio all options']:.3f} | "
+                + (f"{r['ratio guide-style']:.2f}" if "ratio guide-style" in r else "—")
+                + " |"
+            )
         lines.append("")
     if "step" in out:
         st, mem, sy = out["step"], out["memory"], out["syncs"]
-        lines += ["| full step (Mask R-CNN R50-FPN) | stock | tv_lossfix | ratio |", "|---|---|---|---|",
-                  f"| time, 2 images {st['size']}px | {st['stock']:.0f} ms | {st['tv_lossfix']:.0f} ms | {st['ratio']:.3f} |",
-                  f"| peak memory | {mem['stock'] / 2**20:.1f} MiB | {mem['tv_lossfix'] / 2**20:.1f} MiB | {mem['ratio']:.4f} |",
-                  f"| host syncs (.item()-like + nonzero) | {sy['stock']['item']} + {sy['stock']['nonzero']} | "
-                  f"{sy['tv_lossfix']['item']} + {sy['tv_lossfix']['nonzero']} | |"]
+        lines += [
+            "| full step (Mask R-CNN R50-FPN) | stock | tv_lossfix | ratio |",
+            "|---|---|---|---|",
+            f"| time, 2 images {st['size']}px | {st['stock']:.0f} ms | {st['tv_lossfix']:.0f} ms | {st['ratio']:.3f} |",
+            f"| peak memory | {mem['stock'] / 2**20:.1f} MiB | {mem['tv_lossfix'] / 2**20:.1f} MiB "
+            f"| {mem['ratio']:.4f} |",
+            f"| host syncs (.item()-like + nonzero) | {sy['stock']['item']} + {sy['stock']['nonzero']} | "
+            f"{sy['tv_lossfix']['item']} + {sy['tv_lossfix']['nonzero']} | |",
+        ]
     if "train_script" in out:
         ts = out["train_script"]
-        lines.append(f"| references/train.py throughput (shapes) | {ts['stock']:.2f} img/s | {ts['tv_lossfix']:.2f} img/s | {ts['ratio']:.3f} |")
+        lines.append(
+            f"| references/train.py throughput (shapes) | {ts['stock']:.2f} img/s | {ts['tv_lossfix']:.2f} img/s "
+            f"| {ts['ratio']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -405,7 +499,9 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     t0 = time.time()
-    print(f"tv_lossfix benchmark on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True)
+    print(
+        f"tv_lossfix benchmark on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True
+    )
     if "losses" not in args.skip:
         print("1. loss computation alone (forward + backward), median ms:", flush=True)
         hw = (512, 512) if args.quick else (800, 1088)

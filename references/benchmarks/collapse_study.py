@@ -1,8 +1,8 @@
 r"""The experiment behind tv_lossfix's claim: stock torchvision vs tv_lossfix configurations in a
 setting where stock training degrades, several seeds each, same data and budget.
 
-    python references/collapse_study.py --quick        # < 15 min on a 2-core CPU
-    python references/collapse_study.py                # more seeds / iterations
+    python references/benchmarks/collapse_study.py --quick        # < 15 min on a 2-core CPU
+    python references/benchmarks/collapse_study.py                # more seeds / iterations
 
 Setting (documented in the README): Mask R-CNN trained from scratch (maskrcnn_tiny) on a hard
 shapes set (few and tiny objects, 4:1 class imbalance step, 40% empty images) at a learning rate
@@ -21,41 +21,85 @@ import contextlib
 import io
 import json
 import os
+import re
 import statistics
 import sys
 import time
 from typing import Any, Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # references/
 
 import yaml  # noqa: E402
 
-HARD_SHAPES = {"num_train": 160, "num_val": 32, "image_size": 96, "min_size": 10, "max_size": 28, "min_objects": 1,
-               "max_objects": 2, "empty_fraction": 0.4, "class_imbalance": 0.25, "tiny_fraction": 0.3, "seed": 7}
+HARD_SHAPES = {
+    "num_train": 160,
+    "num_val": 32,
+    "image_size": 96,
+    "min_size": 10,
+    "max_size": 28,
+    "min_objects": 1,
+    "max_objects": 2,
+    "empty_fraction": 0.4,
+    "class_imbalance": 0.25,
+    "tiny_fraction": 0.3,
+    "seed": 7,
+}
 
 # name -> (flags, loss config). "stock" is torchvision's own model and training step without clipping.
 CONFIGS: Dict[str, Any] = {
     "stock torchvision": (["--stock"], {}),
     "tv_lossfix defaults (= stock)": ([], {}),
     "+ grad clip 10": (["--clip-grad-norm", "10"], {}),
-    "+ clip + cls_pos_weight": (["--clip-grad-norm", "10"], {"rpn_head": {"cls_pos_weight": 2.0}, "roi_head": {"cls_pos_weight": 3.0}}),
-    "+ clip + positive norm": (["--clip-grad-norm", "10"], {"rpn_head": {"bbox_avg_factor": "positive"}, "roi_head": {"bbox_avg_factor": "positive"}}),
-    "+ clip + loss weights": (["--clip-grad-norm", "10"], {"rpn_head": {"loss_bbox_weight": 0.5}, "roi_head": {"loss_cls_weight": 2.0, "loss_mask_weight": 0.5}}),
+    "+ clip + cls_pos_weight": (
+        ["--clip-grad-norm", "10"],
+        {"rpn_head": {"cls_pos_weight": 2.0}, "roi_head": {"cls_pos_weight": 3.0}},
+    ),
+    "+ clip + positive norm": (
+        ["--clip-grad-norm", "10"],
+        {"rpn_head": {"bbox_avg_factor": "positive"}, "roi_head": {"bbox_avg_factor": "positive"}},
+    ),
+    "+ clip + loss weights": (
+        ["--clip-grad-norm", "10"],
+        {"rpn_head": {"loss_bbox_weight": 0.5}, "roi_head": {"loss_cls_weight": 2.0, "loss_mask_weight": 0.5}},
+    ),
 }
 QUICK = ["stock torchvision", "+ grad clip 10", "+ clip + cls_pos_weight", "+ clip + positive norm"]
 
 
-def run_one(out_dir: str, data_root: str, name: str, seed: int, lr: float, epochs: int, iters: int, batch: int) -> Dict[str, Any]:
+def run_one(
+    out_dir: str, data_root: str, name: str, seed: int, lr: float, epochs: int, iters: int, batch: int
+) -> Dict[str, Any]:
     import train
 
     flags, loss = CONFIGS[name]
     cfg = {
-        "model": {"name": "maskrcnn_tiny", "kwargs": {"min_size": HARD_SHAPES["image_size"], "max_size": HARD_SHAPES["image_size"]},
-                  **loss},
-        "data": {"dataset": "shapes", "data_path": data_root, "shapes": HARD_SHAPES, "workers": 0, "aspect_ratio_group_factor": -1},
-        "training": {"device": "cpu", "batch_size": batch, "epochs": epochs, "iters_per_epoch": iters, "lr": lr,
-                     "lr_steps": [10 * epochs], "warmup_iters": 0, "seed": seed, "print_freq": iters, "plots": False,
-                     "gallery_images": 0, "nan_policy": "stop", "output_dir": out_dir},
+        "model": {
+            "name": "maskrcnn_tiny",
+            "kwargs": {"min_size": HARD_SHAPES["image_size"], "max_size": HARD_SHAPES["image_size"]},
+            **loss,
+        },
+        "data": {
+            "dataset": "shapes",
+            "data_path": data_root,
+            "shapes": HARD_SHAPES,
+            "workers": 0,
+            "aspect_ratio_group_factor": -1,
+        },
+        "training": {
+            "device": "cpu",
+            "batch_size": batch,
+            "epochs": epochs,
+            "iters_per_epoch": iters,
+            "lr": lr,
+            "lr_steps": [10 * epochs],
+            "warmup_iters": 0,
+            "seed": seed,
+            "print_freq": iters,
+            "plots": False,
+            "gallery_images": 0,
+            "nan_policy": "stop",
+            "output_dir": out_dir,
+        },
     }
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "study.yaml")
@@ -74,15 +118,20 @@ def run_one(out_dir: str, data_root: str, name: str, seed: int, lr: float, epoch
     first_ap = next((it for it, _, ap in curve if ap >= 0.05), None)
     last = evals[-1] if evals else {}
     return {
-        "config": name, "seed": seed, "rc": rc, "diverged": bool(stopped),
+        "config": name,
+        "seed": seed,
+        "rc": rc,
+        "diverged": bool(stopped),
         "stopped_at": stopped[0]["iter"] if stopped else None,
         "reason": stopped[0]["reason"][:160] if stopped else None,
         "bbox_AP": last.get("bbox_AP", 0.0) if not stopped else 0.0,
         "segm_AP": last.get("segm_AP", 0.0) if not stopped else 0.0,
         "dets_per_image": last.get("dets_per_image", 0.0) if not stopped else 0.0,
         "min_dets_after_first": min((d for _, d, _ in curve[1:]), default=None),
-        "iters_to_first_dets": first_dets, "iters_to_ap_0.05": first_ap,
-        "curve": curve, "seconds": round(time.time() - t0, 1),
+        "iters_to_first_dets": first_dets,
+        "iters_to_ap_0.05": first_ap,
+        "curve": curve,
+        "seconds": round(time.time() - t0, 1),
     }
 
 
@@ -96,8 +145,11 @@ def _fmt(values: List[float], digits: int = 3) -> str:
 
 
 def table(results: List[Dict[str, Any]], names: List[str], seeds: List[int]) -> str:
-    lines = ["| configuration | bbox AP | segm AP | detections / image | diverged | iterations to first detections | iterations to bbox AP >= 0.05 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| configuration | bbox AP | segm AP | detections / image | diverged | iterations to first detections "
+        "| iterations to bbox AP >= 0.05 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in names:
         rs = [r for r in results if r["config"] == name]
         div = sum(r["diverged"] for r in rs)
@@ -107,7 +159,8 @@ def table(results: List[Dict[str, Any]], names: List[str], seeds: List[int]) -> 
             f"| {name} | {_fmt([r['bbox_AP'] for r in rs])} | {_fmt([r['segm_AP'] for r in rs])} | "
             f"{_fmt([r['dets_per_image'] for r in rs], 2)} | {div}/{len(rs)} | "
             f"{_fmt([float(f) for f in firsts if f is not None], 0)} ({sum(f is None for f in firsts)} never) | "
-            f"{_fmt([float(a) for a in aps if a is not None], 0)} ({sum(a is None for a in aps)} never) |")
+            f"{_fmt([float(a) for a in aps if a is not None], 0)} ({sum(a is None for a in aps)} never) |"
+        )
     return "\n".join(lines)
 
 
@@ -158,21 +211,41 @@ def main(argv=None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     import torch
 
-    print(f"collapse study: {len(names)} configurations x {len(seeds)} seeds, {epochs * args.iters} iterations each, "
-          f"lr {args.lr}, batch {args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"collapse study: {len(names)} configurations x {len(seeds)} seeds, {epochs * args.iters} iterations each, "
+        f"lr {args.lr}, batch {args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     results = []
     t0 = time.time()
     for seed in seeds:  # seed-major: a cut-short study still has every configuration
         for name in names:
-            r = run_one(os.path.join(args.out_dir, f"{name.replace(' ', '_').replace('+', 'p').replace('(', '').replace(')', '').replace('=', '')}_s{seed}"),
-                        args.data_path, name, seed, args.lr, epochs, args.iters, args.batch_size)
+            r = run_one(
+                os.path.join(
+                    args.out_dir,
+                    f"{re.sub(r'[^A-Za-z0-9_]', '', name.replace(' ', '_').replace('+', 'p'))}_s{seed}",
+                ),
+                args.data_path,
+                name,
+                seed,
+                args.lr,
+                epochs,
+                args.iters,
+                args.batch_size,
+            )
             results.append(r)
-            print(f"  {name:32s} seed {seed}: bbox AP {r['bbox_AP']:.3f} segm AP {r['segm_AP']:.3f} "
-                  f"dets/img {r['dets_per_image']:.2f} " + (f"DIVERGED at iter {r['stopped_at']} " if r["diverged"] else "")
-                  + f"({r['seconds']:.0f} s)", flush=True)
+            print(
+                f"  {name:32s} seed {seed}: bbox AP {r['bbox_AP']:.3f} segm AP {r['segm_AP']:.3f} "
+                f"dets/img {r['dets_per_image']:.2f} "
+                + (f"DIVERGED at iter {r['stopped_at']} " if r["diverged"] else "")
+                + f"({r['seconds']:.0f} s)",
+                flush=True,
+            )
     md = table(results, names, seeds)
-    header = (f"Collapse study: maskrcnn_tiny from scratch on hard shapes {HARD_SHAPES}, lr {args.lr}, batch "
-              f"{args.batch_size}, no warmup, {epochs * args.iters} iterations, seeds {seeds}; mean ± std over seeds.\n\n")
+    header = (
+        f"Collapse study: maskrcnn_tiny from scratch on hard shapes {HARD_SHAPES}, lr {args.lr}, batch "
+        f"{args.batch_size}, no warmup, {epochs * args.iters} iterations, seeds {seeds}; mean ± std over seeds.\n\n"
+    )
     print("\n" + md, flush=True)
     with open(os.path.join(args.out_dir, "collapse_study.md"), "w") as f:
         f.write(header + md + "\n")

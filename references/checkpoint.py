@@ -1,0 +1,208 @@
+"""Training checkpoints: written atomically, read through tv_lossfix's one loader, and reconciled
+with the command line on ``--resume`` so that no setting is ignored silently."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from tv_lossfix.checkpoint import CheckpointError, model_state_dict, read_checkpoint
+
+import distributed
+
+FORMAT = "tv_lossfix-train-1"
+
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "atomic_save",
+    "atomic_write_text",
+    "load_training_checkpoint",
+    "checkpoint_model_name",
+    "reconcile",
+    "save_training_checkpoint",
+    "restore_rng",
+]
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_training_checkpoint(path: str, what: str = "--resume") -> Dict[str, Any]:
+    """A checkpoint ``--resume`` can continue from: tv_lossfix's, or torchvision's reference script's."""
+    ckpt = read_checkpoint(path, what)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        hint = (
+            " It looks like a bare model state_dict: start from it with --weights PATH."
+            if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+            else ""
+        )
+        raise CheckpointError(f"{what}: {path} is not a tv_lossfix training checkpoint (found {found}).{hint}")
+    model_state_dict(ckpt, path, what)  # validates the model entry
+    return ckpt
+
+
+def checkpoint_model_name(ckpt: Dict[str, Any]) -> Optional[str]:
+    """The model a checkpoint was trained as, from its config (ours) or args (torchvision's)."""
+    if isinstance(ckpt.get("config"), dict):
+        return ckpt["config"].get("model", {}).get("name")
+    args = ckpt.get("args")
+    return getattr(args, "model", None)
+
+
+def _scheduler_state(sched) -> Dict[str, Any]:
+    sd = sched.state_dict()
+    # MultiStepLR keeps its milestones in a Counter, which torch < 2.5 refuses under weights_only.
+    if isinstance(sd.get("milestones"), collections.Counter):
+        sd["milestones"] = {int(k): int(v) for k, v in sd["milestones"].items()}
+    return sd
+
+
+def load_scheduler_state(sched, sd: Dict[str, Any]) -> None:
+    sd = dict(sd)
+    if isinstance(sd.get("milestones"), dict):
+        sd["milestones"] = collections.Counter({int(k): int(v) for k, v in sd["milestones"].items()})
+    sched.load_state_dict(sd)
+
+
+def _py_state_to_list(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def restore_rng(rng: Dict[str, Any], rank: int) -> None:
+    torch.set_rng_state(rng["torch"][rank] if rank < len(rng["torch"]) else rng["torch"][0])
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if torch.cuda.is_available() and rng.get("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"][rank] if rank < len(rng["cuda"]) else rng["cuda"][0])
+
+
+def save_training_checkpoint(
+    out_dir: str,
+    epoch: int,
+    net,
+    optimizer,
+    lr_scheduler,
+    warmup,
+    scaler,
+    state,
+    cfg: Dict[str, Any],
+    loss_cfg,
+    device: torch.device,
+) -> None:
+    """Every rank takes part (RNG states are gathered); rank 0 writes model_<epoch>.pth and checkpoint.pth."""
+    rng_all = distributed.all_gather(torch.get_rng_state())
+    cuda_all = distributed.all_gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else []
+    if not distributed.is_main() or not out_dir:
+        return
+    ckpt = {
+        "format": FORMAT,
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": _scheduler_state(lr_scheduler),
+        "warmup": warmup.state_dict() if warmup is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "epoch": epoch,  # torchvision's key: the last finished epoch
+        "state": state.state_dict(),
+        "config": json.loads(json.dumps(cfg)),
+        "loss_cfg": loss_cfg.to_dict(),
+        "rng": {"torch": rng_all, "cuda": cuda_all, "python": _py_state_to_list(random.getstate())},
+    }
+    atomic_save(ckpt, os.path.join(out_dir, f"model_{epoch}.pth"))
+    atomic_save(ckpt, os.path.join(out_dir, "checkpoint.pth"))
+
+
+# -- --resume against the command line ------------------------------------------------------------
+# Settings a checkpoint fixes: a different value cannot take effect, so it is refused.
+REFUSED = {
+    "model.name": "the checkpoint holds another architecture",
+    "model.num_classes": "the checkpoint's predictors have another class count",
+    "model.stock": "the checkpoint's heads are the other kind",
+    "model.anchor_sizes": "the RPN head was trained for other anchors",
+    "model.aspect_ratios": "the RPN head was trained for other anchors",
+    "training.opt": "the optimizer state belongs to another optimizer",
+    "training.lr_scheduler": "the scheduler state belongs to another scheduler",
+    "training.norm_weight_decay": "the parameter groups were built without/with it",
+    "training.seed": "the checkpoint's RNG states continue the run; a new seed cannot take effect",
+    "training.warmup_iters": "warmup was fixed when the run started",
+    "training.warmup_factor": "warmup was fixed when the run started",
+}
+# Settings applied to the restored optimizer / scheduler: say how.
+APPLIED_HOW = {
+    "training.lr": "the new base lr replaces the restored one; the schedule continues from its position",
+    "training.momentum": "set in every parameter group",
+    "training.weight_decay": "set in every parameter group",
+    "training.lr_steps": "the scheduler's milestones are replaced",
+    "training.lr_gamma": "the scheduler's gamma is replaced",
+    "training.epochs": "the run continues to the new epoch count",
+}
+_IGNORED_IN_DIFF = {"training.resume", "training.start_epoch", "training.test_only"}
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        path = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and k not in ("kwargs", "shapes", "rpn_head", "roi_head"):
+            out.update(_flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def reconcile(saved_cfg: Optional[Dict[str, Any]], cfg: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """Compare the checkpoint's config with this run's: returns (applied lines, refused lines)."""
+    if not saved_cfg:
+        return [], []
+    old, new = _flatten(saved_cfg), _flatten(cfg)
+    applied, refused = [], []
+    for path in sorted(set(old) | set(new)):
+        if path in _IGNORED_IN_DIFF or old.get(path) == new.get(path):
+            continue
+        change = f"{path}: {old.get(path)!r} -> {new.get(path)!r}"
+        if path in REFUSED:
+            refused.append(f"{change} refused: {REFUSED[path]}")
+        else:
+            applied.append(f"{change} applied: {APPLIED_HOW.get(path, 'read by this run as given')}")
+    return applied, refused
+
+
+def apply_to_optimizer(optimizer, lr_scheduler, saved_cfg: Dict[str, Any], cfg: Dict[str, Any]) -> None:
+    """Put the settings APPLIED_HOW promises into the restored optimizer and scheduler."""
+    t, old = cfg["training"], saved_cfg.get("training", {})
+    for g in optimizer.param_groups:
+        if t["lr"] != old.get("lr", t["lr"]):
+            factor = g["lr"] / g.get("initial_lr", g["lr"])  # where the schedule (and warmup) stands
+            g["initial_lr"] = t["lr"]
+            g["lr"] = t["lr"] * factor
+        if "momentum" in g and t["momentum"] != old.get("momentum", t["momentum"]):
+            g["momentum"] = t["momentum"]
+        if t["weight_decay"] != old.get("weight_decay", t["weight_decay"]):
+            g["weight_decay"] = t["weight_decay"]
+    lr_scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    if hasattr(lr_scheduler, "milestones"):
+        lr_scheduler.milestones = collections.Counter(t["lr_steps"])
+        lr_scheduler.gamma = t["lr_gamma"]
+    if hasattr(lr_scheduler, "T_max"):
+        lr_scheduler.T_max = t["epochs"]

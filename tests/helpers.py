@@ -1,0 +1,90 @@
+"""Test helpers: synthetic targets, the stock models, tiny models. Imported as ``helpers``."""
+
+import copy
+import os
+import sys
+
+import torch
+from torchvision.models import detection as tvdet
+
+import tv_lossfix
+
+REFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "references")
+if REFS not in sys.path:  # the training recipe's modules (train, engine, ...) import each other by name
+    sys.path.insert(0, REFS)
+
+SMALL = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=200)
+
+
+def make_targets(kind: str, sizes, num_classes: int = 3, empty=(), seed: int = 0, num_keypoints: int = 5):
+    """Random but valid targets for images of `sizes` [(h, w)]; indices in `empty` get no boxes."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for i, (h, w) in enumerate(sizes):
+        images.append(torch.rand(3, h, w, generator=g))
+        n = 0 if i in empty else 1 + i % 3
+        x1 = torch.rand(n, generator=g) * (w * 0.5)
+        y1 = torch.rand(n, generator=g) * (h * 0.5)
+        bw = 8 + torch.rand(n, generator=g) * (w * 0.45)
+        bh = 8 + torch.rand(n, generator=g) * (h * 0.45)
+        boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], dim=1).reshape(n, 4)
+        t = {"boxes": boxes, "labels": torch.randint(1, num_classes, (n,), generator=g)}
+        if kind == "mask":
+            masks = torch.zeros(n, h, w, dtype=torch.uint8)
+            for j, b in enumerate(boxes.round().long().tolist()):
+                masks[j, b[1] : b[3], b[0] : b[2]] = 1
+            t["masks"] = masks
+        if kind == "keypoint":
+            kx = boxes[:, None, 0] + torch.rand(n, num_keypoints, generator=g) * (boxes[:, None, 2] - boxes[:, None, 0])
+            ky = boxes[:, None, 1] + torch.rand(n, num_keypoints, generator=g) * (boxes[:, None, 3] - boxes[:, None, 1])
+            t["keypoints"] = torch.stack([kx, ky, torch.ones_like(kx)], dim=2)
+        targets.append(t)
+    return images, targets
+
+
+STOCK = {
+    "faster": lambda **kw: tvdet.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=3, **SMALL, **kw
+    ),
+    "mask": lambda **kw: tvdet.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, **SMALL, **kw),
+    "keypoint": lambda **kw: tvdet.keypointrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=3, num_keypoints=5, **SMALL, **kw
+    ),
+}
+
+
+def patched_copy(model, loss_cfg=None):
+    return tv_lossfix.patch_model(copy.deepcopy(model), loss_cfg)
+
+
+def run_losses(model, images, targets, seed: int = 123):
+    model.train()
+    torch.manual_seed(seed)
+    return model(images, targets)
+
+
+def tiny_model(kind: str = "mask", num_classes: int = 3, loss_cfg=None, seed: int = 0):
+    """A Faster/Mask R-CNN with a 2-layer backbone: real heads and losses, milliseconds per step."""
+    from torch import nn
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    )
+    backbone.out_channels = 16
+    common = dict(
+        num_classes=num_classes,
+        min_size=64,
+        max_size=96,
+        rpn_anchor_generator=AnchorGenerator(((16, 32, 64),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        rpn_batch_size_per_image=64,
+        box_batch_size_per_image=64,
+    )
+    if kind == "mask":
+        model = tvdet.MaskRCNN(backbone, mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2), **common)
+    else:
+        model = tvdet.FasterRCNN(backbone, **common)
+    return tv_lossfix.patch_model(model, loss_cfg) if loss_cfg is not None else model
