@@ -118,6 +118,108 @@ def _segmentation_problem(seg: Any, w: int, h: int) -> Optional[Tuple[str, str]]
     return "bad_mask", f"segmentation is neither polygons nor RLE: {str(seg)[:60]}"
 
 
+def _read_json(ann_file: str, image_dir: str, split: str) -> Dict[str, Any]:
+    if not os.path.isfile(ann_file):
+        raise DataError(f"{split}: annotation file not found: {ann_file}")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{split}: {ann_file} is not valid JSON: {e}") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{split}: {ann_file} has no {key!r} list: not a COCO instances file")
+    if not os.path.isdir(image_dir):
+        raise DataError(f"{split}: image folder not found: {image_dir}")
+    return data
+
+
+def _label_map(data: Dict[str, Any], ann_file: str, split: str, label_mode: str):
+    """(category id -> name, category id -> label): contiguous 1..K, or COCO's ids themselves."""
+    categories = {}
+    for c in data["categories"]:
+        if "id" not in c:
+            raise DataError(f"{split}: {ann_file}: category {c!r} has no 'id'")
+        categories[c["id"]] = c.get("name", str(c["id"]))
+    if not categories:
+        raise DataError(f"{split}: {ann_file} defines no categories")
+    if label_mode != "category_id":
+        return categories, {cid: i + 1 for i, cid in enumerate(sorted(categories))}
+    if 0 in categories:
+        raise DataError(
+            f"{split}: category id 0 ({categories[0]!r}) would be label 0, which is the background; "
+            f"renumber categories from 1 or use contiguous labels (--dataset coco_json)"
+        )
+    return categories, {cid: cid for cid in categories}
+
+
+def _check_images(data, ann_file: str, image_dir: str, split: str, check_files: bool, problems: List[str]):
+    """Images by id, and the ids of those whose file is missing, unreadable or of another size."""
+    images, bad = {}, set()
+    for img in data["images"]:
+        iid, w, h = img.get("id"), img.get("width"), img.get("height")
+        if iid in images:
+            raise DataError(f"{split}: image id {iid} appears twice in {ann_file}")
+        if not isinstance(w, int) or not isinstance(h, int) or w <= 0 or h <= 0:
+            raise DataError(f"{split}: image {iid} ({img.get('file_name')}) has no valid width/height: {w}x{h}")
+        images[iid] = img
+        if not check_files:
+            continue
+        path = os.path.join(image_dir, img.get("file_name", ""))
+        try:
+            with Image.open(path) as im:  # header only: cheap even for large sets
+                size = im.size
+        except FileNotFoundError:
+            problems.append(f"image {iid}: file not found: {path}")
+            bad.add(iid)
+            continue
+        except Exception as e:
+            problems.append(f"image {iid}: cannot read {path}: {e}")
+            bad.add(iid)
+            continue
+        if size != (w, h):
+            problems.append(f"image {iid}: {path} is {size[0]}x{size[1]} but the JSON says {w}x{h}")
+            bad.add(iid)
+    return images, bad
+
+
+def _annotation_problem(a, img, categories, need_masks: bool) -> Optional[Tuple[str, str]]:
+    if a.get("category_id") not in categories:
+        ids = sorted(categories)[:20]
+        return "unknown_category", f"category_id {a.get('category_id')} is not in 'categories' (ids: {ids})"
+    issue = _bbox_problem(a.get("bbox"), img["width"], img["height"])
+    if issue is None:
+        issue = _box_vs_polygon_problem(a["bbox"], a.get("segmentation"))
+    if issue is None and need_masks and not a.get("iscrowd", 0):
+        issue = _segmentation_problem(a.get("segmentation"), img["width"], img["height"])
+    return issue
+
+
+def _check_annotations(data, images, bad_images, categories, need_masks, report: "DataReport", problems):
+    """The annotations to keep, and the ids of the images that keep a non-crowd one."""
+    kept, with_anns = [], set()
+    for a in data["annotations"]:
+        aid, iid = a.get("id"), a.get("image_id")
+        where = f"annotation {aid} (image {iid})"
+        if iid not in images:
+            problems.append(f"{where}: image_id {iid} is not in 'images'")
+            report.dropped["unknown_image"] += 1
+            continue
+        if iid in bad_images:
+            continue
+        issue = _annotation_problem(a, images[iid], categories, need_masks)
+        if issue is not None:
+            problems.append(f"{where}: {issue[1]}")
+            report.dropped[issue[0]] += 1
+            continue
+        if a.get("iscrowd", 0):
+            report.crowd += 1
+        else:
+            with_anns.add(iid)
+        kept.append(a)
+    return kept, with_anns
+
+
 def load_coco_checked(
     ann_file: str,
     image_dir: str,
@@ -136,100 +238,12 @@ def load_coco_checked(
 
     if policy not in POLICIES:
         raise ValueError(f"data.bad_annotations must be one of {POLICIES}, got {policy!r}")
-    if not os.path.isfile(ann_file):
-        raise DataError(f"{split}: annotation file not found: {ann_file}")
-    try:
-        with open(ann_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{split}: {ann_file} is not valid JSON: {e}") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{split}: {ann_file} has no {key!r} list: not a COCO instances file")
-    if not os.path.isdir(image_dir):
-        raise DataError(f"{split}: image folder not found: {image_dir}")
-
+    data = _read_json(ann_file, image_dir, split)
+    categories, label_map = _label_map(data, ann_file, split, label_mode)
     report = DataReport(split)
     problems: List[str] = []
-    categories = {}
-    for c in data["categories"]:
-        if "id" not in c:
-            raise DataError(f"{split}: {ann_file}: category {c!r} has no 'id'")
-        categories[c["id"]] = c.get("name", str(c["id"]))
-    if not categories:
-        raise DataError(f"{split}: {ann_file} defines no categories")
-    if label_mode == "category_id":
-        if 0 in categories:
-            raise DataError(
-                f"{split}: category id 0 ({categories[0]!r}) would be label 0, which is the background; "
-                f"renumber categories from 1 or use contiguous labels (--dataset coco_json)"
-            )
-        label_map = {cid: cid for cid in categories}
-    else:
-        label_map = {cid: i + 1 for i, cid in enumerate(sorted(categories))}
-
-    images = {}
-    bad_images = set()
-    for img in data["images"]:
-        iid = img.get("id")
-        w, h = img.get("width"), img.get("height")
-        if iid in images:
-            raise DataError(f"{split}: image id {iid} appears twice in {ann_file}")
-        if not isinstance(w, int) or not isinstance(h, int) or w <= 0 or h <= 0:
-            raise DataError(f"{split}: image {iid} ({img.get('file_name')}) has no valid width/height: {w}x{h}")
-        images[iid] = img
-        if check_image_files:
-            path = os.path.join(image_dir, img.get("file_name", ""))
-            try:
-                with Image.open(path) as im:  # header only: cheap even for large sets
-                    size = im.size
-            except FileNotFoundError:
-                problems.append(f"image {iid}: file not found: {path}")
-                bad_images.add(iid)
-                continue
-            except Exception as e:
-                problems.append(f"image {iid}: cannot read {path}: {e}")
-                bad_images.add(iid)
-                continue
-            if size != (w, h):
-                problems.append(f"image {iid}: {path} is {size[0]}x{size[1]} but the JSON says {w}x{h}")
-                bad_images.add(iid)
-
-    kept = []
-    with_anns = set()
-    for a in data["annotations"]:
-        aid, iid = a.get("id"), a.get("image_id")
-        where = f"annotation {aid} (image {iid})"
-        if iid not in images:
-            problems.append(f"{where}: image_id {iid} is not in 'images'")
-            report.dropped["unknown_image"] += 1
-            continue
-        if iid in bad_images:
-            continue
-        img = images[iid]
-        issue = None
-        if a.get("category_id") not in categories:
-            issue = (
-                "unknown_category",
-                f"category_id {a.get('category_id')} is not in 'categories' (ids: {sorted(categories)[:20]})",
-            )
-        if issue is None:
-            issue = _bbox_problem(a.get("bbox"), img["width"], img["height"])
-        if issue is None:
-            issue = _box_vs_polygon_problem(a["bbox"], a.get("segmentation"))
-        if issue is None and need_masks and not a.get("iscrowd", 0):
-            issue = _segmentation_problem(a.get("segmentation"), img["width"], img["height"])
-        if issue is not None:
-            reason, text = issue
-            problems.append(f"{where}: {text}")
-            report.dropped[reason] += 1
-            continue
-        if a.get("iscrowd", 0):
-            report.crowd += 1
-        else:
-            with_anns.add(iid)
-        kept.append(a)
-
+    images, bad_images = _check_images(data, ann_file, image_dir, split, check_image_files, problems)
+    kept, with_anns = _check_annotations(data, images, bad_images, categories, need_masks, report, problems)
     if problems and policy == "stop":
         shown = "\n  ".join(problems[:25])
         more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""

@@ -447,6 +447,7 @@ def _add_flag(p: argparse.ArgumentParser, o: Opt) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog="references/train.py",
         description="Train / evaluate a torchvision two-stage detector with tv_lossfix's configurable losses. "
         "Flags override the --config file, which overrides the defaults shown.",
         formatter_class=_HelpFormatter,

@@ -19,3 +19,8 @@ def stock_models():
         torch.manual_seed(0)
         out[kind] = build()
     return out
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("shapes"))

@@ -1,10 +1,12 @@
 """Test helpers: synthetic targets, the stock models, tiny models. Imported as ``helpers``."""
 
 import copy
+import json
 import os
 import sys
 
 import torch
+import yaml
 from torchvision.models import detection as tvdet
 
 import tv_lossfix
@@ -88,3 +90,43 @@ def tiny_model(kind: str = "mask", num_classes: int = 3, loss_cfg=None, seed: in
     else:
         model = tvdet.FasterRCNN(backbone, **common)
     return tv_lossfix.patch_model(model, loss_cfg) if loss_cfg is not None else model
+
+
+# -- references/train.py runs on tiny data --------------------------------------------------------
+TINY_SHAPES = {"num_train": 8, "num_val": 4, "image_size": 64, "min_size": 12, "max_size": 30, "empty_fraction": 0.25}
+
+
+def tiny_config(tmp_path, data_root, **training):
+    cfg = {
+        "model": {"name": "maskrcnn_tiny", "kwargs": {"min_size": 64, "max_size": 64}},
+        "data": {
+            "dataset": "shapes",
+            "data_path": data_root,
+            "shapes": TINY_SHAPES,
+            "workers": 0,
+            "aspect_ratio_group_factor": -1,
+            "check_samples": 4,
+            "lsj_size": 64,
+        },
+        "training": {
+            "device": "cpu",
+            "batch_size": 2,
+            "epochs": 1,
+            "lr": 0.01,
+            "warmup_iters": 2,
+            "print_freq": 1,
+            "output_dir": str(tmp_path / "out"),
+            "plots": False,
+            "gallery_images": 0,
+            **training,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def records(out_dir, kind=None):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return [r for r in recs if kind is None or r["type"] == kind]

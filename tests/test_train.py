@@ -1,6 +1,5 @@
 """references/train.py end to end on tiny data: runs, resume, DDP, config precedence, NaN policy."""
 
-import json
 import os
 import subprocess
 import sys
@@ -13,49 +12,7 @@ import checkpoint  # noqa: E402
 import helpers  # noqa: F401,E402  (puts references/ on sys.path)
 import train  # noqa: E402
 import train_config  # noqa: E402
-
-TINY_SHAPES = {"num_train": 8, "num_val": 4, "image_size": 64, "min_size": 12, "max_size": 30, "empty_fraction": 0.25}
-
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("shapes"))
-
-
-def tiny_config(tmp_path, data_root, **training):
-    cfg = {
-        "model": {"name": "maskrcnn_tiny", "kwargs": {"min_size": 64, "max_size": 64}},
-        "data": {
-            "dataset": "shapes",
-            "data_path": data_root,
-            "shapes": TINY_SHAPES,
-            "workers": 0,
-            "aspect_ratio_group_factor": -1,
-            "check_samples": 4,
-            "lsj_size": 64,
-        },
-        "training": {
-            "device": "cpu",
-            "batch_size": 2,
-            "epochs": 1,
-            "lr": 0.01,
-            "warmup_iters": 2,
-            "print_freq": 1,
-            "output_dir": str(tmp_path / "out"),
-            "plots": False,
-            "gallery_images": 0,
-            **training,
-        },
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def records(out_dir, kind=None):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    return [r for r in recs if kind is None or r["type"] == kind]
+from helpers import records, tiny_config  # noqa: E402
 
 
 def test_end_to_end_run_writes_everything(tmp_path, data_root):

@@ -168,6 +168,66 @@ class LossFixRoIHeads(RoIHeads):
             idxs.append(m[pos])
         return boxes, idxs
 
+    # Each branch checks its modules for None itself, so TorchScript compiles it only when present.
+    def _mask_branch(
+        self,
+        features: Dict[str, Tensor],
+        proposals: List[Tensor],
+        image_shapes: List[Tuple[int, int]],
+        targets: Optional[List[Dict[str, Tensor]]],
+        labels: List[Tensor],
+        matched_idxs: List[Tensor],
+        result: List[Dict[str, Tensor]],
+        losses: Dict[str, Tensor],
+    ) -> None:
+        if self.mask_roi_pool is None or self.mask_head is None or self.mask_predictor is None:
+            return
+        if self.training:
+            mask_boxes, pos_idxs = self._positive_rois(proposals, labels, matched_idxs)
+        else:
+            mask_boxes = [r["boxes"] for r in result]
+            pos_idxs: List[Tensor] = []
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
+        if self.training:
+            if targets is None:
+                raise ValueError("targets should not be None when training")
+            losses["loss_mask"] = self.mask_losses(mask_logits, mask_boxes, pos_idxs, targets)
+        else:
+            for p, r in zip(maskrcnn_inference(mask_logits, [r["labels"] for r in result]), result):
+                r["masks"] = p
+
+    def _keypoint_branch(
+        self,
+        features: Dict[str, Tensor],
+        proposals: List[Tensor],
+        image_shapes: List[Tuple[int, int]],
+        targets: Optional[List[Dict[str, Tensor]]],
+        labels: List[Tensor],
+        matched_idxs: List[Tensor],
+        result: List[Dict[str, Tensor]],
+        losses: Dict[str, Tensor],
+    ) -> None:
+        if self.keypoint_roi_pool is None or self.keypoint_head is None or self.keypoint_predictor is None:
+            return
+        if self.training:
+            kp_boxes, pos_idxs = self._positive_rois(proposals, labels, matched_idxs)
+        else:
+            kp_boxes = [r["boxes"] for r in result]
+            pos_idxs: List[Tensor] = []
+        kp_logits = self.keypoint_predictor(
+            self.keypoint_head(self.keypoint_roi_pool(features, kp_boxes, image_shapes))
+        )
+        if self.training:
+            if targets is None:
+                raise ValueError("targets should not be None when training")
+            loss_kp = keypointrcnn_loss(kp_logits, kp_boxes, [t["keypoints"] for t in targets], pos_idxs)
+            losses["loss_keypoint"] = scale(loss_kp, self.loss_keypoint_weight)
+        else:
+            kp_probs, kp_scores = keypointrcnn_inference(kp_logits, kp_boxes)
+            for p, s, r in zip(kp_probs, kp_scores, result):
+                r["keypoints"] = p
+                r["keypoints_scores"] = s
+
     def forward(
         self,
         features: Dict[str, Tensor],
@@ -199,47 +259,6 @@ class LossFixRoIHeads(RoIHeads):
             for b, s, lab in zip(boxes, scores, det_labels):
                 result.append({"boxes": b, "labels": lab, "scores": s})
 
-        # None checks inline so TorchScript compiles each branch only when present.
-        if self.mask_roi_pool is not None and self.mask_head is not None and self.mask_predictor is not None:
-            if self.training:
-                if targets is None:
-                    raise ValueError("targets should not be None when training")
-                mask_boxes, pos_idxs = self._positive_rois(proposals, labels, matched_idxs)
-            else:
-                mask_boxes = [r["boxes"] for r in result]
-                pos_idxs = []
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
-            if self.training:
-                if targets is None:
-                    raise ValueError("targets should not be None when training")
-                losses["loss_mask"] = self.mask_losses(mask_logits, mask_boxes, pos_idxs, targets)
-            else:
-                probs = maskrcnn_inference(mask_logits, [r["labels"] for r in result])
-                for p, r in zip(probs, result):
-                    r["masks"] = p
-
-        if (
-            self.keypoint_roi_pool is not None
-            and self.keypoint_head is not None
-            and self.keypoint_predictor is not None
-        ):
-            if self.training:
-                kp_boxes, pos_idxs = self._positive_rois(proposals, labels, matched_idxs)
-            else:
-                kp_boxes = [r["boxes"] for r in result]
-                pos_idxs = []
-            kp_logits = self.keypoint_predictor(
-                self.keypoint_head(self.keypoint_roi_pool(features, kp_boxes, image_shapes))
-            )
-            if self.training:
-                if targets is None:
-                    raise ValueError("targets should not be None when training")
-                loss_kp = keypointrcnn_loss(kp_logits, kp_boxes, [t["keypoints"] for t in targets], pos_idxs)
-                losses["loss_keypoint"] = scale(loss_kp, self.loss_keypoint_weight)
-            else:
-                kp_probs, kp_scores = keypointrcnn_inference(kp_logits, kp_boxes)
-                for p, s, r in zip(kp_probs, kp_scores, result):
-                    r["keypoints"] = p
-                    r["keypoints_scores"] = s
-
+        self._mask_branch(features, proposals, image_shapes, targets, labels, matched_idxs, result, losses)
+        self._keypoint_branch(features, proposals, image_shapes, targets, labels, matched_idxs, result, losses)
         return result, losses
