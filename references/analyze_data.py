@@ -301,9 +301,10 @@ POOR_03, POOR_07, RELATIVE = 0.9, 0.2, 0.5
 def _is_poor(key: str, c: Dict[str, float], overall: Dict[str, float]) -> bool:
     if c["n"] < 10:
         return False
-    if c["0.3"] < POOR_03:
-        return True
-    return c["0.7"] < POOR_07 if key == "all" else c["0.7"] < RELATIVE * overall["0.7"]
+    if key == "all":
+        return c["0.3"] < POOR_03 or c["0.7"] < POOR_07
+    # A size bucket or class: flagged when it is worse than the whole, not merely as poor.
+    return (c["0.3"] < POOR_03 and c["0.3"] < overall["0.3"] - 0.05) or c["0.7"] < RELATIVE * overall["0.7"]
 
 
 def data_report(

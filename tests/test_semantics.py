@@ -38,12 +38,13 @@ def test_component_weight_scales_only_its_term(section, key, loss_name):
 @pytest.mark.parametrize("section,loss_name", [("rpn_head", "loss_objectness"), ("roi_head", "loss_classifier")])
 def test_cls_pos_weight_is_linear_with_count_normalizer(section, loss_name):
     # loss(w) = (sum_neg + w * sum_pos) / S: linear in w only if the normalizer is a count.
-    l0, _ = losses_with({section: {"cls_pos_weight": 0.0}})
+    # (A weight of 0 is refused, so the line is checked through w = 1, 2, 4.)
     l1, _ = losses_with({section: {"cls_pos_weight": 1.0}})
-    l3, _ = losses_with({section: {"cls_pos_weight": 3.0}})
-    expected = l0[loss_name] + 3.0 * (l1[loss_name] - l0[loss_name])
-    assert l3[loss_name] == pytest.approx(expected, rel=1e-5)
-    assert l1[loss_name] > l0[loss_name]  # positives contributed
+    l2, _ = losses_with({section: {"cls_pos_weight": 2.0}})
+    l4, _ = losses_with({section: {"cls_pos_weight": 4.0}})
+    step = l2[loss_name] - l1[loss_name]  # sum_pos / S
+    assert step > 0  # positives contributed
+    assert l4[loss_name] == pytest.approx(l1[loss_name] + 3.0 * step, rel=1e-5)
 
 
 def test_class_weight_is_per_sample_and_linear():

@@ -156,12 +156,15 @@ class LossFixRoIHeads(RoIHeads):
                 if t["keypoints"].dtype != torch.float32:
                     raise TypeError(f"target keypoints must of float type, instead got {t['keypoints'].dtype}")
 
-    def _positive_rois(
-        self, proposals: List[Tensor], labels: List[Tensor], matched_idxs: List[Tensor]
+    def _branch_rois(
+        self, proposals: List[Tensor], labels: List[Tensor], matched_idxs: List[Tensor], result: List[Dict[str, Tensor]]
     ) -> Tuple[List[Tensor], List[Tensor]]:
-        # The mask/keypoint branches train on positive RoIs only; their count is data-dependent.
+        """The RoIs the mask / keypoint branch runs on: when training, the positive sampled RoIs and
+        their matched ground truth (a data-dependent count); at inference, the detections."""
         boxes: List[Tensor] = []
         idxs: List[Tensor] = []
+        if not self.training:
+            return [r["boxes"] for r in result], idxs
         for p, lab, m in zip(proposals, labels, matched_idxs):
             pos = torch.where(lab > 0)[0]
             boxes.append(p[pos])
@@ -182,11 +185,7 @@ class LossFixRoIHeads(RoIHeads):
     ) -> None:
         if self.mask_roi_pool is None or self.mask_head is None or self.mask_predictor is None:
             return
-        if self.training:
-            mask_boxes, pos_idxs = self._positive_rois(proposals, labels, matched_idxs)
-        else:
-            mask_boxes = [r["boxes"] for r in result]
-            pos_idxs: List[Tensor] = []
+        mask_boxes, pos_idxs = self._branch_rois(proposals, labels, matched_idxs, result)
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
         if self.training:
             if targets is None:
@@ -209,11 +208,7 @@ class LossFixRoIHeads(RoIHeads):
     ) -> None:
         if self.keypoint_roi_pool is None or self.keypoint_head is None or self.keypoint_predictor is None:
             return
-        if self.training:
-            kp_boxes, pos_idxs = self._positive_rois(proposals, labels, matched_idxs)
-        else:
-            kp_boxes = [r["boxes"] for r in result]
-            pos_idxs: List[Tensor] = []
+        kp_boxes, pos_idxs = self._branch_rois(proposals, labels, matched_idxs, result)
         kp_logits = self.keypoint_predictor(
             self.keypoint_head(self.keypoint_roi_pool(features, kp_boxes, image_shapes))
         )

@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from typing import Callable, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # references/
@@ -387,18 +386,9 @@ def bench_sync_debug(device, out):
             bi["logits"], bi["box"], bi["labels"], bi["targets"], bi["proposals"]
         ),
     }
-    res = {}
-    for (sec, name), fn in paths.items():
-        fn()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        res[f"{sec} / {name}"] = sum(1 for w in caught if "synchroniz" in str(w.message))
+    from gpu_check import _syncs  # the same counting as the CUDA check (this folder is on sys.path)
+
+    res = {f"{sec} / {name}": sum(_syncs(fn).values()) for (sec, name), fn in paths.items()}
     for k, v in res.items():
         print(f"  cuda syncs reported, {k}: {v}", flush=True)
     out["cuda_sync_debug"] = res

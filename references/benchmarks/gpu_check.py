@@ -127,12 +127,15 @@ def _run_train(argv, out_dir) -> Dict[str, Any]:
     return {"code": code, "records": recs}
 
 
+MODEL = "maskrcnn_resnet50_fpn"  # --model; the CPU test of this script uses maskrcnn_tiny
+
+
 def _train_argv(device, size: int, iters: int, epochs: int, data_root: str, tmp: str):
     """The shapes demo, trained with torchvision's R50-FPN Mask R-CNN at ``size`` px (from scratch)."""
     import yaml
 
     cfg = {
-        "model": {"name": "maskrcnn_resnet50_fpn", "kwargs": {"min_size": size, "max_size": size}},
+        "model": {"name": MODEL, "kwargs": {"min_size": size, "max_size": size}},
         "data": {
             "dataset": "shapes",
             "data_path": data_root,
@@ -330,7 +333,9 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="the smallest sizes (the CPU test of this script)")
     p.add_argument("--out", default="gpu_check_out")
     p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--model", default=MODEL, help="the model the training checks use")
     args = p.parse_args(argv)
+    globals()["MODEL"] = args.model
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
     size, iters, epochs = (128, 3, 1) if args.tiny else (384, 100, 2)
