@@ -3,7 +3,7 @@ r"""Train or evaluate a torchvision two-stage detector with tv_lossfix's configu
 Command line compatible with torchvision's references/detection/train.py, plus a YAML config,
 gradient clipping, a NaN policy, data checks and collapse diagnostics.
 
-    # the embedded demo (CPU, ~6 min):
+    # the embedded demo (CPU, ~5 min):
     torchrun --standalone --nproc_per_node=1 references/train.py --config references/configs/shapes.yaml
     # 8 GPUs, your config, flags override it:
     torchrun --nproc_per_node=8 references/train.py --config my.yaml --lr 0.02 --amp

@@ -101,11 +101,19 @@ def _colors(n: int) -> List[str]:
     return ["#%02x%02x%02x" % tuple(int(255 * c) for c in cmap(i % 10)[:3]) for i in range(n + 1)]
 
 
-def _draw(image, boxes, labels, masks, names, colors, scores=None):
-    """One panel: masks then boxes, coloured by class; a short label only (no stacking of long text)."""
+def _draw(image, boxes, labels, masks, names, colors, scores=None, min_side: int = 256):
+    """One panel: masks then boxes, coloured by class, with short labels. Small images are drawn
+    upscaled (to ``min_side``) so that the labels' fixed-size font does not cover the objects."""
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+    scale = max(1, -(-min_side // max(image.shape[-2:])))
     canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
+    if scale > 1:
+        canvas = torch.nn.functional.interpolate(canvas[None].float(), scale_factor=scale, mode="nearest")[0]
+        canvas = canvas.to(torch.uint8)
+        boxes = boxes * scale
+        if masks is not None and len(masks):
+            masks = torch.nn.functional.interpolate(masks[None].float(), scale_factor=scale, mode="nearest")[0] > 0
     if len(boxes) == 0:
         return canvas
     cols = [colors[int(lab) % len(colors)] for lab in labels]
@@ -114,7 +122,7 @@ def _draw(image, boxes, labels, masks, names, colors, scores=None):
     text = [names[int(lab) - 1] if 0 < int(lab) <= len(names) else str(int(lab)) for lab in labels]
     if scores is not None:
         text = [f"{t} {s:.2f}" for t, s in zip(text, scores.tolist())]
-    return draw_bounding_boxes(canvas, boxes, labels=text, colors=cols, width=1)
+    return draw_bounding_boxes(canvas, boxes, labels=text, colors=cols, width=2)
 
 
 def _miss_score(gt, out, thresh: float, rarity: Dict[int, float]) -> float:
@@ -144,8 +152,9 @@ def draw_gallery(
     label_to_cat: Optional[Dict[int, int]] = None,
     candidates: int = 64,
 ) -> Optional[str]:
-    """Ground truth beside predictions (boxes and masks, coloured by class) for the images that show
-    the failure: those whose missed objects are rarest first, not simply the first ``count``."""
+    """Ground truth (left of each pair) beside predictions (right; boxes and masks, coloured by class)
+    for the images that show the failure: those whose missed objects are rarest first, not simply
+    the first ``count``."""
     from torchvision.utils import make_grid, save_image
 
     if count <= 0 or len(dataset) == 0:
