@@ -179,8 +179,10 @@ def check_before_data(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     _check_device(t["device"])
     _check_output_dir(t["output_dir"])
     check_weights_path(m["weights"])
-    resolve_weights(m["name"], m["weights"])  # a bad name fails here, listing the valid ones
-    resolve_weights(m["name"], m["weights_backbone"], "--weights-backbone")
+    # A bad name fails here, listing the valid ones; weights not yet downloaded are fetched now, so
+    # that a machine without network fails here, in one line, and not after the data pass.
+    ensure_weights_file(resolve_weights(m["name"], m["weights"]))
+    ensure_weights_file(resolve_weights(m["name"], m["weights_backbone"], "--weights-backbone"), "--weights-backbone")
     if not t["resume"]:
         return None
     ckpt = load_training_checkpoint(t["resume"])
@@ -378,8 +380,6 @@ def build_model_for(run: Run, data: Data):
     kwargs = dict(m["kwargs"])
     if run.cfg["data"]["augmentation"] in SIZE_SETTING_POLICIES and not t["test_only"]:
         kwargs["_skip_resize"] = True  # the policy sets the input size; torchvision passes this too
-    ensure_weights_file(resolve_weights(m["name"], m["weights"]))
-    ensure_weights_file(resolve_weights(m["name"], m["weights_backbone"], "--weights-backbone"), "--weights-backbone")
     model, replaced = build_model(
         m["name"],
         data.num_classes,

@@ -257,6 +257,11 @@ def test_weights_offline_says_where_the_file_goes(tmp_path, monkeypatch):
     expected = os.path.join(str(tmp_path), "hub", "checkpoints", "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
     with pytest.raises(models.ModelError, match=f"could not download .*looks for it at {expected}"):
         models.ensure_weights_file(member)
+    with pytest.raises(models.ModelError, match="could not download"):  # before any data is read
+        train.main(["--weights", "DEFAULT", "--data-path", "/nonexistent/coco", "--device", "cpu"])
+    backbone = "--weights-backbone ResNet50_Weights.IMAGENET1K_V1: could not download"
+    with pytest.raises(models.ModelError, match=backbone):
+        train.main(["--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1", "--data-path", "/nonexistent/coco"])
     os.makedirs(os.path.dirname(expected))
     open(expected, "wb").close()
     models.ensure_weights_file(member)  # cached: nothing to download
