@@ -130,3 +130,30 @@ def records(out_dir, kind=None):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     return [r for r in recs if kind is None or r["type"] == kind]
+
+
+# -- torch.distributed with real ranks ----------------------------------------------------------------
+def _gloo_entry(rank, world, port, fn, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out.update({(rank, k): v for k, v in fn(rank).items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def on_gloo_ranks(fn, world: int = 2) -> dict:
+    """Run ``fn(rank) -> dict`` in ``world`` processes joined by a gloo group; {(rank, key): value}.
+
+    ``fn`` must be a module-level function (the processes are spawned)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_gloo_entry, args=(world, port, fn, out), nprocs=world, join=True)
+    return dict(out)

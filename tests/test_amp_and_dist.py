@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import engine  # noqa: E402
 import helpers  # noqa: F401,E402  (puts references/ on sys.path)
 import train_config  # noqa: E402
-from helpers import make_targets, tiny_model  # noqa: E402
+from helpers import make_targets, on_gloo_ranks, tiny_model  # noqa: E402
 
 
 class RecordingScaler:
@@ -68,25 +67,11 @@ def test_clip_after_unscale_measures_true_gradients():
     assert after == pytest.approx(clip, rel=1e-3)  # gradients the step saw were clipped, unscaled
 
 
-def _worker(rank, world, port, out):
-    import torch.distributed as dist
-
+def _reduce_mean_on(rank):
     from tv_lossfix._utils import reduce_mean
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        x = torch.tensor(10.0 if rank == 0 else 30.0)
-        out[rank] = reduce_mean(x).item()
-    finally:
-        dist.destroy_process_group()
+    return {"mean": reduce_mean(torch.tensor(10.0 if rank == 0 else 30.0)).item()}
 
 
 def test_reduce_mean_over_two_gloo_ranks():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
-    assert dict(out) == {0: 20.0, 1: 20.0}
+    assert on_gloo_ranks(_reduce_mean_on) == {(0, "mean"): 20.0, (1, "mean"): 20.0}

@@ -4,11 +4,9 @@ the DDP normalizer."""
 import copy
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
@@ -16,7 +14,7 @@ import tv_lossfix
 from tv_lossfix import LossConfig, LossConfigError
 from tv_lossfix import losses as L
 
-from helpers import make_targets, run_losses, tiny_model
+from helpers import make_targets, on_gloo_ranks, run_losses, tiny_model
 
 
 def _stock_box_loss(pred, target, is_pos, kind):
@@ -176,33 +174,25 @@ def test_zero_positive_weight_is_refused_zero_loss_weight_turns_a_term_off():
 
 
 # -- sync_avg_factor = max(mean over ranks(count), 1) -----------------------------------------------------
-def _avg_worker(rank, world, port, out):
-    import torch.distributed as dist
-
+def _avg_factors_on(rank):
     from tv_lossfix._utils import avg_factor
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        is_pos = torch.zeros(8, dtype=torch.bool)
-        if rank == 1:
-            is_pos[:5] = True  # rank 0 has no positive, rank 1 has 5
-        out[f"positive{rank}"] = avg_factor("positive", is_pos, True).item()
-        out[f"sampled{rank}"] = avg_factor("sampled", is_pos, True).item()
-        none = torch.zeros(8, dtype=torch.bool)
-        out[f"none{rank}"] = avg_factor("positive", none, True).item()
-    finally:
-        dist.destroy_process_group()
+    is_pos = torch.zeros(8, dtype=torch.bool)
+    if rank == 1:
+        is_pos[:5] = True  # rank 0 has no positive, rank 1 has 5
+    none = torch.zeros(8, dtype=torch.bool)
+    return {
+        "positive": avg_factor("positive", is_pos, True).item(),
+        "sampled": avg_factor("sampled", is_pos, True).item(),
+        "none": avg_factor("positive", none, True).item(),
+    }
 
 
 def test_sync_avg_factor_is_max_of_mean_count_and_one():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_avg_worker, args=(2, port, out), nprocs=2, join=True)
-    assert out["positive0"] == out["positive1"] == 2.5  # clamping each rank first would give 3.0
-    assert out["sampled0"] == out["sampled1"] == 8.0
-    assert out["none0"] == out["none1"] == 1.0
+    out = on_gloo_ranks(_avg_factors_on)
+    assert out[0, "positive"] == out[1, "positive"] == 2.5  # clamping each rank first would give 3.0
+    assert out[0, "sampled"] == out[1, "sampled"] == 8.0
+    assert out[0, "none"] == out[1, "none"] == 1.0
 
 
 def test_pyproject_floor_is_what_ci_tests():
