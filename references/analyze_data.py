@@ -91,35 +91,37 @@ class AnchorGeometry:
     so any backbone gives its real strides.
     """
 
-    def __init__(self, model, anchor_generator=None):
-        gen = anchor_generator if anchor_generator is not None else model.rpn.anchor_generator
-        self.cells = [
-            gen.generate_anchors(s, r).numpy().astype(np.float64) for s, r in zip(gen.sizes, gen.aspect_ratios)
-        ]
+    def __init__(self, model):
+        self.cells = _cells(model.rpn.anchor_generator)
         self.backbone = copy.deepcopy(model.backbone).to("meta").eval()
         t = model.transform
         self.min_size, self.max_size = int(t.min_size[-1]), int(t.max_size)
         self.divisible = int(getattr(t, "size_divisible", 32))
         self._grids: Dict[Tuple[int, int], List] = {}
 
-    def padded(self, h: int, w: int) -> Tuple[int, int]:
-        d = self.divisible
-        return int(math.ceil(h / d) * d), int(math.ceil(w / d) * d)
+    def with_generator(self, gen) -> "AnchorGeometry":
+        """The same backbone and grids (they do not depend on the anchors) with other anchors."""
+        other = copy.copy(self)  # shares the meta backbone and the grid cache
+        other.cells = _cells(gen)
+        return other
 
     def levels(self, ph: int, pw: int):
-        if (ph, pw) not in self._grids:
+        if (ph, pw) not in self._grids:  # feature-map grids and strides, per padded input size
             with torch.no_grad():
                 feats = self.backbone(torch.empty(1, 3, ph, pw, device="meta"))
             sizes = [tuple(f.shape[-2:]) for f in (feats.values() if isinstance(feats, dict) else [feats])]
-            if len(sizes) != len(self.cells):
-                raise ValueError(
-                    f"the anchor generator has {len(self.cells)} levels but the backbone gives "
-                    f"{len(sizes)} feature maps"
-                )
-            self._grids[(ph, pw)] = [
-                (cell, (gh, gw), (ph // gh, pw // gw)) for cell, (gh, gw) in zip(self.cells, sizes)
-            ]
-        return self._grids[(ph, pw)]
+            self._grids[(ph, pw)] = [((gh, gw), (ph // gh, pw // gw)) for gh, gw in sizes]
+        grids = self._grids[(ph, pw)]
+        if len(grids) != len(self.cells):
+            raise ValueError(
+                f"the anchor generator has {len(self.cells)} levels but the backbone gives {len(grids)} feature maps"
+            )
+        return [(cell, grid, stride) for cell, (grid, stride) in zip(self.cells, grids)]
+
+
+def _cells(gen) -> List[np.ndarray]:
+    """Each level's cell anchors (centred at 0), as the generator makes them."""
+    return [gen.generate_anchors(s, r).numpy().astype(np.float64) for s, r in zip(gen.sizes, gen.aspect_ratios)]
 
 
 def resized_boxes(coco_dataset: Dict[str, Any], geo: AnchorGeometry):
@@ -367,13 +369,7 @@ def _warn_and_advise(report: DataReport, xyxy, padded, best, model, geo: AnchorG
     per_loc = gen.num_anchors_per_location()[0]
     sizes, ratios = suggest_anchors(xyxy, padded, geo, gen.sizes, len(gen.aspect_ratios[0]))
     new_gen = AnchorGenerator(tuple(tuple(s) for s in sizes), tuple(tuple(ratios[0]) for _ in sizes))
-    trial = AnchorGeometry.__new__(AnchorGeometry)
-    trial.__dict__.update(geo.__dict__)
-    trial.cells = [
-        new_gen.generate_anchors(s, r).numpy().astype(np.float64) for s, r in zip(new_gen.sizes, new_gen.aspect_ratios)
-    ]
-    trial._grids = {k: [(cell, g, st) for cell, (_, g, st) in zip(trial.cells, v)] for k, v in geo._grids.items()}
-    after = coverage(xyxy, padded, trial)
+    after = coverage(xyxy, padded, geo.with_generator(new_gen))
     gain_07 = (after >= 0.7).mean() - (best >= 0.7).mean()
     gain_03 = (after >= 0.3).mean() - (best >= 0.3).mean()
     if gain_07 + gain_03 > 0.02 and gain_03 > -0.01 and gain_07 > -0.01:  # better, and worse at neither threshold

@@ -23,7 +23,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 import tv_lossfix
 from tv_lossfix._suggest import did_you_mean
-from tv_lossfix.builders import load_checkpoint_state, replace_predictors
+from tv_lossfix.builders import is_checkpoint_path, load_checkpoint_state, replace_predictors
 
 
 class ModelError(ValueError):
@@ -82,12 +82,6 @@ MODEL_NAMES = sorted(tv_lossfix.BUILDERS) + sorted(EXTRA_MODELS)
 
 
 # -- checks before any data is read ---------------------------------------------------------------
-def is_path(weights: Optional[str]) -> bool:
-    return bool(weights) and (
-        os.path.exists(weights) or os.sep in weights or weights.endswith((".pt", ".pth", ".ckpt"))
-    )
-
-
 def check_model_name(name: str) -> None:
     if name not in MODEL_NAMES:
         raise ModelError(
@@ -98,7 +92,7 @@ def check_model_name(name: str) -> None:
 
 def resolve_weights(name: str, weights: Optional[str], flag: str = "--weights"):
     """The torchvision weights enum member ``weights`` names for model ``name`` (None for none / a path)."""
-    if weights is None or is_path(weights):
+    if weights is None or is_checkpoint_path(weights):
         return None
     if name in EXTRA_MODELS:
         raise ModelError(
@@ -140,7 +134,7 @@ def ensure_weights_file(member, flag: str = "--weights") -> None:
 
 
 def check_weights_path(weights: Optional[str]) -> None:
-    if weights and is_path(weights) and not os.path.isfile(weights):
+    if weights and is_checkpoint_path(weights) and not os.path.isfile(weights):
         raise ModelError(f"--weights: checkpoint not found: {weights}")
 
 
@@ -213,7 +207,7 @@ def weights_num_classes(name: str, weights: Optional[str]) -> Optional[int]:
     """The class count the pretrained weights or checkpoint were trained with (None: no weights)."""
     if weights is None:
         return None
-    if is_path(weights):
+    if is_checkpoint_path(weights):
         state = load_checkpoint_state(weights)
         w = state.get("roi_heads.box_predictor.cls_score.weight")
         return int(w.shape[0]) if w is not None else None

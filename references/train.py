@@ -427,6 +427,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay:
     return [{"params": other, "weight_decay": weight_decay}, {"params": norm, "weight_decay": norm_weight_decay}]
 
 
+def _iters_per_epoch(loader, t: Dict[str, Any]) -> int:
+    """An epoch's iterations: the loader's length, capped by --iters-per-epoch."""
+    return len(loader) if t["iters_per_epoch"] is None else min(len(loader), t["iters_per_epoch"])
+
+
 def build_optimization(run: Run, net, iters_per_epoch: int):
     t = run.cfg["training"]
     groups = param_groups(net, t["weight_decay"], t["norm_weight_decay"])
@@ -509,9 +514,7 @@ def run_evaluation(run: Run, model, data: Data, epoch: int, record: Dict[str, An
 
 def train_loop(run: Run, model, net, data: Data, ctx: StepContext, lr_scheduler, warmup, state: TrainState) -> int:
     t = run.cfg["training"]
-    iters = (
-        len(data.train_loader) if t["iters_per_epoch"] is None else min(len(data.train_loader), t["iters_per_epoch"])
-    )
+    iters = _iters_per_epoch(data.train_loader, t)
     clip = t["gradient_clip"]
     run.say(
         f"training {t['epochs'] - state.epoch} epoch(s) x {iters} iterations, batch {t['batch_size']} x "
@@ -639,12 +642,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if run.cfg["training"]["test_only"]:
             return evaluate_only(run, model, net, data)
         t = run.cfg["training"]
-        iters = (
-            len(data.train_loader)
-            if t["iters_per_epoch"] is None
-            else min(len(data.train_loader), t["iters_per_epoch"])
-        )
-        optimizer, lr_scheduler, warmup, state = build_optimization(run, net, iters)
+        optimizer, lr_scheduler, warmup, state = build_optimization(run, net, _iters_per_epoch(data.train_loader, t))
         scaler = torch.amp.GradScaler("cuda") if t["amp"] and run.device.type == "cuda" else None
         if run.resume_ckpt is not None:
             resume(run, net, optimizer, lr_scheduler, warmup, scaler, state)

@@ -40,6 +40,7 @@ __all__ = [
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "keypointrcnn_resnet50_fpn",
     "BUILDERS",
+    "is_checkpoint_path",
     "load_checkpoint_state",
     "replace_predictors",
 ]
@@ -61,7 +62,8 @@ def _check_kwargs(name: str, model_cls: type, kwargs: Dict[str, Any]) -> None:
             raise TypeError(f"{name}() got an unexpected keyword argument {key!r}{did_you_mean(key, allowed)}")
 
 
-def _is_path(weights: Any) -> bool:
+def is_checkpoint_path(weights: Any) -> bool:
+    """Whether ``weights`` names a local checkpoint file rather than torchvision weights."""
     if isinstance(weights, os.PathLike):
         return True
     if not isinstance(weights, str):
@@ -153,7 +155,7 @@ def _build(
     tv_builder: Callable[..., nn.Module] = getattr(tvdet, name)
     extra = {"num_keypoints": None} if model_cls is tvdet.KeypointRCNN else {}
 
-    if _is_path(weights):
+    if is_checkpoint_path(weights):
         state = load_checkpoint_state(weights)
         ckpt_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", weights, name)[0]
         if extra:
