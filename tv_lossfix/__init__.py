@@ -16,7 +16,10 @@ from .builders import (
     maskrcnn_resnet50_fpn,
     maskrcnn_resnet50_fpn_v2,
 )
+from .class_agnostic import make_class_agnostic
+from .class_weights import class_weights_from_counts
 from .config import PRESETS, LossConfig, LossConfigError, RoILossConfig, RPNLossConfig
+from .model_settings import apply_model_settings, model_settings
 from .patch import get_loss_cfg, patch_model, training_stats
 from .roi_heads import LossFixRoIHeads
 from .rpn import LossFixRPN
@@ -32,6 +35,8 @@ __all__ = [
     "PRESETS",
     "RPNLossConfig",
     "RoILossConfig",
+    "apply_model_settings",
+    "class_weights_from_counts",
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_resnet50_fpn",
@@ -39,8 +44,10 @@ __all__ = [
     "get_loss_cfg",
     "keypointrcnn_resnet50_fpn",
     "losses",
+    "make_class_agnostic",
     "maskrcnn_resnet50_fpn",
     "maskrcnn_resnet50_fpn_v2",
+    "model_settings",
     "patch_model",
     "training_stats",
 ]

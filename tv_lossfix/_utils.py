@@ -39,6 +39,9 @@ def apply_loss_cfg(head: nn.Module, cfg, sync_avg_factor: bool) -> None:
     head.bbox_avg_factor = str(cfg.bbox_avg_factor)
     head.bbox_loss = str(cfg.bbox_loss)
     head.smooth_l1_beta = float(cfg.smooth_l1_beta)
+    head.cls_loss = str(cfg.cls_loss)
+    # None means the focal loss's usual gamma (Lin et al. 2017); read only when cls_loss is focal.
+    head.focal_gamma = 2.0 if cfg.focal_gamma is None else float(cfg.focal_gamma)
     head.sync_avg_factor = bool(sync_avg_factor)
     head.loss_state = {}
     head.loss_state_images = 0
@@ -53,6 +56,8 @@ HEAD_LOSS_ATTRIBUTES = {
     "bbox_avg_factor": str,
     "bbox_loss": str,
     "smooth_l1_beta": float,
+    "cls_loss": str,
+    "focal_gamma": float,
     "sync_avg_factor": bool,
     "loss_state": Dict[str, Tensor],
     "loss_state_images": int,

@@ -4,6 +4,7 @@ PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-3``), so ``lr: 1e-3``
 string ``"1e-3"``; and a key given twice silently keeps the last value. Both are fixed here.
 """
 
+import io
 import re
 from typing import Any
 
@@ -55,3 +56,23 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping
 def load_yaml(stream: Any) -> Any:
     """``yaml.safe_load`` with YAML 1.2 floats (``1e-3``) and an error for a repeated key."""
     return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class NotUTF8Error(yaml.YAMLError):
+    """The file is not UTF-8 text (the message names the first bad byte and its line)."""
+
+
+def load_yaml_file(path: str) -> Any:
+    """:func:`load_yaml` of a file, read as UTF-8; other bytes are a :class:`NotUTF8Error`."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise NotUTF8Error(
+            f"not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} (save the file as UTF-8)"
+        ) from None
+    stream = io.StringIO(text)
+    stream.name = path  # PyYAML names the file in its error marks
+    return load_yaml(stream)

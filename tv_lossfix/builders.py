@@ -7,12 +7,17 @@ fine-tuning steps torchvision leaves to the user are done here:
   pretrained model and replaces the predictors, as torchvision's fine-tuning tutorial does by hand
   (torchvision's builders raise a ValueError instead);
 * ``weights`` may be the path of a local checkpoint: a ``state_dict`` saved from the same
-  architecture, or a training checkpoint with it under ``"model"``.
+  architecture, or a training checkpoint with it under ``"model"``. A checkpoint that carries
+  ``"model_settings"`` (references/train.py writes them) rebuilds the model it trained: anchors,
+  input sizes, thresholds, samplers and loss config; a keyword given here wins and is named in a
+  ``ModelSettingsWarning`` (``from tv_lossfix.model_settings import ModelSettingsWarning``).
 
 An unknown keyword argument is a TypeError; torchvision's builders silently ignore it.
 """
 
+import dataclasses
 import inspect
+import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
 from torchvision.models import detection as tvdet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _validate_trainable_layers
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
@@ -28,8 +34,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ._suggest import did_you_mean
 from .checkpoint import CheckpointError, model_state_dict, read_checkpoint
+from .class_agnostic import make_heads_class_agnostic, new_mask_logits
 from .config import LossConfig
+from .model_settings import apply_model_settings, warn_conflicts
 from .patch import patch_model
+from .sampling import TORCHVISION_KWARGS, check_builder_kwargs
 
 __all__ = [
     "maskrcnn_resnet50_fpn",
@@ -44,6 +53,10 @@ __all__ = [
     "load_checkpoint_state",
     "replace_predictors",
 ]
+
+_LOG = logging.getLogger(__name__)
+# The LossConfig keys that a torchvision builder keyword also sets (rpn_fg_iou_thresh -> pos_iou_thr...).
+_SAMPLING_KEYS = {key for _, key in TORCHVISION_KWARGS.values()}
 
 # Keywords the transform accepts besides the model class's named parameters.
 _TRANSFORM_KWARGS = {
@@ -73,9 +86,91 @@ def is_checkpoint_path(weights: Any) -> bool:
 
 def load_checkpoint_state(path: Any) -> Dict[str, torch.Tensor]:
     """The model ``state_dict`` in a file: a bare state_dict or a training checkpoint's ``"model"``."""
+    return read_weights_checkpoint(path)[0]
+
+
+def read_weights_checkpoint(path: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(model ``state_dict``, ``model_settings``) of a checkpoint file; settings are {} for a bare state_dict."""
+    if os.path.isdir(os.fspath(path)):
+        raise CheckpointError(f"weights: {os.fspath(path)} is a folder, not a checkpoint file")
     if not os.path.isfile(os.fspath(path)):
         raise FileNotFoundError(f"weights checkpoint not found: {os.fspath(path)}")
-    return model_state_dict(read_checkpoint(path, "weights"), path, "weights")
+    ckpt = read_checkpoint(path, "weights")
+    settings = ckpt.get("model_settings") if isinstance(ckpt, dict) else None
+    return model_state_dict(ckpt, path, "weights"), dict(settings) if isinstance(settings, dict) else {}
+
+
+def explicit_settings(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The builder keywords as model settings (an ``rpn_anchor_generator`` as its sizes and ratios)."""
+    out = {k: v for k, v in kwargs.items() if k != "rpn_anchor_generator"}
+    gen = kwargs.get("rpn_anchor_generator")
+    if gen is not None and hasattr(gen, "sizes"):
+        out["anchor_sizes"], out["aspect_ratios"] = gen.sizes, gen.aspect_ratios
+    return out
+
+
+def checkpoint_build_kwargs(
+    settings: Dict[str, Any], kwargs: Dict[str, Any], state: Dict[str, torch.Tensor], path: Any, anchors: bool = True
+) -> Dict[str, Any]:
+    """The builder keywords for a checkpoint's model: its anchors (the RPN head's shape depends on their
+    count per location) unless an ``rpn_anchor_generator`` is given, which must fit the trained head."""
+    out = dict(kwargs)
+    trained = state.get("rpn.head.cls_logits.weight")
+    gen = kwargs.get("rpn_anchor_generator")
+    if gen is not None and trained is not None and hasattr(gen, "num_anchors_per_location"):
+        given = gen.num_anchors_per_location()[0]
+        if given != trained.shape[0]:
+            raise CheckpointError(
+                f"rpn_anchor_generator refused: it gives {given} anchors per location but the RPN head in "
+                f"{os.fspath(path)} was trained for {trained.shape[0]}"
+            )
+    if anchors and gen is None and "anchor_sizes" in settings and "aspect_ratios" in settings:
+        ratios = [tuple(r) for r in settings["aspect_ratios"]]
+        out["rpn_anchor_generator"] = AnchorGenerator(tuple(tuple(s) for s in settings["anchor_sizes"]), tuple(ratios))
+    return out
+
+
+def _cfg_diff(old: Dict[str, Any], new: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """``(["sec.key=old", ...], ["sec.key=new", ...])`` for the keys of two ``LossConfig.to_dict()`` that differ.
+
+    A sampling key given as None is no difference: it keeps the model's value, which the checkpoint's
+    settings (``rpn_batch_size_per_image``...) have already restored.
+    """
+    keys = [
+        (sec, k)
+        for sec in ("rpn_head", "roi_head")
+        for k, v in new[sec].items()
+        if old[sec].get(k) != v and not (v is None and k in _SAMPLING_KEYS)
+    ]
+    was, now = [f"{s}.{k}={old[s].get(k)}" for s, k in keys], [f"{s}.{k}={new[s][k]}" for s, k in keys]
+    if old["sync_avg_factor"] != new["sync_avg_factor"]:
+        was.append(f"sync_avg_factor={old['sync_avg_factor']}")
+        now.append(f"sync_avg_factor={new['sync_avg_factor']}")
+    return was, now
+
+
+def restored_loss_cfg(
+    settings: Dict[str, Any], loss_cfg: Any, cfg: LossConfig, kwargs: Dict[str, Any]
+) -> Tuple[LossConfig, List[str]]:
+    """(loss config, conflict lines): the checkpoint's config when none is given; a given one wins,
+    named in a line when it differs.
+
+    A torchvision builder keyword (``box_batch_size_per_image``...) wins over the restored config's key
+    for the same value: that key becomes None (the model's value, which the keyword set).
+    """
+    saved = settings.get("loss_cfg")
+    if not isinstance(saved, dict):
+        return cfg, []
+    if loss_cfg is None:
+        restored = LossConfig.from_dict(saved)
+        heads = {"rpn_head": {}, "roi_head": {}}
+        for kwarg, (section, key) in TORCHVISION_KWARGS.items():
+            if kwarg in kwargs:
+                heads[section][key] = None
+        rpn, roi = (dataclasses.replace(getattr(restored, h), **heads[h]) for h in ("rpn_head", "roi_head"))
+        return dataclasses.replace(restored, rpn_head=rpn, roi_head=roi), []
+    was, now = _cfg_diff(LossConfig.from_dict(saved).to_dict(), cfg.to_dict())
+    return cfg, [f"loss_cfg: checkpoint {', '.join(was)}, given {', '.join(now)} -> given"] if was else []
 
 
 def _shape_of(state: Dict[str, torch.Tensor], key: str, path: Any, name: str) -> Tuple[int, ...]:
@@ -112,29 +207,126 @@ def _freeze_backbone(model: nn.Module, trainable_layers: int) -> None:
             b.requires_grad_(False)
 
 
-def replace_predictors(model: nn.Module, num_classes: Optional[int], num_keypoints: Optional[int] = None) -> List[str]:
-    """Replace the layers that depend on the class (keypoint) count; returns what was replaced."""
+def _replace_class_layers(heads: nn.Module, num_classes: int, agnostic_bbox: bool, agnostic_mask: bool) -> List[str]:
+    # Only what depends on num_classes is replaced. A box regression / mask layer the caller wants
+    # class-agnostic is left to make_heads_class_agnostic: kept if it already is (what it learned
+    # transfers to the new classes), else replaced once, by the 4-output / 1-channel layer.
+    replaced: List[str] = []
+    pred = heads.box_predictor
+    old_classes = pred.cls_score.out_features
+    if agnostic_bbox:
+        pred.cls_score = nn.Linear(pred.cls_score.in_features, num_classes)
+        kept = "; class-agnostic bbox_pred kept" if pred.bbox_pred.out_features == 4 and old_classes > 1 else ""
+        replaced.append(f"roi_heads.box_predictor.cls_score ({old_classes} -> {num_classes} classes{kept})")
+    else:
+        heads.box_predictor = FastRCNNPredictor(pred.cls_score.in_features, num_classes)
+        replaced.append(f"roi_heads.box_predictor ({old_classes} -> {num_classes} classes)")
+    if heads.mask_predictor is not None and not agnostic_mask:
+        # The pretrained class-agnostic upsampling (conv5_mask) is kept.
+        old = heads.mask_predictor.mask_fcn_logits
+        heads.mask_predictor.mask_fcn_logits = new_mask_logits(old.in_channels, num_classes)
+        replaced.append("roi_heads.mask_predictor.mask_fcn_logits (mask_predictor.conv5_mask kept)")
+    return replaced
+
+
+def replace_predictors(
+    model: nn.Module,
+    num_classes: Optional[int],
+    num_keypoints: Optional[int] = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
+) -> List[str]:
+    """Replace the layers that depend on the class (keypoint) count; returns what was replaced.
+
+    ``class_agnostic_bbox`` / ``class_agnostic_mask``: then make the box regression / mask logits
+    class-agnostic (:func:`tv_lossfix.make_class_agnostic`), re-initialising a class-specific layer;
+    only tv_lossfix's heads (:func:`tv_lossfix.patch_model`) run class-agnostic predictors.
+    """
     heads = model.roi_heads
     replaced: List[str] = []
-    old_classes = heads.box_predictor.cls_score.out_features
-    if num_classes is not None and num_classes != old_classes:
-        heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes)
-        replaced.append(f"roi_heads.box_predictor ({old_classes} -> {num_classes} classes)")
-        if heads.mask_predictor is not None:
-            # Only the per-class 1x1 logits layer depends on num_classes; the pretrained
-            # class-agnostic upsampling (conv5_mask) is kept. Init as MaskRCNNPredictor's.
-            old = heads.mask_predictor.mask_fcn_logits
-            new = nn.Conv2d(old.in_channels, num_classes, 1)
-            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(new.bias)
-            heads.mask_predictor.mask_fcn_logits = new
-            replaced.append("roi_heads.mask_predictor.mask_fcn_logits (mask_predictor.conv5_mask kept)")
+    if num_classes is not None and num_classes != heads.box_predictor.cls_score.out_features:
+        replaced += _replace_class_layers(heads, num_classes, class_agnostic_bbox, class_agnostic_mask)
     if num_keypoints is not None and heads.keypoint_predictor is not None:
         old = heads.keypoint_predictor.kps_score_lowres
         if num_keypoints != old.out_channels:
             heads.keypoint_predictor = KeypointRCNNPredictor(old.in_channels, num_keypoints)
             replaced.append(f"roi_heads.keypoint_predictor ({old.out_channels} -> {num_keypoints} keypoints)")
-    return replaced
+    return replaced + make_heads_class_agnostic(heads, class_agnostic_bbox, class_agnostic_mask)
+
+
+def _follow_agnostic_checkpoint(
+    model: nn.Module, state: Dict[str, torch.Tensor], path: Any, agnostic_bbox: bool, agnostic_mask: bool
+) -> None:
+    """Shape the model's box / mask layers like a class-agnostic checkpoint's before loading it;
+    refused when the caller did not ask for class-agnostic layers (the flag would be contradicted)."""
+    num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+    checks = (
+        ("roi_heads.box_predictor.bbox_pred.weight", 4, "class_agnostic_bbox", agnostic_bbox),
+        ("roi_heads.mask_predictor.mask_fcn_logits.weight", 1, "class_agnostic_mask", agnostic_mask),
+    )
+    for key, agnostic_outputs, flag, asked in checks:
+        if key not in state or state[key].shape[0] != agnostic_outputs or num_classes == 1:
+            continue
+        if not asked:
+            raise CheckpointError(
+                f"{os.fspath(path)} has a class-agnostic {key.split('.')[-2]} ({agnostic_outputs} outputs for "
+                f"{num_classes} classes): pass {flag}=True to load it"
+            )
+        make_heads_class_agnostic(
+            model.roi_heads, bbox=flag == "class_agnostic_bbox", mask=flag == "class_agnostic_mask"
+        )
+
+
+def _check_class_agnostic(name: str, model_cls: type, agnostic_bbox: Any, agnostic_mask: Any) -> None:
+    for flag, value in (("class_agnostic_bbox", agnostic_bbox), ("class_agnostic_mask", agnostic_mask)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}() {flag} must be True or False, got {value!r}")
+    if agnostic_mask and model_cls is not tvdet.MaskRCNN:
+        raise TypeError(f"{name}() got class_agnostic_mask=True but a {model_cls.__name__} has no mask branch")
+
+
+def _log_replaced(name: str, lines: List[str]) -> None:
+    # Layers re-initialised on top of loaded weights: said, never silent (references/ prints them too).
+    for line in lines:
+        _LOG.info("%s: re-initialised %s", name, line)
+
+
+def _from_checkpoint(
+    name: str,
+    tv_builder: Callable[..., nn.Module],
+    weights: Any,
+    progress: bool,
+    extra: Dict[str, Any],
+    kwargs: Dict[str, Any],
+    loss_cfg: Any,
+    cfg: LossConfig,
+    agnostic: Tuple[bool, bool],
+) -> Tuple[nn.Module, LossConfig]:
+    """The model a checkpoint file holds, loaded, with its ``model_settings`` when it has them; returns
+    it and the loss config to patch it with (the checkpoint's when none is given)."""
+    state, settings = read_weights_checkpoint(weights)
+    ckpt_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", weights, name)[0]
+    if extra:
+        extra["num_keypoints"] = _shape_of(
+            state, "roi_heads.keypoint_predictor.kps_score_lowres.weight", weights, name
+        )[1]
+    # torchvision's MobileNet builders make their own AnchorGenerator: anchors are set after building.
+    build_kwargs = checkpoint_build_kwargs(settings, kwargs, state, weights, "mobilenet" not in name)
+    model = tv_builder(
+        weights=None, progress=progress, num_classes=ckpt_classes, weights_backbone=None, **extra, **build_kwargs
+    )
+    _match_norm_layers(model, state)
+    _follow_agnostic_checkpoint(model, state, weights, *agnostic)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{os.fspath(weights)} does not match {name}: {e}") from None
+    if settings:
+        # The model the checkpoint trained: its anchors, sizes and thresholds; a given kwarg wins, named.
+        lines = apply_model_settings(model, settings, explicit_settings(kwargs))
+        cfg, cfg_lines = restored_loss_cfg(settings, loss_cfg, cfg, kwargs)
+        warn_conflicts(lines + cfg_lines)  # called by _build, called by the public builder
+    return model, cfg
 
 
 def _build(
@@ -149,29 +341,22 @@ def _build(
     loss_cfg: Any,
     kwargs: Dict[str, Any],
     num_keypoints: Optional[int] = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
 ) -> nn.Module:
     _check_kwargs(name, model_cls, kwargs)
+    _check_class_agnostic(name, model_cls, class_agnostic_bbox, class_agnostic_mask)
     cfg = LossConfig.coerce(loss_cfg)  # fail on a bad config before building anything
+    check_builder_kwargs(cfg, kwargs)
     tv_builder: Callable[..., nn.Module] = getattr(tvdet, name)
     extra = {"num_keypoints": None} if model_cls is tvdet.KeypointRCNN else {}
+    predictor_args = (num_classes, num_keypoints, class_agnostic_bbox, class_agnostic_mask)
 
     if is_checkpoint_path(weights):
-        state = load_checkpoint_state(weights)
-        ckpt_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", weights, name)[0]
-        if extra:
-            extra["num_keypoints"] = _shape_of(
-                state, "roi_heads.keypoint_predictor.kps_score_lowres.weight", weights, name
-            )[1]
-        model = tv_builder(
-            weights=None, progress=progress, num_classes=ckpt_classes, weights_backbone=None, **extra, **kwargs
-        )
-        _match_norm_layers(model, state)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"{os.fspath(weights)} does not match {name}: {e}") from None
+        agnostic = (class_agnostic_bbox, class_agnostic_mask)
+        model, cfg = _from_checkpoint(name, tv_builder, weights, progress, extra, kwargs, loss_cfg, cfg, agnostic)
         _freeze_backbone(model, _validate_trainable_layers(True, trainable_backbone_layers, max_trainable, 3))
-        replace_predictors(model, num_classes, num_keypoints)
+        _log_replaced(name, replace_predictors(model, *predictor_args))
     elif weights is not None:
         # torchvision loads the weights at their own class count; the predictors are replaced after.
         model = tv_builder(
@@ -183,7 +368,7 @@ def _build(
             **extra,
             **kwargs,
         )
-        replace_predictors(model, num_classes, num_keypoints)
+        _log_replaced(name, replace_predictors(model, *predictor_args))
     else:
         if extra:
             extra["num_keypoints"] = num_keypoints
@@ -196,6 +381,7 @@ def _build(
             **extra,
             **kwargs,
         )
+        make_heads_class_agnostic(model.roi_heads, class_agnostic_bbox, class_agnostic_mask)  # new layers anyway
     return patch_model(model, cfg)
 
 
@@ -211,6 +397,11 @@ _ARGS_DOC = """
             weights or a checkpoint the default is 3, otherwise all.{kp}
         loss_cfg: a :class:`tv_lossfix.LossConfig`, dict, preset name (``"torchvision"``,
             ``"mmdetection"``, ``"positive"``) or YAML path. Default: torchvision's losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one
+            per class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``).
+            Over class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is
+            re-initialised (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: {agnostic_mask}
         **kwargs: the parameters of ``torchvision.models.detection.{cls}`` (``min_size``,
             ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError.
 
@@ -226,11 +417,16 @@ def _doc(summary: str, cls: str, wb: str, maxl: int, mask: bool = False, kp: boo
         if kp
         else ""
     )
-    return (
-        summary
-        + "\n"
-        + _ARGS_DOC.format(mask=" and the mask logits layer" if mask else "", wb=wb, maxl=maxl, kp=kp_doc, cls=cls)
+    agnostic_mask = (
+        "one mask channel shared by every class (MMDetection ``class_agnostic``,"
+        "\n            Detectron2 ``CLS_AGNOSTIC_MASK``). Over class-specific ``weights`` the pretrained"
+        "\n            ``mask_predictor.mask_fcn_logits`` is re-initialised (``conv5_mask`` kept). Default: False."
+        if mask
+        else f"True raises TypeError: a {cls} has no mask branch. Default: False."
     )
+    mask_doc = " and the mask logits layer" if mask else ""
+    doc = _ARGS_DOC.format(mask=mask_doc, wb=wb, maxl=maxl, kp=kp_doc, cls=cls, agnostic_mask=agnostic_mask)
+    return summary + "\n" + doc
 
 
 def maskrcnn_resnet50_fpn(
@@ -241,6 +437,8 @@ def maskrcnn_resnet50_fpn(
     weights_backbone: Any = ResNet50_Weights.IMAGENET1K_V1,
     trainable_backbone_layers: Optional[int] = None,
     loss_cfg: Any = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
     return _build(
@@ -254,6 +452,8 @@ def maskrcnn_resnet50_fpn(
         trainable_backbone_layers,
         loss_cfg,
         kwargs,
+        class_agnostic_bbox=class_agnostic_bbox,
+        class_agnostic_mask=class_agnostic_mask,
     )
 
 
@@ -265,6 +465,8 @@ def maskrcnn_resnet50_fpn_v2(
     weights_backbone: Any = None,
     trainable_backbone_layers: Optional[int] = None,
     loss_cfg: Any = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
     return _build(
@@ -278,6 +480,8 @@ def maskrcnn_resnet50_fpn_v2(
         trainable_backbone_layers,
         loss_cfg,
         kwargs,
+        class_agnostic_bbox=class_agnostic_bbox,
+        class_agnostic_mask=class_agnostic_mask,
     )
 
 
@@ -289,6 +493,8 @@ def fasterrcnn_resnet50_fpn(
     weights_backbone: Any = ResNet50_Weights.IMAGENET1K_V1,
     trainable_backbone_layers: Optional[int] = None,
     loss_cfg: Any = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
     return _build(
@@ -302,6 +508,8 @@ def fasterrcnn_resnet50_fpn(
         trainable_backbone_layers,
         loss_cfg,
         kwargs,
+        class_agnostic_bbox=class_agnostic_bbox,
+        class_agnostic_mask=class_agnostic_mask,
     )
 
 
@@ -313,6 +521,8 @@ def fasterrcnn_resnet50_fpn_v2(
     weights_backbone: Any = None,
     trainable_backbone_layers: Optional[int] = None,
     loss_cfg: Any = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
     return _build(
@@ -326,6 +536,8 @@ def fasterrcnn_resnet50_fpn_v2(
         trainable_backbone_layers,
         loss_cfg,
         kwargs,
+        class_agnostic_bbox=class_agnostic_bbox,
+        class_agnostic_mask=class_agnostic_mask,
     )
 
 
@@ -337,6 +549,8 @@ def fasterrcnn_mobilenet_v3_large_fpn(
     weights_backbone: Any = MobileNet_V3_Large_Weights.IMAGENET1K_V1,
     trainable_backbone_layers: Optional[int] = None,
     loss_cfg: Any = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
     return _build(
@@ -350,6 +564,8 @@ def fasterrcnn_mobilenet_v3_large_fpn(
         trainable_backbone_layers,
         loss_cfg,
         kwargs,
+        class_agnostic_bbox=class_agnostic_bbox,
+        class_agnostic_mask=class_agnostic_mask,
     )
 
 
@@ -361,6 +577,8 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(
     weights_backbone: Any = MobileNet_V3_Large_Weights.IMAGENET1K_V1,
     trainable_backbone_layers: Optional[int] = None,
     loss_cfg: Any = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
     return _build(
@@ -374,6 +592,8 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(
         trainable_backbone_layers,
         loss_cfg,
         kwargs,
+        class_agnostic_bbox=class_agnostic_bbox,
+        class_agnostic_mask=class_agnostic_mask,
     )
 
 
@@ -386,6 +606,8 @@ def keypointrcnn_resnet50_fpn(
     weights_backbone: Any = ResNet50_Weights.IMAGENET1K_V1,
     trainable_backbone_layers: Optional[int] = None,
     loss_cfg: Any = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.KeypointRCNN:
     return _build(
@@ -400,6 +622,8 @@ def keypointrcnn_resnet50_fpn(
         loss_cfg,
         kwargs,
         num_keypoints=num_keypoints,
+        class_agnostic_bbox=class_agnostic_bbox,
+        class_agnostic_mask=class_agnostic_mask,
     )
 
 

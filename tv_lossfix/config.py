@@ -25,6 +25,9 @@ RPN_AVG_FACTORS = ("sampled", "positive", "sampled_per_image")
 ROI_AVG_FACTORS = ("sampled", "positive")
 RPN_CLS_AVG_FACTORS = ("sampled", "sampled_per_image")
 ROI_CLS_AVG_FACTORS = ("sampled",)
+# Classification losses: the stock one first (the default), or the focal loss (Lin et al. 2017).
+RPN_CLS_LOSSES = ("bce", "focal")
+ROI_CLS_LOSSES = ("ce", "focal")
 
 
 class LossConfigError(ValueError):
@@ -57,6 +60,79 @@ def _reject_unknown(prefix: str, data: Mapping[str, Any], allowed) -> None:
             )
 
 
+# The loss-fix guide's spellings of three sampler keys, read as the canonical (MMDetection) key.
+SAMPLING_ALIASES = {"num_samples": "num", "pos_ratio": "pos_fraction", "num_neg_ratio": "neg_pos_ub"}
+ROI_SAMPLERS = ("random", "ohem")
+
+
+def _canonical_keys(where: str, data: Mapping[str, Any]) -> dict:
+    out = {}
+    for key, value in data.items():
+        canonical = SAMPLING_ALIASES.get(key, key)
+        if canonical != key and canonical in data:
+            raise LossConfigError(
+                f"{where}.{key} and {where}.{canonical} are the same setting ({key} is an alias): keep one"
+            )
+        out[canonical] = value
+    return out
+
+
+def _check_number(where: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LossConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        raise LossConfigError(f"{where} must be in {'(' if low_open else '['}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _check_sampling(cfg: Any) -> None:
+    """The assigner / sampler keys of one head (their order against the model is checked at patch time)."""
+    s = cfg._section
+    for key in ("pos_iou_thr", "neg_iou_thr"):
+        if getattr(cfg, key) is not None:
+            object.__setattr__(cfg, key, _check_number(f"{s}.{key}", getattr(cfg, key), 0.0, 1.0))
+    if cfg.pos_iou_thr is not None and cfg.neg_iou_thr is not None and cfg.neg_iou_thr > cfg.pos_iou_thr:
+        raise LossConfigError(f"{s}.neg_iou_thr ({cfg.neg_iou_thr}) must be <= {s}.pos_iou_thr ({cfg.pos_iou_thr})")
+    if cfg.pos_fraction is not None:
+        object.__setattr__(cfg, "pos_fraction", _check_number(f"{s}.pos_fraction", cfg.pos_fraction, 0.0, 1.0, True))
+    for key in ("num", "feat_channels"):
+        value = getattr(cfg, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise LossConfigError(f"{s}.{key} must be an integer >= 1, got {value!r}")
+    ub = cfg.neg_pos_ub
+    if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not math.isfinite(ub) or not (ub == -1 or ub >= 0):
+        raise LossConfigError(f"{s}.neg_pos_ub must be -1 (no cap) or a number >= 0, got {ub!r}")
+    if hasattr(cfg, "sampler"):
+        _check_choice(f"{s}.sampler", cfg.sampler, ROI_SAMPLERS)
+
+
+# Keys only one head reads: under the other head the error says so (a did-you-mean would point at an
+# unrelated key, rpn_head.sampler -> num_samples), with the reason where it is not obvious.
+_ONE_HEAD_KEYS = {
+    "sampler": "roi_head",
+    "class_weight": "roi_head",
+    "loss_mask_weight": "roi_head",
+    "loss_keypoint_weight": "roi_head",
+    "focal_alpha": "rpn_head",
+    "feat_channels": "rpn_head",
+}
+_ONE_HEAD_WHY = {
+    "sampler": "OHEM ranks RoIs by the box head's loss; the RPN samples its anchors at random",
+    "focal_alpha": "the RoI head's softmax focal loss takes roi_head.class_weight as its per-class alpha",
+    "class_weight": "the RPN has one foreground class: weigh its positives with rpn_head.cls_pos_weight",
+}
+
+
+def _reject_other_heads_keys(where: str, cls: type, data: Mapping[str, Any]) -> None:
+    for key in data:
+        head = _ONE_HEAD_KEYS.get(key)
+        if head is not None and head != cls._section:
+            why = _ONE_HEAD_WHY.get(key)
+            raise LossConfigError(
+                f"unknown key {where + '.' + key!r}: it is a {head} key only" + (f" ({why})" if why else "")
+            )
+
+
 @dataclass(frozen=True)
 class _HeadLossConfig:
     cls_pos_weight: float = 1.0
@@ -66,6 +142,13 @@ class _HeadLossConfig:
     bbox_avg_factor: str = "sampled"
     bbox_loss: str = "smooth_l1"
     smooth_l1_beta: float = 1.0 / 9.0
+    # Assigner (torchvision's Matcher) and sampler, with MMDetection's names. None keeps the
+    # model's own value (its builder arguments); see tv_lossfix/sampling.py.
+    pos_iou_thr: Optional[float] = None
+    neg_iou_thr: Optional[float] = None
+    num: Optional[int] = None
+    pos_fraction: Optional[float] = None
+    neg_pos_ub: Union[int, float] = -1
 
     # Class-level constants, not fields (no annotation): the section name used in messages
     # and the normalization modes this head supports.
@@ -86,6 +169,7 @@ class _HeadLossConfig:
         _check_choice(f"{s}.bbox_avg_factor", self.bbox_avg_factor, self._bbox_avg_factors)
         _check_choice(f"{s}.cls_avg_factor", self.cls_avg_factor, self._cls_avg_factors)
         _check_choice(f"{s}.bbox_loss", self.bbox_loss, BBOX_LOSSES)
+        _check_sampling(self)
 
     def _weight_fields(self) -> Tuple[str, ...]:
         return ()
@@ -104,11 +188,16 @@ class _HeadLossConfig:
             data = {}
         if not isinstance(data, Mapping):
             raise LossConfigError(f"{where} must be a mapping of loss settings, got {type(data).__name__}")
-        _reject_unknown(f"{where}.", data, cls.keys())
+        _reject_other_heads_keys(where, cls, data)
+        _reject_unknown(f"{where}.", data, cls.keys() + tuple(SAMPLING_ALIASES))
+        aliases = [k for k in data if k in SAMPLING_ALIASES]
+        data = _canonical_keys(where, data)
         try:
-            return dataclasses.replace(base if base is not None else cls(), **dict(data))
+            return dataclasses.replace(base if base is not None else cls(), **data)
         except LossConfigError as e:
-            raise LossConfigError(f"{prefix}{e}" if prefix else str(e)) from None
+            # A message about an aliased key also names the spelling the user wrote.
+            given = "".join(f" (given as {where}.{a})" for a in aliases if f".{SAMPLING_ALIASES[a]} " in str(e))
+            raise LossConfigError(f"{prefix}{e}{given}") from None
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance((v := getattr(self, f.name)), tuple) else v) for f in fields(self)}
@@ -117,22 +206,71 @@ class _HeadLossConfig:
         return self == type(self)()
 
 
+def _check_focal_keys(cfg: _HeadLossConfig, losses: Tuple[str, ...], focal_keys: Tuple[str, ...]) -> None:
+    """``cls_loss`` is one of ``losses``; a focal key set while ``cls_loss`` is not focal is refused,
+    never ignored."""
+    s = cfg._section
+    _check_choice(f"{s}.cls_loss", cfg.cls_loss, losses)
+    for key in focal_keys:
+        value = getattr(cfg, key)
+        if value is not None and cfg.cls_loss != "focal":
+            raise LossConfigError(
+                f"{s}.{key} is set ({value!r}) but {s}.cls_loss is {cfg.cls_loss!r}: "
+                f"{key} applies only with {s}.cls_loss: focal (set it, or drop {s}.{key})"
+            )
+    if cfg.focal_gamma is not None:
+        object.__setattr__(cfg, "focal_gamma", _check_weight(f"{s}.focal_gamma", cfg.focal_gamma))
+
+
+def _check_alpha(alpha: Any) -> float:
+    # alpha 0 drops every positive anchor's loss, alpha 1 every negative's: both collapse the RPN.
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (alpha == -1 or 0 < alpha < 1):
+        raise LossConfigError(f"rpn_head.focal_alpha must be in (0, 1), or -1 for no alpha weighting, got {alpha!r}")
+    return float(alpha)
+
+
 @dataclass(frozen=True)
 class RPNLossConfig(_HeadLossConfig):
-    """Loss settings of the region proposal network (objectness BCE + anchor box regression)."""
+    """Loss settings of the region proposal network (objectness BCE + anchor box regression).
+
+    ``cls_loss: focal`` replaces the objectness BCE by the sigmoid focal loss of
+    ``torchvision.ops.sigmoid_focal_loss``, with ``focal_gamma`` (None: 2.0) and ``focal_alpha``
+    (None: 0.25; -1: no alpha weighting), normalized like the BCE.
+    """
+
+    cls_loss: str = "bce"
+    focal_gamma: Optional[float] = None
+    focal_alpha: Optional[float] = None
+    # The guide's model code reads rpn_head.feat_channels; torchvision's RPNHead has the backbone's
+    # out_channels, so the value is accepted only when it equals the model's (checked at patch time).
+    feat_channels: Optional[int] = None
 
     _section = "rpn_head"
     _bbox_avg_factors = RPN_AVG_FACTORS
     _cls_avg_factors = RPN_CLS_AVG_FACTORS
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_focal_keys(self, RPN_CLS_LOSSES, ("focal_gamma", "focal_alpha"))
+        if self.focal_alpha is not None:
+            object.__setattr__(self, "focal_alpha", _check_alpha(self.focal_alpha))
+
 
 @dataclass(frozen=True)
 class RoILossConfig(_HeadLossConfig):
-    """Loss settings of the RoI heads (Fast R-CNN classifier and box, mask, keypoint)."""
+    """Loss settings of the RoI heads (Fast R-CNN classifier and box, mask, keypoint).
 
+    ``cls_loss: focal`` replaces the classifier's cross-entropy by the softmax focal loss with
+    ``focal_gamma`` (None: 2.0); ``class_weight`` is then its per-class alpha (1 without it).
+    """
+
+    cls_loss: str = "ce"
+    focal_gamma: Optional[float] = None
     class_weight: Optional[Tuple[float, ...]] = None
     loss_mask_weight: float = 1.0
     loss_keypoint_weight: float = 1.0
+    # "ohem": MMDetection's OHEMSampler, the highest-loss candidates instead of a random draw.
+    sampler: str = "random"
 
     _section = "roi_head"
     _bbox_avg_factors = ROI_AVG_FACTORS
@@ -143,7 +281,13 @@ class RoILossConfig(_HeadLossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_focal_keys(self, ROI_CLS_LOSSES, ("focal_gamma",))
         cw = self.class_weight
+        if isinstance(cw, str) and cw == "auto":
+            raise LossConfigError(
+                "roi_head.class_weight 'auto' is resolved by references/train.py from the training annotations; "
+                "in your own code compute the list with tv_lossfix.class_weights_from_counts(counts) and pass it"
+            )
         if cw is not None:
             if isinstance(cw, (str, bytes)) or not hasattr(cw, "__iter__"):
                 raise LossConfigError(
@@ -183,6 +327,7 @@ TRAINING_MODEL_KEYS = TRAINING_MODEL_LOSS_KEYS + (
     "kwargs",
     "anchor_sizes",
     "aspect_ratios",
+    *("class_agnostic_bbox", "class_agnostic_mask", "class_weight_method", "class_weight_beta"),  # rare classes
 )
 
 
@@ -263,16 +408,19 @@ class LossConfig:
         """Read a YAML file: bare (``rpn_head:`` at the top) or a training config (under ``model:``)."""
         import yaml
 
-        from ._yaml import load_yaml
+        from ._yaml import NotUTF8Error, load_yaml_file
 
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = load_yaml(f)
+            data = load_yaml_file(path)
         except FileNotFoundError:
             raise LossConfigError(f"loss config file not found: {path}") from None
+        except NotUTF8Error as e:
+            raise LossConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise LossConfigError(f"{path}: not valid YAML: {e}") from None
+        except OSError as e:
+            raise LossConfigError(f"loss config {path}: cannot read it: {e.strerror or e}") from None
         try:
             return cls.from_dict(data or {})
         except LossConfigError as e:

@@ -20,6 +20,10 @@ __all__ = [
     "sample_weights",
     "objectness_loss",
     "classification_loss",
+    "softmax_focal_loss",
+    "focal_classification_loss",
+    "sigmoid_focal_loss",
+    "weighted_reduce",
     "decode_deltas",
     "iou_loss",
     "box_regression_loss",
@@ -89,8 +93,70 @@ def classification_loss(
         if avg_factor is None:
             return F.cross_entropy(logits, labels)
         return F.cross_entropy(logits, labels, reduction="sum") / avg_factor
-    weighted = F.cross_entropy(logits, labels, reduction="none") * weight
-    return weighted.mean() if avg_factor is None else weighted.sum() / avg_factor
+    return weighted_reduce(F.cross_entropy(logits, labels, reduction="none"), avg_factor, weight)
+
+
+def _focal_modulation(ce: Tensor, gamma: float) -> Tensor:
+    """``(1 - p_t)^gamma`` from the cross-entropy ``ce = -log p_t`` of each sample.
+
+    ``1 - p_t = -expm1(-ce)`` keeps the precision that ``1 - exp(-ce)`` loses near p_t = 1. The clamp
+    only moves values below 1e-30 (where the term ``(1 - p_t)^gamma * ce`` is 0 to float precision)
+    and keeps the gradient finite there: ``d/dx x^gamma`` is infinite at x = 0 for gamma < 1, and
+    0 * inf is NaN. With gamma = 0 the factor is exactly 1.
+    """
+    return (-torch.expm1(-ce)).clamp(min=1e-30).pow(gamma)
+
+
+def softmax_focal_loss(logits: Tensor, labels: Tensor, alpha: Optional[Tensor] = None, gamma: float = 2.0) -> Tensor:
+    """Softmax focal loss per sample, ``-alpha[label] * (1 - p_t)^gamma * log(p_t)`` (Lin et al. 2017).
+
+    ``p_t`` is the softmax probability of the true class of each of the [S, C] ``logits``;
+    ``alpha`` ([C], optional) is a per-class weight (1 for every class when None). gamma = 0 without
+    alpha is exactly ``F.cross_entropy(logits, labels, reduction="none")``. Returns [S].
+    """
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    loss = _focal_modulation(ce, gamma) * ce
+    if alpha is not None:
+        loss = loss * alpha[labels]
+    return loss
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss per element; the values of ``torchvision.ops.sigmoid_focal_loss(reduction="none")``,
+    arguments in its order (alpha, then gamma).
+
+    ``alpha`` weighs the positives (targets 1) and ``1 - alpha`` the negatives; a negative ``alpha``
+    (-1) means no weighting. gamma = 0 and alpha = -1 are exactly
+    ``F.binary_cross_entropy_with_logits(reduction="none")``.
+    """
+    targets = targets.to(logits.dtype)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    loss = _focal_modulation(ce, gamma) * ce
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def focal_classification_loss(
+    logits: Tensor, labels: Tensor, gamma: float, avg_factor: Optional[Tensor] = None, weight: Optional[Tensor] = None
+) -> Tensor:
+    """RoI classifier with the softmax focal loss, reduced as :func:`classification_loss` reduces the CE.
+
+    ``weight`` (per sample) carries the per-class alpha, ``class_weight[label]``, times any positive weight.
+    """
+    per_roi = softmax_focal_loss(logits, labels, gamma=gamma)
+    if weight is None and avg_factor is None:
+        # F.cross_entropy's mean is nll_loss's own sum over the count, which rounds unlike Tensor.sum()
+        # or mean(): reducing through nll_loss too keeps gamma = 0 equal to the default loss bit for bit.
+        return F.nll_loss(-per_roi.unsqueeze(1), torch.zeros_like(labels))
+    return weighted_reduce(per_roi, avg_factor, weight)
+
+
+def weighted_reduce(loss: Tensor, avg_factor: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
+    """``sum(w * loss) / avg_factor`` of per-sample terms; the mean over the samples when ``avg_factor=None``."""
+    if weight is not None:
+        loss = loss * weight
+    return loss.mean() if avg_factor is None else loss.sum() / avg_factor
 
 
 def decode_deltas(

@@ -10,6 +10,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from .config import LossConfig
 from .roi_heads import LossFixRoIHeads, predictor_num_classes
 from .rpn import LossFixRPN
+from .sampling import check_sampling
 
 __all__ = ["patch_model", "training_stats", "get_loss_cfg"]
 
@@ -35,6 +36,9 @@ def patch_model(model: nn.Module, loss_cfg: Any = None) -> nn.Module:
             (or one already patched), possibly wrapped by ``DistributedDataParallel`` (patch
             before wrapping is preferred).
         loss_cfg: a :class:`LossConfig`, dict, preset name or YAML path; None for the defaults.
+            Its assigner / sampler keys (``pos_iou_thr``, ``num``...) replace the heads'
+            ``proposal_matcher`` / ``fg_bg_sampler``; where they are None the model's current
+            objects are kept.
 
     Returns:
         ``model`` itself.
@@ -53,6 +57,8 @@ def patch_model(model: nn.Module, loss_cfg: Any = None) -> nn.Module:
     num_classes = predictor_num_classes(roi.box_predictor)
     if num_classes is not None:
         cfg.roi_head.check_num_classes(num_classes)
+    check_sampling(rpn, cfg.rpn_head)
+    check_sampling(roi, cfg.roi_head)
     _swap(rpn, RegionProposalNetwork, LossFixRPN, "model.rpn")
     _swap(roi, RoIHeads, LossFixRoIHeads, "model.roi_heads")
     rpn.set_loss_cfg(cfg.rpn_head, cfg.sync_avg_factor)

@@ -15,8 +15,9 @@ from torchvision.models.detection.roi_heads import (
 from . import losses as L
 from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
 from .config import RoILossConfig
+from .sampling import SAMPLING_ATTRIBUTES, apply_sampling, check_sampling, fg_bg_sample, hard_examples
 
-__all__ = ["LossFixRoIHeads", "predictor_num_classes"]
+__all__ = ["LossFixRoIHeads", "predictor_num_classes", "is_class_agnostic_box", "is_class_agnostic_mask"]
 
 
 def predictor_num_classes(box_predictor: nn.Module) -> Optional[int]:
@@ -25,10 +26,23 @@ def predictor_num_classes(box_predictor: nn.Module) -> Optional[int]:
     return cls_score.out_features if isinstance(cls_score, nn.Linear) else None
 
 
+# Class-agnostic predictors (MMDetection reg_class_agnostic / class_agnostic, Detectron2
+# CLS_AGNOSTIC_BBOX_REG / CLS_AGNOSTIC_MASK) are told from the output shapes: host-side, no sync.
+def is_class_agnostic_box(class_logits: Tensor, box_regression: Tensor) -> bool:
+    """One box delta (4 values) per RoI for a classifier over more than one class."""
+    return box_regression.shape[-1] == 4 and class_logits.shape[-1] > 1
+
+
+def is_class_agnostic_mask(mask_logits: Tensor, num_classes: int) -> bool:
+    """One mask channel per RoI for a classifier over more than one class."""
+    return mask_logits.shape[1] == 1 and num_classes > 1
+
+
 class LossFixRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` whose losses follow a :class:`RoILossConfig`.
 
-    Inference, parameters, ``state_dict`` and the sampling of RoIs are the parent's. torchvision
+    Inference, parameters, ``state_dict`` and the sampling of RoIs are the parent's (unless
+    ``neg_pos_ub`` caps the negatives or ``sampler`` is ``"ohem"``, see :mod:`tv_lossfix.sampling`). torchvision
     computes these losses in module-level functions called from ``forward`` (no hook, see
     pytorch/vision#3753), so ``forward`` is ours; it calls the parent's building blocks.
     After each training forward, ``loss_state`` holds the detached tensors that
@@ -39,6 +53,8 @@ class LossFixRoIHeads(RoIHeads):
     __annotations__ = {
         **RoIHeads.__annotations__,
         **HEAD_LOSS_ATTRIBUTES,
+        **SAMPLING_ATTRIBUTES,
+        "sampler": str,
         "loss_mask_weight": float,
         "loss_keypoint_weight": float,
         "use_class_weight": bool,
@@ -60,7 +76,10 @@ class LossFixRoIHeads(RoIHeads):
         num_classes = predictor_num_classes(self.box_predictor)
         if num_classes is not None:
             cfg.check_num_classes(num_classes)
+        check_sampling(self, cfg)
         apply_loss_cfg(self, cfg, sync_avg_factor)
+        apply_sampling(self, cfg)
+        self.sampler = str(cfg.sampler)
         self.loss_mask_weight = float(cfg.loss_mask_weight)
         self.loss_keypoint_weight = float(cfg.loss_keypoint_weight)
         self.use_class_weight = cfg.class_weight is not None
@@ -74,6 +93,25 @@ class LossFixRoIHeads(RoIHeads):
         return loss_cfg_repr(self)
 
     # -- losses ------------------------------------------------------------------------------
+    def _classifier_loss(self, class_logits: Tensor, labels: Tensor, is_pos: Tensor, avg: Optional[Tensor]) -> Tensor:
+        """Cross-entropy or softmax focal loss of the sampled RoIs, ``sum(w * loss) / avg``."""
+        class_weight: Optional[Tensor] = None
+        if self.use_class_weight:
+            # Shapes are host-side: no device sync. The predictor may have been replaced after
+            # the config was set; a mismatch would index out of range or weight the wrong class.
+            if class_logits.shape[-1] != self.class_weight.shape[0]:
+                raise ValueError(
+                    "roi_head.class_weight has " + str(self.class_weight.shape[0]) + " entries but the box "
+                    "predictor returns " + str(class_logits.shape[-1]) + " class logits (background "
+                    "included): set a class_weight with one entry per class (model.roi_heads.set_loss_cfg)"
+                )
+            class_weight = self.class_weight
+        # With the focal loss, class_weight[label] is its per-class alpha: the same per-sample factor.
+        weight = L.sample_weights(is_pos, self.cls_pos_weight, labels, class_weight)
+        if self.cls_loss == "focal":
+            return L.focal_classification_loss(class_logits, labels, self.focal_gamma, avg, weight)
+        return L.classification_loss(class_logits, labels, avg, weight)
+
     def box_losses(
         self,
         class_logits: Tensor,
@@ -93,22 +131,13 @@ class LossFixRoIHeads(RoIHeads):
         if self.bbox_avg_factor != "sampled":
             bbox_avg = avg_factor(self.bbox_avg_factor, is_pos, self.sync_avg_factor)
 
-        class_weight: Optional[Tensor] = None
-        if self.use_class_weight:
-            # Shapes are host-side: no device sync. The predictor may have been replaced after
-            # the config was set; a mismatch would index out of range or weight the wrong class.
-            if class_logits.shape[-1] != self.class_weight.shape[0]:
-                raise ValueError(
-                    "roi_head.class_weight has " + str(self.class_weight.shape[0]) + " entries but the box "
-                    "predictor returns " + str(class_logits.shape[-1]) + " class logits (background "
-                    "included): set a class_weight with one entry per class (model.roi_heads.set_loss_cfg)"
-                )
-            class_weight = self.class_weight
-        weight = L.sample_weights(is_pos, self.cls_pos_weight, labels_all, class_weight)
-        loss_cls = L.classification_loss(class_logits, labels_all, cls_avg, weight)
-
-        # Class-specific deltas: the slot of each RoI's own label (background RoIs are masked out).
-        deltas = box_regression.reshape(num_rois, -1, 4)[torch.arange(num_rois, device=labels_all.device), labels_all]
+        loss_cls = self._classifier_loss(class_logits, labels_all, is_pos, cls_avg)
+        if is_class_agnostic_box(class_logits, box_regression):
+            deltas = box_regression  # the one slot every class shares
+        else:
+            # Class-specific deltas: the slot of each RoI's own label (background RoIs are masked out).
+            idx = torch.arange(num_rois, device=labels_all.device)
+            deltas = box_regression.reshape(num_rois, -1, 4)[idx, labels_all]
         ref_boxes: Optional[Tensor] = None
         if self.bbox_loss != "smooth_l1" and self.bbox_loss != "l1":
             ref_boxes = torch.cat(proposals, dim=0)
@@ -132,16 +161,88 @@ class LossFixRoIHeads(RoIHeads):
         return scale(loss_cls, self.loss_cls_weight), scale(loss_box, self.loss_bbox_weight)
 
     def mask_losses(
-        self, mask_logits: Tensor, mask_boxes: List[Tensor], pos_idxs: List[Tensor], targets: List[Dict[str, Tensor]]
+        self,
+        mask_logits: Tensor,
+        mask_boxes: List[Tensor],
+        pos_idxs: List[Tensor],
+        targets: List[Dict[str, Tensor]],
+        class_agnostic: bool = False,
     ) -> Tensor:
-        """Mask loss of the positive RoIs: targets cropped from the gt masks, per-pixel mean BCE."""
+        """Mask loss of the positive RoIs: targets cropped from the gt masks, per-pixel mean BCE.
+
+        ``class_agnostic``: the logits have one channel, which every RoI uses whatever its class.
+        """
         size = mask_logits.shape[-1]
         mask_targets = [
             project_masks_on_boxes(t["masks"], b, i, size) for t, b, i in zip(targets, mask_boxes, pos_idxs)
         ]
-        mask_labels = [t["labels"][i] for t, i in zip(targets, pos_idxs)]
-        loss = L.mask_loss(mask_logits, torch.cat(mask_labels, dim=0), torch.cat(mask_targets, dim=0))
+        mask_labels = torch.cat([t["labels"][i] for t, i in zip(targets, pos_idxs)], dim=0)
+        if class_agnostic:
+            mask_labels = torch.zeros_like(mask_labels)
+        loss = L.mask_loss(mask_logits, mask_labels, torch.cat(mask_targets, dim=0))
         return scale(loss, self.loss_mask_weight)
+
+    # -- sampling ----------------------------------------------------------------------------
+    def subsample(self, labels: List[Tensor]) -> List[Tensor]:
+        """Indices of the sampled RoIs per image: torchvision's sampler, with ``neg_pos_ub``'s cap if set."""
+        pos, neg = fg_bg_sample(self.fg_bg_sampler, labels, self.neg_pos_ub)
+        return [torch.where(p | n)[0] for p, n in zip(pos, neg)]
+
+    def ohem_training_samples(
+        self,
+        features: Dict[str, Tensor],
+        proposals: List[Tensor],
+        image_shapes: List[Tuple[int, int]],
+        targets: Optional[List[Dict[str, Tensor]]],
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+        """``select_training_samples`` with MMDetection's OHEM sampler instead of the random one.
+
+        Same candidates (the proposals plus the ground-truth boxes, matched by ``proposal_matcher``);
+        each is scored by the current box head without gradient, and :func:`hard_examples` keeps
+        the highest-loss positives and negatives of each image.
+        """
+        self.check_targets(targets)
+        if targets is None:
+            raise ValueError("targets should not be None")
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        proposals = self.add_gt_proposals(proposals, gt_boxes)
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, [t["labels"] for t in targets])
+        losses = self.candidate_losses(features, proposals, image_shapes, labels)
+        num, fraction = self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction
+        matched_gt_boxes: List[Tensor] = []
+        for i, loss in enumerate(losses.split([p.shape[0] for p in proposals])):
+            keep = hard_examples(loss, labels[i], num, fraction, self.neg_pos_ub)
+            proposals[i], labels[i], matched_idxs[i] = proposals[i][keep], labels[i][keep], matched_idxs[i][keep]
+            gt = gt_boxes[i]
+            if gt.numel() == 0:  # an image without objects: a dummy box, as torchvision (never a positive)
+                gt = torch.zeros((1, 4), dtype=dtype, device=gt.device)
+            matched_gt_boxes.append(gt[matched_idxs[i]])
+        return proposals, matched_idxs, labels, self.box_coder.encode(matched_gt_boxes, proposals)
+
+    def candidate_losses(
+        self,
+        features: Dict[str, Tensor],
+        proposals: List[Tensor],
+        image_shapes: List[Tuple[int, int]],
+        labels: List[Tensor],
+    ) -> Tensor:
+        """Per-RoI classification loss of every candidate against its assigned label (OHEM's ranking), no gradient.
+
+        The head's own classifier term ranks them, as MMDetection ranks by its configured ``loss_cls``:
+        cross-entropy or the softmax focal loss, times ``class_weight[label]`` when set; unit sample
+        weights (``cls_pos_weight`` is a loss weight, not a difficulty). The box head runs in its
+        current mode, as in MMDetection (a BatchNorm box head also updates its running statistics).
+        """
+        with torch.no_grad():
+            class_logits, _ = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals, image_shapes)))
+            # Ignored candidates (label -1) are scored as background; hard_examples never keeps them.
+            target = torch.cat(labels).clamp(min=0)
+            alpha: Optional[Tensor] = self.class_weight if self.use_class_weight else None
+            # gamma 0 is the cross-entropy exactly (the focal factor is 1).
+            gamma = self.focal_gamma if self.cls_loss == "focal" else 0.0
+            loss = L.softmax_focal_loss(class_logits, target, alpha, gamma)
+        return loss
 
     # -- forward -----------------------------------------------------------------------------
     def _check_target_types(self, targets: Optional[List[Dict[str, Tensor]]]) -> None:
@@ -182,17 +283,21 @@ class LossFixRoIHeads(RoIHeads):
         matched_idxs: List[Tensor],
         result: List[Dict[str, Tensor]],
         losses: Dict[str, Tensor],
+        num_classes: int,
     ) -> None:
         if self.mask_roi_pool is None or self.mask_head is None or self.mask_predictor is None:
             return
         mask_boxes, pos_idxs = self._branch_rois(proposals, labels, matched_idxs, result)
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
+        agnostic = is_class_agnostic_mask(mask_logits, num_classes)
         if self.training:
             if targets is None:
                 raise ValueError("targets should not be None when training")
-            losses["loss_mask"] = self.mask_losses(mask_logits, mask_boxes, pos_idxs, targets)
+            losses["loss_mask"] = self.mask_losses(mask_logits, mask_boxes, pos_idxs, targets, agnostic)
         else:
-            for p, r in zip(maskrcnn_inference(mask_logits, [r["labels"] for r in result]), result):
+            # A class-agnostic mask is channel 0 for every detection; the labels returned stay the detector's.
+            det_labels = [torch.zeros_like(r["labels"]) if agnostic else r["labels"] for r in result]
+            for p, r in zip(maskrcnn_inference(mask_logits, det_labels), result):
                 r["masks"] = p
 
     def _keypoint_branch(
@@ -235,7 +340,12 @@ class LossFixRoIHeads(RoIHeads):
         matched_idxs: List[Tensor] = []
         regression_targets: List[Tensor] = []
         if self.training:
-            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+            if self.sampler == "ohem":
+                proposals, matched_idxs, labels, regression_targets = self.ohem_training_samples(
+                    features, proposals, image_shapes, targets
+                )
+            else:
+                proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
 
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
@@ -248,12 +358,16 @@ class LossFixRoIHeads(RoIHeads):
             )
             losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         else:
+            if is_class_agnostic_box(class_logits, box_regression):
+                # torchvision's postprocessing decodes one delta per class: give every class the shared one.
+                box_regression = box_regression.repeat(1, class_logits.shape[-1])
             boxes, scores, det_labels = self.postprocess_detections(
                 class_logits, box_regression, proposals, image_shapes
             )
             for b, s, lab in zip(boxes, scores, det_labels):
                 result.append({"boxes": b, "labels": lab, "scores": s})
 
-        self._mask_branch(features, proposals, image_shapes, targets, labels, matched_idxs, result, losses)
+        num_classes = class_logits.shape[-1]
+        self._mask_branch(features, proposals, image_shapes, targets, labels, matched_idxs, result, losses, num_classes)
         self._keypoint_branch(features, proposals, image_shapes, targets, labels, matched_idxs, result, losses)
         return result, losses

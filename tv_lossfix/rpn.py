@@ -10,6 +10,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_p
 from . import losses as L
 from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
 from .config import RPNLossConfig
+from .sampling import SAMPLING_ATTRIBUTES, apply_sampling, check_sampling, fg_bg_sample
 
 __all__ = ["LossFixRPN"]
 
@@ -18,7 +19,8 @@ class LossFixRPN(RegionProposalNetwork):
     """torchvision's ``RegionProposalNetwork`` whose loss follows an :class:`RPNLossConfig`.
 
     Proposals, sampling (same sampler calls, same order), parameters and ``state_dict`` are
-    those of the parent; at default settings the losses equal stock torchvision's.
+    those of the parent; at default settings the losses equal stock torchvision's. With
+    ``neg_pos_ub >= 0`` the sampler caps the negatives (see :mod:`tv_lossfix.sampling`).
     After each training forward, ``loss_state`` holds the detached tensors that
     :func:`tv_lossfix.training_stats` turns into statistics (sampled anchors, normalizers).
 
@@ -27,7 +29,12 @@ class LossFixRPN(RegionProposalNetwork):
     """
 
     # The loss settings are plain attributes, set by set_loss_cfg() (see _utils.apply_loss_cfg).
-    __annotations__ = {**RegionProposalNetwork.__annotations__, **HEAD_LOSS_ATTRIBUTES}
+    __annotations__ = {
+        **RegionProposalNetwork.__annotations__,
+        **HEAD_LOSS_ATTRIBUTES,
+        **SAMPLING_ATTRIBUTES,
+        "focal_alpha": float,
+    }
 
     def __init__(self, *args, loss_cfg: Optional[RPNLossConfig] = None, sync_avg_factor: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -36,7 +43,12 @@ class LossFixRPN(RegionProposalNetwork):
     @torch.jit.unused
     def set_loss_cfg(self, cfg: Optional[RPNLossConfig], sync_avg_factor: bool = False) -> None:
         """Replace the loss settings (parameters untouched)."""
-        apply_loss_cfg(self, RPNLossConfig() if cfg is None else cfg, sync_avg_factor)
+        cfg = RPNLossConfig() if cfg is None else cfg
+        check_sampling(self, cfg)
+        apply_loss_cfg(self, cfg, sync_avg_factor)
+        apply_sampling(self, cfg)
+        # None: torchvision.ops.sigmoid_focal_loss's default; -1 (no alpha weighting) is kept as is.
+        self.focal_alpha = 0.25 if cfg.focal_alpha is None else float(cfg.focal_alpha)
 
     def extra_repr(self) -> str:
         return loss_cfg_repr(self)
@@ -53,7 +65,7 @@ class LossFixRPN(RegionProposalNetwork):
 
         ``anchors`` is needed only by the IoU box losses, which decode the deltas.
         """
-        pos_list, neg_list = self.fg_bg_sampler(labels)
+        pos_list, neg_list = fg_bg_sample(self.fg_bg_sampler, labels, self.neg_pos_ub)
         pos = torch.cat(pos_list)
         neg = torch.cat(neg_list)
         num_images = len(pos_list)
@@ -67,7 +79,12 @@ class LossFixRPN(RegionProposalNetwork):
             bbox_avg = avg_factor(self.bbox_avg_factor, is_pos, self.sync_avg_factor, pos, neg, num_images)
 
         weight = L.sample_weights(is_pos, self.cls_pos_weight)
-        loss_cls = L.objectness_loss(objectness.flatten()[sampled], is_pos, cls_avg, weight)
+        logits = objectness.flatten()[sampled]
+        if self.cls_loss == "focal":
+            per_anchor = L.sigmoid_focal_loss(logits, is_pos, self.focal_alpha, self.focal_gamma)
+            loss_cls = L.weighted_reduce(per_anchor, cls_avg, weight)
+        else:
+            loss_cls = L.objectness_loss(logits, is_pos, cls_avg, weight)
 
         ref_boxes: Optional[Tensor] = None
         if self.bbox_loss != "smooth_l1" and self.bbox_loss != "l1":
