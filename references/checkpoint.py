@@ -4,14 +4,17 @@ with the command line on ``--resume`` so that no setting is ignored silently."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from tv_lossfix.checkpoint import CheckpointError, model_state_dict, read_checkpoint
+from tv_lossfix.model_settings import model_settings
 
 import distributed
 
@@ -22,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "atomic_save",
     "atomic_write_text",
+    "remove_stale_temp_files",
     "load_training_checkpoint",
     "checkpoint_model_name",
     "reconcile",
@@ -30,21 +34,75 @@ __all__ = [
 ]
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: never a half-written file."""
+# Temp files are "<name>.tmp<pid>" next to their target; a killed run leaves them behind.
+_TEMP_NAME = re.compile(r"^(?P<target>.+\.(?:pth|yaml|json|jsonl|txt))\.tmp(?P<pid>\d+)$")
+
+
+def _os_reason(e: BaseException) -> str:
+    """The OS's reason behind ``e``: torch.save wraps a failed write in RuntimeError("unexpected pos")."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def _atomic(write, path: str, mode: str, **open_kw) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: never a half-written file.
+
+    On any failure the temp file is removed and the previous file at ``path`` stays as it was.
+    """
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **open_kw) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not a write error
+            raise
+        raise CheckpointError(f"could not write {path}: {_os_reason(e)} (the previous file, if any, is intact)") from e
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    _atomic(lambda f: torch.save(obj, f), path, "wb")
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _atomic(lambda f: f.write(text), path, "w", encoding="utf-8")
+
+
+def remove_stale_temp_files(out_dir: str) -> List[str]:
+    """Remove the temp files of our atomic writes that a killed run left in ``out_dir``.
+
+    Only names of our pattern, and only those whose writer process is gone; returns the names removed.
+    """
+    removed = []
+    for name in sorted(os.listdir(out_dir)) if out_dir and os.path.isdir(out_dir) else []:
+        m = _TEMP_NAME.match(name)
+        path = os.path.join(out_dir, name)
+        if m is None or not os.path.isfile(path) or _pid_alive(int(m.group("pid"))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():  # ours: called before this run writes, so an earlier run's
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:  # it exists, as another user's
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
 
 
 def load_training_checkpoint(path: str, what: str = "--resume") -> Dict[str, Any]:
@@ -110,8 +168,14 @@ def save_training_checkpoint(
     cfg: Dict[str, Any],
     loss_cfg,
     device: torch.device,
+    class_names: Optional[List[str]] = None,
+    in_epoch: Optional[Dict[str, Any]] = None,
 ) -> None:
-    """Every rank takes part (RNG states are gathered); rank 0 writes model_<epoch>.pth and checkpoint.pth."""
+    """Every rank takes part (RNG states are gathered); rank 0 writes model_<epoch>.pth and checkpoint.pth.
+
+    ``in_epoch`` (a save within epoch ``epoch + 1``: its ``epoch``, the ``iteration`` within it and the
+    ``meter``'s partial sums) writes checkpoint.pth only; ``--resume`` continues from that iteration.
+    """
     rng_all = distributed.all_gather(torch.get_rng_state())
     cuda_all = distributed.all_gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else []
     if not distributed.is_main() or not out_dir:
@@ -128,8 +192,13 @@ def save_training_checkpoint(
         "config": json.loads(json.dumps(cfg)),
         "loss_cfg": loss_cfg.to_dict(),
         "rng": {"torch": rng_all, "cuda": cuda_all, "python": _py_state_to_list(random.getstate())},
+        # What shapes the model beyond its weights (anchors, sizes, thresholds): --weights restores it.
+        "model_settings": model_settings(net, class_names),
     }
-    atomic_save(ckpt, os.path.join(out_dir, f"model_{epoch}.pth"))
+    if in_epoch is not None:
+        ckpt["in_epoch"] = in_epoch
+    else:
+        atomic_save(ckpt, os.path.join(out_dir, f"model_{epoch}.pth"))
     atomic_save(ckpt, os.path.join(out_dir, "checkpoint.pth"))
 
 
@@ -141,6 +210,8 @@ REFUSED = {
     "model.stock": "the checkpoint's heads are the other kind",
     "model.anchor_sizes": "the RPN head was trained for other anchors",
     "model.aspect_ratios": "the RPN head was trained for other anchors",
+    "model.class_agnostic_bbox": "the checkpoint's box predictor has the other shape (4 outputs or 4 per class)",
+    "model.class_agnostic_mask": "the checkpoint's mask predictor has the other shape (1 channel or 1 per class)",
     "training.opt": "the optimizer state belongs to another optimizer",
     "training.lr_scheduler": "the scheduler state belongs to another scheduler",
     "training.norm_weight_decay": "the parameter groups were built without/with it",

@@ -4,7 +4,10 @@ The known causes of "zero detections" / NaN that come from data: degenerate
 boxes, boxes outside the image, COCO xywh boxes written as xyxy, unknown category ids, label 0
 (background) used for an object, missing image files, masks that are not 0/1, 0-255 images.
 Policy ``stop`` (default) raises with the list; ``drop`` drops the faulty annotations (and
-images whose file is missing) and says how many.
+images whose file is missing) and says how many. Some problems no policy can fix and always stop:
+an annotation id used twice (pycocotools indexes annotations by id, so evaluation would read one
+annotation twice and lose the other), a ``file_name`` outside the image folder, a width/height
+that is not a positive integer, a split left without images, and ``drop`` leaving no object.
 """
 
 from __future__ import annotations
@@ -23,6 +26,26 @@ from PIL import Image
 
 POLICIES = ("stop", "drop")
 _TOL = 1.0  # px a box may overhang the image (annotation tools round); clipped by the loader
+# Pillow modes of 16-bit grey (a 16-bit PNG opens as I;16, or as "I" in older Pillow): convert("RGB")
+# would clip every value above 255, so the loader scales them to 8 bits (value >> 8) instead.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# EXIF orientations that swap width and height (rotated by 90 or 270 degrees).
+_EXIF_ORIENTATION = 0x0112
+_EXIF_SWAPS = {
+    5: "transposed",
+    6: "rotated 90 degrees clockwise",
+    7: "transversed",
+    8: "rotated 90 degrees counter-clockwise",
+}
+
+
+def pixel_format(mode: str, fmt: Optional[str]) -> str:
+    """How the loader decodes a Pillow image mode: "8bit", "16bit" (scaled to 8 bits) or "unknown"."""
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and fmt == "PNG"):
+        return "16bit"
+    if mode in ("I", "F") or mode.startswith("I;"):  # 32-bit int / float: no known range
+        return "unknown"
+    return "8bit"
 
 
 class DataError(ValueError):
@@ -39,6 +62,7 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)  # reason -> annotations dropped
     dropped_images: int = 0
     problems: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # lines said after the summary (conversions, warnings)
 
     def summary(self) -> str:
         s = (
@@ -50,7 +74,7 @@ class DataReport:
                 f"; dropped {sum(self.dropped.values())} annotations ({dict(self.dropped)}) "
                 f"and {self.dropped_images} images"
             )
-        return s
+        return "\n".join([s, *self.notes])
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -61,6 +85,7 @@ class DataReport:
             "crowd": self.crowd,
             "dropped": dict(self.dropped),
             "dropped_images": self.dropped_images,
+            "notes": list(self.notes),
         }
 
 
@@ -153,34 +178,132 @@ def _label_map(data: Dict[str, Any], ann_file: str, split: str, label_mode: str)
     return categories, {cid: cid for cid in categories}
 
 
-def _check_images(data, ann_file: str, image_dir: str, split: str, check_files: bool, problems: List[str]):
+def _image_entry_problem(img: Dict[str, Any]) -> Optional[str]:
+    """What no policy can fix in an ``images`` entry: its size, or a file name outside the folder."""
+    iid, w, h, name = img.get("id"), img.get("width"), img.get("height"), img.get("file_name")
+    for key, v in (("width", w), ("height", h)):
+        if isinstance(v, str):
+            return f"image {iid} ({name}): {key} {v!r} is a string; COCO's width and height are integers"
+    if any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in (w, h)):
+        return f"image {iid} ({name}) has no valid width/height: {w}x{h}"
+    if not isinstance(name, str) or not name:
+        return f"image {iid}: file_name {name!r} is not a file name"
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        return (
+            f"image {iid}: file_name {name!r} points outside the image folder "
+            f"(absolute paths and '..' are refused; subfolders inside it are fine)"
+        )
+    return None
+
+
+def _size_mismatch(iid: Any, path: str, size: Tuple[int, int], w: int, h: int) -> str:
+    msg = f"image {iid}: {path} is {size[0]}x{size[1]} but the JSON says {w}x{h}"
+    try:
+        with Image.open(path) as im:  # EXIF only now: for a PNG, getexif() decodes the whole file
+            orientation = im.getexif().get(_EXIF_ORIENTATION)
+    except Exception:
+        orientation = None
+    if orientation not in (None, 1):
+        how = _EXIF_SWAPS.get(orientation, "mirrored or turned 180 degrees")
+        msg += (
+            f"; its EXIF orientation tag is {orientation} ({how}), which the tool that wrote the JSON may have "
+            f"applied: this loader decodes the stored pixels without it (as torchvision's does), so save the "
+            f"image rotated (PIL.ImageOps.exif_transpose) or fix the JSON"
+        )
+    return msg
+
+
+def _image_file_problem(img: Dict[str, Any], path: str) -> Tuple[Optional[str], Optional[str]]:
+    """(problem, pixel format) of an image file, from its header only: cheap even for large sets."""
+    iid = img["id"]
+    try:
+        with Image.open(path) as im:
+            size, mode, fmt = im.size, im.mode, im.format
+    except FileNotFoundError:
+        return f"image {iid}: file not found: {path}", None
+    except Exception as e:
+        return f"image {iid}: cannot read {path}: {e}", None
+    if size != (img["width"], img["height"]):
+        return _size_mismatch(iid, path, size, img["width"], img["height"]), None
+    kind = pixel_format(mode, fmt)
+    if kind == "unknown":
+        return (
+            f"image {iid}: {path} has Pillow mode {mode} pixels (32-bit integer or float), whose range "
+            f"the loader cannot know: save it as 8-bit (or 16-bit PNG)"
+        ), None
+    return None, kind
+
+
+def _check_images(data, ann_file: str, image_dir: str, split: str, check_files: bool, report, problems: List[str]):
     """Images by id, and the ids of those whose file is missing, unreadable or of another size."""
-    images, bad = {}, set()
+    images, bad, sixteen = {}, set(), []
     for img in data["images"]:
-        iid, w, h = img.get("id"), img.get("width"), img.get("height")
+        iid = img.get("id")
         if iid in images:
             raise DataError(f"{split}: image id {iid} appears twice in {ann_file}")
-        if not isinstance(w, int) or not isinstance(h, int) or w <= 0 or h <= 0:
-            raise DataError(f"{split}: image {iid} ({img.get('file_name')}) has no valid width/height: {w}x{h}")
+        fatal = _image_entry_problem(img)
+        if fatal is not None:
+            raise DataError(f"{split}: {ann_file}: {fatal}")
         images[iid] = img
         if not check_files:
             continue
-        path = os.path.join(image_dir, img.get("file_name", ""))
-        try:
-            with Image.open(path) as im:  # header only: cheap even for large sets
-                size = im.size
-        except FileNotFoundError:
-            problems.append(f"image {iid}: file not found: {path}")
+        problem, kind = _image_file_problem(img, os.path.join(image_dir, img["file_name"]))
+        if problem is not None:
+            problems.append(problem)
             bad.add(iid)
-            continue
-        except Exception as e:
-            problems.append(f"image {iid}: cannot read {path}: {e}")
-            bad.add(iid)
-            continue
-        if size != (w, h):
-            problems.append(f"image {iid}: {path} is {size[0]}x{size[1]} but the JSON says {w}x{h}")
-            bad.add(iid)
+        elif kind == "16bit":
+            sixteen.append(iid)
+    if sixteen:
+        which = f"image {sixteen[0]}" if len(sixteen) == 1 else f"{len(sixteen)} images ({_ids(sixteen)})"
+        report.notes.append(f"{split}: {which}: 16-bit grey scaled to 8 bits (value >> 8: 65535 -> 255)")
     return images, bad
+
+
+def _ids(ids: List[Any], shown: int = 8) -> str:
+    return ", ".join(str(i) for i in ids[:shown]) + (f", ... {len(ids) - shown} more" if len(ids) > shown else "")
+
+
+def _check_annotation_ids(data, ann_file: str, split: str) -> None:
+    """Every annotation has its own id, whatever the policy: pycocotools indexes them by id."""
+    seen: Dict[Any, Any] = {}
+    found = []
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            raise DataError(f"{split}: {ann_file}: annotation #{i} is not a mapping: {str(a)[:60]}")
+        aid, iid = a.get("id"), a.get("image_id")
+        if not isinstance(aid, (int, str)) or isinstance(aid, bool):
+            found.append(f"annotation #{i} (image {iid}) has no integer 'id' (got {aid!r})")
+        elif aid in seen:
+            where = f"both in image {iid}" if seen[aid] == iid else f"images {seen[aid]} and {iid}"
+            found.append(f"annotation id {aid} appears twice ({where})")
+        else:
+            seen[aid] = iid
+    if found:
+        more = f"; ... {len(found) - 5} more" if len(found) > 5 else ""
+        raise DataError(
+            f"{split}: {ann_file}: " + "; ".join(found[:5]) + more + ". pycocotools keys annotations by id, so "
+            "evaluation would read one annotation twice and lose the other: give every annotation its own id "
+            "(--bad-annotations drop cannot fix this)"
+        )
+
+
+def _check_not_empty(report: "DataReport", split: str) -> None:
+    """A split without images fails; one without objects is an error when dropping emptied it, else said."""
+    dropped = sum(report.dropped.values())
+    if report.images == 0:
+        why = f" ({report.dropped_images} dropped by --bad-annotations drop)" if report.dropped_images else ""
+        raise DataError(f"{split}: no images left to {'train on' if split == 'train' else 'evaluate'}{why}")
+    if report.annotations:
+        return
+    if dropped or report.dropped_images:
+        raise DataError(
+            f"{split}: --bad-annotations drop left no object ({dropped} annotations and {report.dropped_images} "
+            f"images dropped: {dict(report.dropped)}): run with --bad-annotations stop to see the problems"
+        )
+    crowd = f", {report.crowd} crowd regions, which are not trained on" if report.crowd else ""
+    effect = "the model learns background only" if split == "train" else "its AP is undefined (-1)"
+    report.notes.append(f"WARNING: {split}: no objects in {report.images} images{crowd}: {effect}")
 
 
 def _annotation_problem(a, img, categories, need_masks: bool) -> Optional[Tuple[str, str]]:
@@ -240,9 +363,10 @@ def load_coco_checked(
         raise ValueError(f"data.bad_annotations must be one of {POLICIES}, got {policy!r}")
     data = _read_json(ann_file, image_dir, split)
     categories, label_map = _label_map(data, ann_file, split, label_mode)
+    _check_annotation_ids(data, ann_file, split)
     report = DataReport(split)
     problems: List[str] = []
-    images, bad_images = _check_images(data, ann_file, image_dir, split, check_image_files, problems)
+    images, bad_images = _check_images(data, ann_file, image_dir, split, check_image_files, report, problems)
     kept, with_anns = _check_annotations(data, images, bad_images, categories, need_masks, report, problems)
     if problems and policy == "stop":
         shown = "\n  ".join(problems[:25])
@@ -257,6 +381,7 @@ def load_coco_checked(
     report.images = len(data["images"])
     report.annotations = sum(1 for a in kept if not a.get("iscrowd", 0))
     report.negatives = report.images - len(with_anns)
+    _check_not_empty(report, split)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
@@ -269,11 +394,16 @@ def check_samples(dataset, num_classes: int, count: int = 16) -> List[str]:
     """Check decoded samples (what the model will see) of the first ``count`` images.
 
     Catches what the JSON cannot show: 0-255 or uint8 images, masks that are not 0/1 or not
-    the image's size, labels out of range. Returns the problems (empty when all is well).
+    the image's size, labels out of range, files that do not decode (truncated...). Returns the
+    problems (empty when all is well).
     """
     problems = []
     for idx in range(min(count, len(dataset))):
-        image, t = dataset[idx]
+        try:
+            image, t = dataset[idx]
+        except DataError as e:  # the loader names the image and file
+            problems.append(str(e))
+            continue
         iid = int(t["image_id"]) if "image_id" in t else idx
         where = f"image {iid}"
         if not torch.is_floating_point(image):

@@ -1,17 +1,20 @@
-"""COCO-format detection data: dataset, transforms, aspect-ratio grouped batching."""
+"""COCO-format detection data: dataset, transforms, aspect-ratio grouped batching, repeat-factor sampling."""
 
 from __future__ import annotations
 
 import bisect
 import math
 import os
-from typing import Any, Dict, Iterator, List, Sequence
+from collections import Counter
+from typing import Any, Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset, Sampler
+
+from checks import DataError, pixel_format
 
 
 class CocoDetection(Dataset):
@@ -58,14 +61,35 @@ class CocoDetection(Dataset):
         return [self.coco.imgs[i]["width"] / max(self.coco.imgs[i]["height"], 1) for i in self.ids]
 
     def _load_image(self, path: str) -> torch.Tensor:
-        """uint8 [3, H, W]: the transforms work on uint8 (as torchvision's presets) and end in [0, 1] floats."""
+        """uint8 [3, H, W]: the transforms work on uint8 (as torchvision's presets) and end in [0, 1] floats.
+
+        16-bit images become 8-bit as value >> 8 with both backends (Pillow's convert("RGB") would clip
+        16-bit grey at 255: a blank image). Neither backend applies EXIF orientation, as torchvision.
+        """
         if self.backend in ("tensor", "tv_tensor"):
             from torchvision.io import ImageReadMode, decode_image
 
-            return decode_image(path, mode=ImageReadMode.RGB)
+            image = decode_image(path, mode=ImageReadMode.RGB)  # 16-bit PNGs come as uint16
+            return (image.to(torch.int32) >> 8).to(torch.uint8) if image.dtype == torch.uint16 else image
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            kind = pixel_format(im.mode, im.format)
+            if kind == "unknown":
+                raise ValueError(f"Pillow mode {im.mode} pixels (32-bit integer or float) have no known range")
+            if kind == "16bit":
+                grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+                arr = np.repeat(grey[:, :, None], 3, axis=2)
+            else:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def load_image(self, image_id: int) -> torch.Tensor:
+        """The image as uint8 [3, H, W]; a file that does not decode is a DataError naming it."""
+        path = os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"])
+        try:
+            return self._load_image(path)
+        except Exception as e:  # Pillow / torchvision.io raise OSError, SyntaxError, RuntimeError, ...
+            reason = (str(e).strip().splitlines() or [""])[-1]
+            raise DataError(f"image {image_id}: cannot decode {path}: {type(e).__name__}: {reason}") from None
 
     def target_for(self, image_id: int) -> Dict[str, torch.Tensor]:
         info = self.coco.imgs[image_id]
@@ -92,7 +116,7 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, idx: int):
         image_id = self.ids[idx]
-        image = self._load_image(os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"]))
+        image = self.load_image(image_id)
         target = self.target_for(image_id)
         return (self.transforms or eval_transform)(image, target)
 
@@ -344,3 +368,107 @@ class SeededRandomSampler(Sampler):
 
     def __len__(self) -> int:
         return self.n
+
+
+# -- repeat-factor sampling (Gupta et al., LVIS 2019; Detectron2's RepeatFactorTrainingSampler) ----------
+def image_classes(annotations: Iterable[Dict[str, Any]], image_ids: Sequence[int]) -> List[Set[int]]:
+    """The set of category ids of each image in ``image_ids`` (non-crowd annotations, as training uses)."""
+    by_image: Dict[int, Set[int]] = {i: set() for i in image_ids}
+    for a in annotations:
+        if not a.get("iscrowd", 0) and a["image_id"] in by_image:
+            by_image[a["image_id"]].add(a["category_id"])
+    return [by_image[i] for i in image_ids]
+
+
+def class_image_fractions(classes: Sequence[Collection[int]]) -> Dict[int, float]:
+    """f(c): the fraction of the images (empty ones included: they are trained on too) holding class c."""
+    counts: Counter = Counter(c for cs in classes for c in set(cs))
+    n = max(len(classes), 1)
+    return {c: counts[c] / n for c in sorted(counts)}
+
+
+def repeat_factors(
+    classes: Sequence[Collection[int]], threshold: float, sqrt: bool = True
+) -> Tuple[List[float], Dict[int, float]]:
+    """Per-image and per-class repeat factors for the threshold t.
+
+    r(c) = max(1, sqrt(t / f(c))) (t / f(c) when ``sqrt`` is false), f(c) as class_image_fractions;
+    an image's factor is the largest r(c) of its classes, 1 for an image without objects.
+    """
+    if not threshold > 0:
+        raise ValueError(f"the repeat-factor threshold must be > 0, got {threshold}")
+    per_class = {}
+    for c, f in class_image_fractions(classes).items():
+        ratio = threshold / f
+        per_class[c] = max(1.0, math.sqrt(ratio) if sqrt else ratio)
+    return [max((per_class[c] for c in cs), default=1.0) for cs in classes], per_class
+
+
+# A class needs repeating when it is in fewer than half as many images as the median class.
+BALANCED_RATIO = 2.0
+
+
+def suggest_repeat_threshold(classes: Sequence[Collection[int]]) -> Optional[float]:
+    """A threshold that repeats only the classes rarer than the median class; None if none needs it.
+
+    t = the median class's image fraction (rounded down to 3 significant digits, so that the median
+    class itself keeps factor 1): each rarer class c gets sqrt(median / f(c)). LVIS's fixed 0.001 only
+    suits datasets with 1000+ classes; the median adapts to any number of classes and images. None
+    when there are fewer than two classes or the rarest class is in at least 1 / BALANCED_RATIO as
+    many images as the median one (its factor would stay under sqrt(2): little would change).
+    """
+    fractions = sorted(class_image_fractions(classes).values())
+    if len(fractions) < 2:
+        return None
+    median = float(np.median(fractions))
+    if median < BALANCED_RATIO * fractions[0]:
+        return None
+    digits = 2 - math.floor(math.log10(median))  # 3 significant digits, rounded down
+    return math.floor(median * 10**digits * (1 + 1e-12)) / 10**digits
+
+
+class RepeatFactorSampler(Sampler):
+    """Each image ``floor(r) + (u < frac(r))`` times per epoch, shuffled; this rank's share of the list.
+
+    The generator is seeded with ``seed + epoch`` (as DistributedSampler and SeededRandomSampler), so
+    an epoch draws the same list on every rank and again after --resume. Draw order: ``u`` =
+    torch.rand(N, float64), then torch.randperm of the repeated list. The list is padded with its own
+    first entries to a multiple of ``world`` and rank k takes entries k, k + world, ... (as
+    DistributedSampler), so all ranks have the same length and their shares are disjoint.
+    ``len()`` is this epoch's share: it changes with set_epoch, as the rounding does.
+    """
+
+    def __init__(self, factors: Sequence[float], seed: int = 0, rank: int = 0, world: int = 1):
+        f = torch.as_tensor(factors, dtype=torch.float64).reshape(-1)
+        if len(f) == 0 or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+            raise ValueError("RepeatFactorSampler: factors must be a non-empty list of finite numbers >= 0")
+        if not 0 <= rank < world:
+            raise ValueError(f"RepeatFactorSampler: rank {rank} is not in [0, {world})")
+        self.whole, self.frac = torch.floor(f), f - torch.floor(f)
+        self.seed, self.rank, self.world = seed, rank, world
+        self.expected = float(f.sum())
+        self.set_epoch(0)
+
+    def epoch_indices(self, epoch: int) -> List[int]:
+        """The whole epoch's shuffled list, the same on every rank (before padding)."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        u = torch.rand(len(self.frac), generator=g, dtype=torch.float64)
+        counts = (self.whole + (u < self.frac).double()).long()
+        repeated = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        return repeated[torch.randperm(len(repeated), generator=g)].tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        indices = self.epoch_indices(epoch)
+        self.epoch_total = len(indices)
+        pad = -len(indices) % self.world
+        while pad > 0 and indices:  # a list shorter than the padding is repeated whole, as DistributedSampler does
+            indices += indices[:pad]
+            pad = -len(indices) % self.world
+        self._share = indices[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._share)
+
+    def __len__(self) -> int:
+        return len(self._share)

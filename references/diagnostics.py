@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -159,8 +159,63 @@ def lr_warning(lr: float, images_per_step: int, warmup_iters: int) -> Optional[s
     )
 
 
+# -- the rare-class cure ----------------------------------------------------------------------------
+def rare_class_cure(
+    counts: Sequence[int],
+    repeat_threshold: Optional[float],
+    cfg: Optional[Dict[str, Any]] = None,
+    method: str = "effective_number",
+    beta: Optional[float] = None,
+) -> Dict[str, Any]:
+    """The rare-class levers as values to paste, leaving out what ``cfg`` already sets.
+
+    ``counts``: training objects per foreground label in label order (1..K); ``repeat_threshold``:
+    data.suggest_repeat_threshold's value (None: no class needs repeating). Returns the
+    ``class_weight`` list of tv_lossfix.class_weights_from_counts (None when already set or when it
+    would not favour any class), the ``repeat_factor_threshold`` (None likewise), the keys
+    ``already`` set, and the ``yaml`` lines and one-line ``text`` that print them.
+    """
+    from tv_lossfix import class_weights_from_counts
+
+    model, data = (cfg or {}).get("model", {}), (cfg or {}).get("data", {})
+    already = [
+        k
+        for k, v in (
+            ("model.roi_head.class_weight", (model.get("roi_head") or {}).get("class_weight")),
+            ("data.repeat_factor_threshold", data.get("repeat_factor_threshold")),
+        )
+        if v is not None
+    ]
+    weights = class_weights_from_counts(list(counts), method, beta) if any(counts) else None
+    if weights is not None and (max(weights[1:]) - min(weights[1:]) < 1e-6 or "model.roi_head.class_weight" in already):
+        weights = None  # equal counts: nothing to rebalance
+    threshold = None if "data.repeat_factor_threshold" in already else repeat_threshold
+    shown = [round(w, 3) for w in weights] if weights is not None else None
+    origin = (
+        f"{method}{f' (beta {0.999 if beta is None else beta:g})' if method == 'effective_number' else ''} "
+        f"of {list(counts)} objects per class"
+    )
+    yaml_lines, parts = [], []
+    if shown is not None:
+        yaml_lines += ["model:", "  roi_head:", f"    class_weight: {shown}  # {origin}"]
+        parts.append(f"model.roi_head.class_weight: {shown} ({origin})")
+    if threshold is not None:
+        yaml_lines += ["data:", f"  repeat_factor_threshold: {threshold:g}"]
+        parts.append(f"data.repeat_factor_threshold: {threshold:g}")
+    return {
+        "counts": list(counts),
+        "method": method,
+        "beta": beta,
+        "class_weight": weights,
+        "repeat_factor_threshold": threshold,
+        "already": already,
+        "yaml": yaml_lines,
+        "text": "; ".join(parts),
+    }
+
+
 # -- collapse causes --------------------------------------------------------------------------------
-def _cause_underconfident(current, train, cfg) -> Optional[str]:
+def _cause_underconfident(current, train, cfg, cure: Optional[Dict[str, Any]] = None) -> Optional[str]:
     thresh = current["score_thresh"]
     if current["max_score"] >= thresh:
         return None
@@ -168,8 +223,11 @@ def _cause_underconfident(current, train, cfg) -> Optional[str]:
     if roi.get("cls_pos_weight", 1.0) < 2:
         lever = "raise model.roi_head.cls_pos_weight to 2"
     elif not roi.get("class_weight"):
-        lever = (
-            f"cls_pos_weight is already {roi['cls_pos_weight']:g}: set model.roi_head.class_weight for the rare classes"
+        values = cure["text"] if cure and cure["class_weight"] is not None else ""
+        lever = f"cls_pos_weight is already {roi['cls_pos_weight']:g}: " + (
+            f"rebalance the rare classes: {values}"
+            if values
+            else "set model.roi_head.class_weight for the rare classes"
         )
     else:
         lever = "positive and class weights are set: train longer, or lower model.kwargs.box_score_thresh to inspect"
@@ -267,6 +325,7 @@ CAUSES = (
     _cause_rpn,
     _cause_few_positives,
 )
+_TAKE_CURE = (_cause_underconfident,)  # the causes whose lever is the rare-class cure
 MAX_CAUSES = 3  # the strongest few; a list of five "likely" causes tells a user nothing
 
 
@@ -290,7 +349,9 @@ def _headline(history, current, gt_per_image) -> Optional[str]:
     return None
 
 
-def _class_warnings(history, current) -> List[str]:
+def _class_warnings(history, current, cure: Optional[Dict[str, Any]] = None) -> List[str]:
+    """One line per class at 0 detections, then the rare-class cure with its values (``cure``:
+    :func:`rare_class_cure` of the training counts) when one of them is rarer than average."""
     out = []
     thresh = current["score_thresh"]
     for name, row in (current.get("per_class") or {}).items():
@@ -303,7 +364,26 @@ def _class_warnings(history, current) -> List[str]:
                 msg += f"; AP50 was {ap50:.2f} {back} evaluation{'s' if back > 1 else ''} ago"
                 break
         out.append(msg)
+    if out and cure is not None:
+        out.append(_cure_line(cure))
     return out
+
+
+def _cure_line(cure: Dict[str, Any]) -> str:
+    """The cure's values; what is already set is never suggested again."""
+    if cure["text"]:
+        return f"  cure for rare classes: {cure['text']}"
+    if "data.repeat_factor_threshold" in cure["already"]:
+        return (
+            f"  {' and '.join(cure['already'])} already set: raise data.repeat_factor_threshold (more repeats), "
+            "or train longer"
+        )
+    if cure["already"]:
+        return (
+            "  model.roi_head.class_weight already set and no class is rare enough in images for repeat-factor "
+            "sampling: train longer, or check the class's boxes, labels and anchor coverage"
+        )
+    return "  the classes are balanced in the training data: check the class's boxes, labels and anchor coverage"
 
 
 def collapse_warnings(
@@ -314,20 +394,25 @@ def collapse_warnings(
     gt_per_image: float,
     iteration: int = 10**9,
     judge_after: int = 0,
+    cure: Optional[Dict[str, Any]] = None,
 ) -> List[str]:
     """Warnings for the current evaluation, each followed by at most three likely causes with numbers.
 
     ``history``: earlier evaluation records; ``current``: this one (score_summary + AP + per_class);
     ``train``: the last epoch's means of losses, grad_norm and the heads' statistics. Nothing is
     said before ``iteration`` reaches ``judge_after``: an untrained model is not a collapsed one.
+    ``cure``: :func:`rare_class_cure` of the training data, printed with the per-class warnings and
+    the under-confidence cause.
     """
     if iteration < judge_after:
         return []
     head = _headline(history, current, gt_per_image)
-    classes = _class_warnings(history, current)
+    classes = _class_warnings(history, current, cure)
     if head is None and not classes:
         return []
-    causes = [c for c in (f(current, train, cfg) for f in CAUSES) if c]
+    causes = [
+        c for c in (f(current, train, cfg, cure) if f in _TAKE_CURE else f(current, train, cfg) for f in CAUSES) if c
+    ]
     loss = _cause_loss_rose(current, train, cfg, history)
     causes = ([loss] if loss else []) + causes
     if not causes:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import signal
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -28,6 +30,114 @@ from diagnostics import per_class_summary, score_summary
 
 class NonFiniteError(RuntimeError):
     """Training stopped because a loss or the gradient norm was not finite."""
+
+
+# -- preemption -------------------------------------------------------------------------------------
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C, kill / scancel / torchrun, SLURM's --signal
+
+
+class Preempted(Exception):
+    """A stop signal ended training at an iteration boundary (after the checkpoint was written)."""
+
+    def __init__(self, signum: int, epoch: int, iteration: int, n_iters: int):
+        super().__init__(f"{signal.Signals(signum).name} at epoch {epoch}, iteration {iteration}/{n_iters}")
+        self.signum, self.epoch, self.iteration, self.n_iters = signum, epoch, iteration, n_iters
+
+
+class StopRequest:
+    """While installed, SIGINT / SIGTERM / SIGUSR1 only set a flag, which the training loop reads at
+    each iteration boundary: no KeyboardInterrupt in the middle of a step. The previous handlers come
+    back on ``restore`` (or leaving the ``with`` block)."""
+
+    def __init__(self) -> None:
+        self.signum = 0  # the first stop signal received; 0: none
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum  # async-signal context: set a flag, nothing else
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python lets only the main thread set handlers; the defaults stay
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def agreed(self) -> int:
+        """The signal every rank stops for (the largest number any rank received; 0: none). Collective."""
+        if not distributed.is_dist():
+            return self.signum
+        flag = torch.tensor([float(self.signum)], device=_collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def _collective_device() -> torch.device:
+    backend = dist.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def ignore_stop_signals(worker_id: int, then: Optional[Callable[[int], None]] = None) -> None:
+    """A DataLoader worker's init: the stop signals reach the whole process group (Ctrl-C, SLURM), but
+    only the main process acts on them and shuts its workers down; SIGUSR1 would kill them outright."""
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
+class SkipBatches:
+    """The batches of ``batch_sampler`` after its first ``skip``: a mid-epoch resume draws the epoch's
+    batch order as the interrupted run did (the base sampler is seeded per (seed, epoch)) and skips
+    the batches already trained on at the index level, without loading their images."""
+
+    def __init__(self, batch_sampler, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):
+        it = iter(self.batch_sampler)
+        for _ in range(self.skip):
+            if next(it, None) is None:
+                return
+        yield from it
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)
+
+
+def skip_batches(loader, skip: int):
+    """``loader`` (built with a ``batch_sampler``) without its epoch's first ``skip`` batches."""
+    from torch.utils.data import DataLoader
+
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=SkipBatches(loader.batch_sampler, skip),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        persistent_workers=False,
+        **extra,
+    )
 
 
 @dataclass
@@ -80,6 +190,7 @@ class StepContext:
     max_norm: float = math.inf  # clipping off: the norm is still measured and logged
     norm_type: float = 2.0
     params: List[torch.nn.Parameter] = field(default_factory=list)
+    stop: Optional[StopRequest] = None  # read at every step's host read; every rank agrees under DDP
 
     def __post_init__(self) -> None:
         if not self.params:
@@ -93,6 +204,7 @@ class StepResult:
     any_bad: bool  # something non-finite on any rank
     amp_overflow: bool  # only the gradients overflowed: GradScaler skips the step itself
     images: int
+    stop: bool = False  # a stop signal reached this or (under DDP) another rank: stop after this step
 
 
 def _to(device, images, targets):
@@ -121,29 +233,31 @@ def train_step(
 
     keys = list(loss_dict)
     vec = torch.stack([loss_dict[k].detach().float() for k in keys] + [loss.detach().float(), grad_norm.float()])
-    shown, any_bad = _read_back(vec)
+    shown, any_bad, stop = _read_back(vec, ctx.stop.signum if ctx.stop is not None else 0)
     values = dict(zip(keys + ["loss", "grad_norm"], shown))
     amp_overflow = (
         ctx.scaler is not None
         and not math.isfinite(values["grad_norm"])
         and all(math.isfinite(values[k]) for k in keys)
     )
-    return StepResult(values, keys, any_bad, amp_overflow, len(images) * distributed.world())
+    return StepResult(values, keys, any_bad, amp_overflow, len(images) * distributed.world(), stop)
 
 
-def _read_back(vec: torch.Tensor):
-    """The step's one host read: values to log, and whether any rank saw a non-finite one."""
-    bad = (~torch.isfinite(vec)).any().float().reshape(1)
+def _read_back(vec: torch.Tensor, stop_signal: int = 0):
+    """The step's one host read: values to log, whether any rank saw a non-finite one, and whether
+    any rank was asked to stop (the flag rides in the same all_reduce: no extra collective)."""
     if not distributed.is_dist():
         shown = vec.tolist()
-        return shown, not all(math.isfinite(v) for v in shown)
+        return shown, not all(math.isfinite(v) for v in shown), stop_signal != 0
     # Rank means for logging; any rank's non-finite value stops every rank.
-    packed = torch.cat([torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0), bad])
+    bad = (~torch.isfinite(vec)).any().float().reshape(1)
+    stop = torch.full((1,), float(stop_signal != 0), device=vec.device)
+    packed = torch.cat([torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0), bad, stop])
     dist.all_reduce(packed)
     n = vec.numel()
     both = torch.cat([packed[:n] / distributed.world(), packed[n:], vec]).tolist()
-    shown = [v if math.isfinite(own) else own for v, own in zip(both[:n], both[n + 1 :])]
-    return shown, both[n] > 0
+    shown = [v if math.isfinite(own) else own for v, own in zip(both[:n], both[n + 2 :])]
+    return shown, both[n] > 0, both[n + 1] > 0
 
 
 def apply_nonfinite_policy(
@@ -210,6 +324,25 @@ class MetricLogger:
         self.t0 = self.window_t0 = time.perf_counter()
         self.stat_sums: Dict[str, torch.Tensor] = {}
         self.stat_windows = 0
+        self.start = 0  # iterations of the epoch done before this process (a mid-epoch resume)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The epoch's partial sums, for a mid-epoch checkpoint (the epoch means then come out the same)."""
+        return {
+            "sums": dict(self.sums),
+            "count": self.count,
+            "grad_max": self.grad_max,
+            "total_imgs": self.total_imgs,
+            "stat_sums": {k: v.detach().cpu() for k, v in self.stat_sums.items()},
+            "stat_windows": self.stat_windows,
+        }
+
+    def load_state_dict(self, saved: Dict[str, Any], start: int, device: torch.device) -> None:
+        self.sums.update(saved.get("sums", {}))
+        self.count, self.grad_max = int(saved.get("count", 0)), float(saved.get("grad_max", 0.0))
+        self.total_imgs, self.stat_windows = int(saved.get("total_imgs", 0)), int(saved.get("stat_windows", 0))
+        self.stat_sums = {k: v.to(device) for k, v in saved.get("stat_sums", {}).items()}
+        self.start = start
 
     def update(self, result: StepResult) -> None:
         for k, v in result.values.items():
@@ -234,7 +367,7 @@ class MetricLogger:
         self.stat_windows += 1 if stats else 0
         now = time.perf_counter()
         speed = self.window_imgs / max(now - self.window_t0, 1e-9)
-        eta = (now - self.t0) / (i + 1) * (self.n_iters - i - 1)
+        eta = (now - self.t0) / max(i + 1 - self.start, 1) * (self.n_iters - i - 1)
         lr = optimizer.param_groups[0]["lr"]
         names = list(stats)
         head_stats = dict(zip(names, torch.stack([stats[k] for k in names]).tolist())) if stats else {}
@@ -293,13 +426,26 @@ def train_one_epoch(
     log: Callable,
     say: Callable,
     max_iters: Optional[int] = None,
+    start: int = 0,
+    meter_state: Optional[Dict[str, Any]] = None,
+    after_iteration: Optional[Callable[[int, int, MetricLogger, bool], None]] = None,
 ) -> Dict[str, float]:
-    """Train for one epoch; returns the epoch's means (losses, grad_norm, head statistics)."""
+    """Train for one epoch; returns the epoch's means (losses, grad_norm, head statistics).
+
+    A mid-epoch resume passes ``start`` (iterations done; ``loader`` then yields the epoch's batches
+    after them) and the saved ``meter_state``. ``after_iteration(done, n_iters, meter, stop)`` runs at
+    every iteration boundary (periodic checkpoints; it raises :class:`Preempted` on a stop).
+    """
     ctx.model.train()
-    n_iters = len(loader) if max_iters is None else min(len(loader), max_iters)
+    total = start + len(loader)
+    n_iters = total if max_iters is None else min(total, max_iters)
     meter = MetricLogger(epoch, n_iters, training_cfg["print_freq"])
+    if meter_state is not None:
+        meter.load_state_dict(meter_state, start, ctx.device)
     bar = _progress_bar(n_iters, epoch)
-    for i, (images, targets) in enumerate(loader):
+    if bar is not None and start:
+        bar.update(start)
+    for i, (images, targets) in enumerate(loader, start):
         if i >= n_iters:
             break
         result = train_step(ctx, images, targets)
@@ -319,6 +465,13 @@ def train_one_epoch(
         if not result.any_bad or result.amp_overflow:
             if meter.due(i):
                 meter.emit(i, ctx.model, ctx.optimizer, state, result, log, say)
+        if after_iteration is not None:
+            try:
+                after_iteration(i + 1, n_iters, meter, result.stop)
+            except Preempted:
+                if bar is not None:
+                    bar.close()
+                raise
     if bar is not None:
         bar.close()
     return meter.summary(state)
@@ -440,6 +593,21 @@ def evaluate(
     merged, seen = _gather(*_predict(net, loader, device, label_to_cat, thresh))
     if not distributed.is_main():
         return {}
+    return summarize_detections(net, merged, seen, coco_gt, label_to_cat, thresh, say, class_names)
+
+
+def summarize_detections(
+    net: torch.nn.Module,
+    merged: Dict[str, List[Dict[str, Any]]],
+    seen: Dict[int, tuple],
+    coco_gt,
+    label_to_cat: Dict[int, int],
+    thresh: float,
+    say=print,
+    class_names: Optional[List[str]] = None,
+) -> Dict[str, Any]:
+    """:func:`evaluate`'s numbers from gathered detections (``_predict`` then ``_gather``); a loop that
+    predicts batch by batch itself (Lightning's validation_step) calls this at the end."""
     summary: Dict[str, Any] = {}
     img_ids = sorted(seen)
     evals = {}

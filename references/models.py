@@ -7,6 +7,7 @@ The checks here run before any data is read: a wrong model name, weights name, a
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import urlparse
@@ -23,7 +24,20 @@ from torchvision.ops import MultiScaleRoIAlign
 
 import tv_lossfix
 from tv_lossfix._suggest import did_you_mean
-from tv_lossfix.builders import is_checkpoint_path, load_checkpoint_state, replace_predictors
+from tv_lossfix.builders import (
+    checkpoint_build_kwargs,
+    explicit_settings,
+    is_checkpoint_path,
+    load_checkpoint_state,
+    read_weights_checkpoint,
+    replace_predictors,
+)
+from tv_lossfix.checkpoint import model_state_dict, read_checkpoint
+from tv_lossfix.class_agnostic import make_heads_class_agnostic
+from tv_lossfix.model_settings import ModelSettingsWarning, apply_model_settings
+from tv_lossfix.sampling import check_builder_kwargs
+
+from checkpoint import checkpoint_model_name
 
 
 class ModelError(ValueError):
@@ -134,8 +148,38 @@ def ensure_weights_file(member, flag: str = "--weights") -> None:
 
 
 def check_weights_path(weights: Optional[str]) -> None:
+    if weights and is_checkpoint_path(weights) and os.path.isdir(weights):
+        raise ModelError(f"--weights {weights} is a folder, not a checkpoint file")
     if weights and is_checkpoint_path(weights) and not os.path.isfile(weights):
         raise ModelError(f"--weights: checkpoint not found: {weights}")
+
+
+def check_weights_model(name: str, weights: Optional[str]) -> None:
+    """A --weights checkpoint of another model fails here, before the data pass: by the model name its
+    config records, else (a bare state_dict) by its keys against ``name`` built on the meta device."""
+    if not weights or not is_checkpoint_path(weights):
+        return
+    ckpt = read_checkpoint(weights, "--weights")
+    saved = checkpoint_model_name(ckpt) if isinstance(ckpt, dict) else None
+    if saved is not None and saved != name:
+        raise ModelError(f"--weights {weights} holds a {saved} model, not --model {name}")
+    if saved is not None:
+        return
+    state = model_state_dict(ckpt, weights, "--weights")
+    with torch.device("meta"):  # no memory, no weights: only the key names are wanted
+        if name in EXTRA_MODELS:
+            expected = EXTRA_MODELS[name](2).state_dict()
+        else:
+            expected = getattr(tvdet, name)(weights=None, weights_backbone=None).state_dict()
+    drop = ("num_batches_tracked",)  # BatchNorm2d has it, FrozenBatchNorm2d (pretrained bodies) not
+    have = {k for k in state if not k.endswith(drop)}
+    want = {k for k in expected if not k.endswith(drop)}
+    if have != want:
+        odd = (sorted(have - want) or sorted(want - have))[0]
+        raise ModelError(
+            f"--weights {weights} is not a {name} state_dict: {len(have & want)} of its {len(have)} keys are "
+            f"{name}'s ({odd!r} is {'not' if odd in have else 'missing'})"
+        )
 
 
 # -- anchors ----------------------------------------------------------------------------------------
@@ -189,18 +233,35 @@ def set_anchors(
 
 
 # -- building ---------------------------------------------------------------------------------------
-def _tiny_from_checkpoint(path: str, num_classes: int, loss_cfg: Any, stock: bool, kwargs: Dict[str, Any]):
-    state = load_checkpoint_state(path)
+def _tiny_from_checkpoint(
+    path: str, num_classes: int, loss_cfg: Any, stock: bool, kwargs: Dict[str, Any], notes: List[str]
+):
+    state, settings = read_weights_checkpoint(path)
     key = "roi_heads.box_predictor.cls_score.weight"
     if key not in state:
         raise ModelError(f"--weights {path} is not a maskrcnn_tiny checkpoint: it has no {key!r}")
-    model = maskrcnn_tiny(state[key].shape[0], **kwargs)
+    model = maskrcnn_tiny(state[key].shape[0], **checkpoint_build_kwargs(settings, kwargs, state, path))
+    make_heads_class_agnostic(model.roi_heads, *_state_class_agnostic(state))  # so that an agnostic one loads
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ModelError(f"--weights {path} does not match maskrcnn_tiny: {str(e).splitlines()[0]}") from None
-    replaced = replace_predictors(model, num_classes)
+    notes.extend(apply_model_settings(model, settings, explicit_settings(kwargs)) if settings else [])
+    replaced = replace_predictors(model, num_classes, None, *_state_class_agnostic(state))
     return (model if stock else tv_lossfix.patch_model(model, loss_cfg)), replaced
+
+
+def _builder_with_notes(name: str, notes: List[str], **args):
+    """A tv_lossfix builder; its warnings about explicit values that overrode the checkpoint's become notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ModelSettingsWarning)
+        model = tv_lossfix.BUILDERS[name](**args)
+    for w in caught:
+        if issubclass(w.category, ModelSettingsWarning):
+            notes.append(str(w.message).removeprefix("weights checkpoint: "))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
 
 
 def weights_num_classes(name: str, weights: Optional[str]) -> Optional[int]:
@@ -225,20 +286,96 @@ def build_model(
     rpn_score_thresh: Optional[float] = None,
     stock: bool = False,
     kwargs: Optional[Dict[str, Any]] = None,
+    notes: Optional[List[str]] = None,
+    class_agnostic_bbox: bool = False,
+    class_agnostic_mask: bool = False,
+) -> tuple:
+    """:func:`build` with class-agnostic box regression and/or masks (model.class_agnostic_bbox /
+    _mask): the layers tv_lossfix.make_class_agnostic re-initialises (from a class-specific
+    ``weights`` checkpoint, or the fresh ones) are added to the returned list of replaced layers."""
+    check_class_agnostic(name, stock, class_agnostic_bbox, class_agnostic_mask)
+    have = checkpoint_class_agnostic(weights)
+    for key, want, found in (("bbox", class_agnostic_bbox, have[0]), ("mask", class_agnostic_mask, have[1])):
+        if found and not want:
+            raise ModelError(
+                f"--weights {weights} has a class-agnostic {'box regression' if key == 'bbox' else 'mask'} "
+                f"predictor: set model.class_agnostic_{key}: true to load it"
+            )
+    kwargs = dict(kwargs or {})
+    if any(have) and name not in EXTRA_MODELS:  # the builder makes the heads agnostic before it loads them
+        kwargs.update(class_agnostic_bbox=have[0], class_agnostic_mask=have[1])
+    args = (weights, weights_backbone, trainable_backbone_layers, rpn_score_thresh, stock, kwargs, notes)
+    model, replaced = build(name, num_classes, loss_cfg, *args)
+    if class_agnostic_bbox or class_agnostic_mask:
+        replaced = replaced + tv_lossfix.make_class_agnostic(model, class_agnostic_bbox, class_agnostic_mask)
+    return model, replaced
+
+
+def check_class_agnostic(name: str, stock: bool, bbox: bool, mask: bool) -> None:
+    """Before any data: the class-agnostic keys need tv_lossfix's heads, and a mask branch for ``mask``."""
+    if (bbox or mask) and stock:
+        raise ModelError(
+            "model.class_agnostic_bbox / class_agnostic_mask need tv_lossfix's heads (torchvision's own pick the "
+            "box and mask outputs by class): drop --stock"
+        )
+    if mask and "maskrcnn" not in name:
+        raise ModelError(f"model.class_agnostic_mask: --model {name} has no mask branch: drop it")
+
+
+def checkpoint_class_agnostic(weights: Optional[str]) -> tuple:
+    """(box, mask) predictors of a ``weights`` checkpoint that are class-agnostic: 4 box outputs, 1 mask channel."""
+    if not weights or not is_checkpoint_path(weights) or not os.path.isfile(weights):
+        return False, False
+    return _state_class_agnostic(load_checkpoint_state(weights))
+
+
+def _state_class_agnostic(state: Dict[str, Any]) -> tuple:
+    cls = state.get("roi_heads.box_predictor.cls_score.weight")
+    box = state.get("roi_heads.box_predictor.bbox_pred.weight")
+    mask = state.get("roi_heads.mask_predictor.mask_fcn_logits.weight")
+    multi = cls is not None and cls.shape[0] > 1  # background alone: a class-specific one looks the same
+    agnostic_box = multi and box is not None and box.shape[0] == 4
+    return bool(agnostic_box), bool(multi and mask is not None and mask.shape[0] == 1)
+
+
+def build(
+    name: str,
+    num_classes: int,
+    loss_cfg: Any = None,
+    weights: Optional[str] = None,
+    weights_backbone: Optional[str] = None,
+    trainable_backbone_layers: Optional[int] = None,
+    rpn_score_thresh: Optional[float] = None,
+    stock: bool = False,
+    kwargs: Optional[Dict[str, Any]] = None,
+    notes: Optional[List[str]] = None,
 ) -> tuple:
     """Build ``name`` with tv_lossfix's heads, or torchvision's own when ``stock`` (for A/B runs).
 
-    Returns (model, list of the layers replaced because ``num_classes`` differs from the weights').
+    A ``weights`` checkpoint that carries ``model_settings`` rebuilds the model it trained (anchors,
+    sizes, thresholds); a value in ``kwargs`` that differs from the checkpoint's wins and is named in
+    ``notes`` (one line each). Returns (model, list of the layers replaced because ``num_classes``
+    differs from the weights').
     """
     check_model_name(name)
     kwargs = dict(kwargs or {})
     if rpn_score_thresh is not None:
         kwargs["rpn_score_thresh"] = rpn_score_thresh
+    notes = notes if notes is not None else []
+    if weights and is_checkpoint_path(weights):
+        settings = read_weights_checkpoint(weights)[1]
+        if "anchor_sizes" in settings:
+            notes.append(
+                f"anchors from the checkpoint: sizes {settings['anchor_sizes']}, "
+                f"aspect ratios {settings['aspect_ratios']}"
+            )
     if name in EXTRA_MODELS:
         if weights_backbone:
             raise ModelError(f"model {name} has no pretrained backbone: drop --weights-backbone")
         if weights:
-            return _tiny_from_checkpoint(weights, num_classes, loss_cfg, stock, kwargs)
+            return _tiny_from_checkpoint(weights, num_classes, loss_cfg, stock, kwargs, notes)
+        if not stock:  # the builders make this check; the demo model is built here
+            check_builder_kwargs(tv_lossfix.LossConfig.coerce(loss_cfg), kwargs)
         model = EXTRA_MODELS[name](num_classes, **kwargs)
         return (model if stock else tv_lossfix.patch_model(model, loss_cfg)), []
     before = weights_num_classes(name, weights)
@@ -253,10 +390,15 @@ def build_model(
         if weights is not None:
             raise ModelError("--stock builds torchvision's own model: it takes no --weights here")
         return getattr(tvdet, name)(**args), []
-    model = tv_lossfix.BUILDERS[name](loss_cfg=loss_cfg, **args)
+    model = _builder_with_notes(name, notes, loss_cfg=loss_cfg, **args)
     replaced = []
     if before is not None and before != num_classes:
-        replaced.append(f"roi_heads.box_predictor ({before} -> {num_classes} classes)")
-        if model.roi_heads.mask_predictor is not None:
+        # Say what the builder replaced: a class-agnostic layer (one box delta, one mask channel) is kept.
+        heads = model.roi_heads
+        if heads.box_predictor.bbox_pred.out_features == 4:
+            replaced.append(f"roi_heads.box_predictor.cls_score ({before} -> {num_classes} classes; bbox_pred kept)")
+        else:
+            replaced.append(f"roi_heads.box_predictor ({before} -> {num_classes} classes)")
+        if heads.mask_predictor is not None and heads.mask_predictor.mask_fcn_logits.out_channels != 1:
             replaced.append("roi_heads.mask_predictor.mask_fcn_logits (mask_predictor.conv5_mask kept)")
     return model, replaced

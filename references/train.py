@@ -16,10 +16,15 @@ Outputs in --output-dir: config.yaml (resolved), metrics.jsonl, checkpoint.pth +
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import functools
 import json
+import math
 import os
 import random
+import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +33,10 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+
+from tv_lossfix import LossConfigError  # noqa: E402
+from tv_lossfix.builders import is_checkpoint_path, read_weights_checkpoint  # noqa: E402
+from tv_lossfix.model_settings import anchors_per_location, apply_model_settings, model_settings  # noqa: E402
 
 import distributed  # noqa: E402
 from checkpoint import (  # noqa: E402
@@ -38,6 +47,7 @@ from checkpoint import (  # noqa: E402
     load_scheduler_state,
     load_training_checkpoint,
     reconcile,
+    remove_stale_temp_files,
     restore_rng,
     save_training_checkpoint,
 )
@@ -47,17 +57,33 @@ from data import (  # noqa: E402
     CocoDetection,
     DetectionPresetTrain,
     GroupedBatchSampler,
+    RepeatFactorSampler,
     SeededRandomSampler,
     aspect_ratio_groups,
     collate,
     copy_paste_collate,
+    image_classes,
+    repeat_factors,
+    suggest_repeat_threshold,
 )
-from diagnostics import collapse_warnings, linear_scaling_lr, lr_warning, per_class_table  # noqa: E402
-from engine import NonFiniteError, StepContext, TrainState, evaluate, train_one_epoch  # noqa: E402
+from diagnostics import collapse_warnings, linear_scaling_lr, lr_warning, per_class_table, rare_class_cure  # noqa: E402
+from engine import (  # noqa: E402
+    NonFiniteError,
+    Preempted,
+    StepContext,
+    StopRequest,
+    TrainState,
+    evaluate,
+    ignore_stop_signals,
+    skip_batches,
+    train_one_epoch,
+)
 from models import (  # noqa: E402
     ModelError,
     build_model,
+    check_class_agnostic,
     check_model_name,
+    check_weights_model,
     check_weights_path,
     ensure_weights_file,
     resolve_weights,
@@ -65,18 +91,36 @@ from models import (  # noqa: E402
 )
 from train_config import ConfigError, dump, resolve  # noqa: E402
 
-# The errors that end a run in one line (no traceback).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelError)
+# The errors that end a run in one line (no traceback); LossConfigError can come from building the
+# model (a class_weight of another length than the model's classes).
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelError, LossConfigError)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None (recursively): metrics.jsonl stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if hasattr(value, "item") and not isinstance(value, float):  # 0-d tensors, numpy scalars
+        return json_safe(value.item())
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 class RunLog:
     """Rank-0 output: console lines (through tqdm when a bar is shown), metrics.jsonl, TensorBoard.
 
-    With ``--output-dir ""`` (torchvision's "save nothing") only the console is written.
+    With ``--output-dir ""`` (torchvision's "save nothing") only the console is written. Every
+    metrics.jsonl record carries this run's id (``run``: start time and process id), so that the
+    records of a run that was killed and resumed can be told apart (see ``start_record``).
     """
 
     def __init__(self, out_dir: str, enabled: bool):
         self.enabled = enabled
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         self.path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
         self.tb = None
         if enabled and out_dir:
@@ -101,10 +145,10 @@ class RunLog:
     def record(self, rec: Dict[str, Any]) -> None:
         if not self.enabled or self.path is None:
             return
-        rec = {"time": round(time.time(), 3), **rec}
+        rec = json_safe({"time": round(time.time(), 3), "run": self.run_id, **rec})
         # Append + flush: earlier lines are never rewritten, a crash loses at most this line.
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, default=float) + "\n")
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
         if self.tb is not None:
             step = rec.get("iter", rec.get("epoch", 0))
             for k, v in rec.items():
@@ -128,6 +172,7 @@ class Run:
     out_dir: str
     resume_ckpt: Optional[Dict[str, Any]] = None
     t_start: float = field(default_factory=time.time)
+    in_epoch: Optional[Dict[str, Any]] = None  # where a mid-epoch --resume checkpoint stopped
 
     @property
     def say(self):
@@ -146,6 +191,8 @@ class Data:
     train_set: Any = None
     train_loader: Any = None
     base_sampler: Any = None
+    train_counts: Optional[List[int]] = None  # training objects per foreground label (training_counts)
+    rare_cure: Optional[Dict[str, Any]] = None  # the rare-class levers the warnings print (rare_class_cure)
 
 
 # -- 1. configuration and checks that need no data ----------------------------------------------------
@@ -164,6 +211,8 @@ def _check_output_dir(out_dir: str) -> None:
     parent = os.path.abspath(out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output-dir {out_dir!r}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"--output-dir {out_dir!r}: {parent} is not writable")
 
@@ -178,7 +227,10 @@ def check_before_data(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         raise ConfigError(f"--dataset coco_kp is for keypoint models; {m['name']} uses --dataset coco")
     _check_device(t["device"])
     _check_output_dir(t["output_dir"])
+    check_class_weight_length(cfg)
+    check_class_agnostic(m["name"], m["stock"], m["class_agnostic_bbox"], m["class_agnostic_mask"])
     check_weights_path(m["weights"])
+    check_weights_model(m["name"], m["weights"])  # another model's checkpoint fails here, not after the data
     # A bad name fails here, listing the valid ones; weights not yet downloaded are fetched now, so
     # that a machine without network fails here, in one line, and not after the data pass.
     ensure_weights_file(resolve_weights(m["name"], m["weights"]))
@@ -209,10 +261,12 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
     if device.type == "cuda" and info.launcher != "none":
         device = torch.device("cuda", info.local_rank)
     out_dir = t["output_dir"]
-    if out_dir and distributed.is_main():
-        os.makedirs(out_dir, exist_ok=True)
+    stale = _prepare_output_dir(out_dir) if out_dir and distributed.is_main() else []
     distributed.barrier()
     run = Run(cfg, loss_cfg, device, info.rank, RunLog(out_dir, distributed.is_main()), out_dir, ckpt)
+    run.log.record(start_record(t["resume"], ckpt))
+    if stale:
+        run.say(f"removed {len(stale)} temp file(s) an interrupted run left in {out_dir}: {', '.join(stale)}")
     if cuda_missing:
         run.say("CUDA is not available: running on the CPU")
     _record_what_runs(run)
@@ -222,6 +276,24 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
     return run
+
+
+def _prepare_output_dir(out_dir: str) -> List[str]:
+    """Create --output-dir; remove the temp files of atomic writes a killed run left (their names)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output-dir {out_dir!r}: cannot create it: {e.strerror or e}") from None
+    return remove_stale_temp_files(out_dir)
+
+
+def start_record(resume_path: str, ckpt: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The first metrics.jsonl record of a run. After a resume, the earlier runs' records from past
+    the checkpoint (a larger ``iter``, or an epoch after ``epoch``) were superseded."""
+    if ckpt is None:
+        return {"type": "run", "resumed_from": None, "epoch": None, "iter": 0}
+    state = ckpt.get("state") if isinstance(ckpt.get("state"), dict) else {}
+    return {"type": "run", "resumed_from": resume_path, "epoch": ckpt.get("epoch"), "iter": state.get("iteration")}
 
 
 def _record_what_runs(run: Run) -> None:
@@ -245,10 +317,7 @@ def _record_what_runs(run: Run) -> None:
 def save_config(run: Run) -> None:
     if not run.out_dir or not distributed.is_main():
         return
-    name = "config.yaml"
-    if run.resume_ckpt is not None:  # the run's original config.yaml is never overwritten
-        name = f"config.resume-epoch{run.resume_ckpt.get('epoch', 0) + 1}.yaml"
-    path = os.path.join(run.out_dir, name)
+    path = _config_path(run)
     atomic_write_text(dump(run.cfg, run.loss_cfg), path)
     m = run.cfg["model"]
     changed = _loss_changes(run.loss_cfg)
@@ -256,6 +325,16 @@ def save_config(run: Run) -> None:
         f"tv_lossfix training: {m['name']} ({'stock torchvision' if m['stock'] else 'tv_lossfix heads'}) on "
         f"{run.device}, {distributed.world()} process(es); losses: {changed}; config saved to {path}"
     )
+
+
+def _config_path(run: Run) -> str:
+    name = "config.yaml"
+    if run.resume_ckpt is not None:  # the run's original config.yaml is never overwritten
+        name = f"config.resume-epoch{run.resume_ckpt.get('epoch', 0) + 1}.yaml"
+        pos = run.resume_ckpt.get("in_epoch")
+        if isinstance(pos, dict):
+            name = f"config.resume-epoch{pos['epoch']}-iter{pos['iteration']}.yaml"
+    return os.path.join(run.out_dir, name)
 
 
 def _loss_changes(loss_cfg) -> str:
@@ -335,7 +414,6 @@ def build_data(run: Run) -> Data:
 
 def _build_train_data(run: Run, data: Data, files, label_map, masks: bool, kps: bool) -> None:
     from torch.utils.data import BatchSampler, DataLoader
-    from torch.utils.data.distributed import DistributedSampler
 
     d, t = run.cfg["data"], run.cfg["training"]
     coco, train_map, _, report = load_coco_checked(
@@ -354,10 +432,7 @@ def _build_train_data(run: Run, data: Data, files, label_map, masks: bool, kps: 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     data.train_set = CocoDetection(coco, files["train_images"], label_map, preset, d["backend"], masks, kps)
-    if distributed.is_dist():
-        data.base_sampler = DistributedSampler(data.train_set, shuffle=True, seed=t["seed"])
-    else:
-        data.base_sampler = SeededRandomSampler(len(data.train_set), t["seed"])
+    data.base_sampler = _base_sampler(run, data.train_set)
     if d["aspect_ratio_group_factor"] >= 0:
         groups = aspect_ratio_groups(data.train_set.aspect_ratios(), d["aspect_ratio_group_factor"])
         batches = GroupedBatchSampler(data.base_sampler, groups, t["batch_size"])
@@ -373,13 +448,182 @@ def _build_train_data(run: Run, data: Data, files, label_map, masks: bool, kps: 
     )
 
 
+def _base_sampler(run: Run, train_set):
+    """The per-image order each epoch: repeat-factor sampling, else a seeded shuffle (split by rank)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    seed = run.cfg["training"]["seed"]
+    if run.cfg["data"]["repeat_factor_threshold"] is not None:
+        return _repeat_factor_sampler(run, train_set, seed)
+    if distributed.is_dist():
+        return DistributedSampler(train_set, shuffle=True, seed=seed)
+    return SeededRandomSampler(len(train_set), seed)
+
+
+def _repeat_factor_sampler(run: Run, train_set, seed: int) -> RepeatFactorSampler:
+    d, coco = run.cfg["data"], train_set.coco
+    classes = image_classes(coco.dataset["annotations"], train_set.ids)
+    factors, per_class = repeat_factors(classes, d["repeat_factor_threshold"], d["repeat_sqrt"])
+    sampler = RepeatFactorSampler(factors, seed, distributed.rank(), distributed.world())
+    names = {c: coco.cats[c].get("name", str(c)) if c in coco.cats else str(c) for c in per_class}
+    ranked = sorted(per_class, key=lambda c: -per_class[c])
+    repeated = [c for c in ranked if per_class[c] > 1]
+    shown = ", ".join(f"{names[c]} x{per_class[c]:.2f}" for c in repeated[:5]) or "no class is rare enough to repeat"
+    shown += f" (+{len(repeated) - 5} more)" if len(repeated) > 5 else ""
+    rule = "sqrt(t / f)" if d["repeat_sqrt"] else "t / f"
+    run.say(
+        f"repeat-factor sampling, data.repeat_factor_threshold {d['repeat_factor_threshold']:g} ({rule}): "
+        f"{shown}; {sampler.expected:.1f} images per epoch expected (epoch 0 draws {sampler.epoch_total}) "
+        f"vs {len(train_set)} in the dataset"
+    )
+    run.log.record(
+        {
+            "type": "repeat_factors",
+            "threshold": d["repeat_factor_threshold"],
+            "sqrt": d["repeat_sqrt"],
+            "class_factors": {names[c]: per_class[c] for c in ranked},
+            "images": len(train_set),
+            "expected_images_per_epoch": sampler.expected,
+            "epoch0_images": sampler.epoch_total,
+            "epoch0_images_per_rank": len(sampler),
+        }
+    )
+    return sampler
+
+
+# -- rare classes: class_weight: auto, and the cure the warnings print ------------------------------
+def _known_num_classes(cfg: Dict[str, Any]) -> tuple:
+    """(the model's class count, where it comes from) before any data is read; (None, "") if unknown."""
+    m, d = cfg["model"], cfg["data"]
+    if m["num_classes"]:
+        return m["num_classes"], "model.num_classes (--num-classes)"
+    if d["dataset"] in ("coco", "coco_kp"):
+        return {"coco": 91, "coco_kp": 2}[d["dataset"]], f"--dataset {d['dataset']}"
+    if d["dataset"] == "shapes":
+        from shapes import ShapesSpec
+
+        try:
+            return ShapesSpec(**d["shapes"]).num_classes + 1, "data.shapes.num_classes"
+        except (TypeError, ValueError):  # refused in one line when the data is built
+            return None, ""
+    path = d["val_ann"] or d["train_ann"]  # coco_json: contiguous labels 1..K over the categories
+    try:
+        with open(path, encoding="utf-8") as f:
+            cats = json.load(f).get("categories")
+    except (OSError, TypeError, ValueError, AttributeError):  # the data checks say what is wrong with it
+        return None, ""
+    return (len(cats) + 1, f"the {len(cats)} categories of {path}") if isinstance(cats, list) and cats else (None, "")
+
+
+def check_class_weight_length(cfg: Dict[str, Any]) -> None:
+    """A model.roi_head.class_weight list of the wrong length fails before any data is read."""
+    weights = (cfg["model"]["roi_head"] or {}).get("class_weight")
+    if not isinstance(weights, (list, tuple)):
+        return
+    n, source = _known_num_classes(cfg)
+    if n is not None and len(weights) != n:
+        raise ConfigError(
+            f"model.roi_head.class_weight has {len(weights)} entries but the model has {n} classes "
+            f"({source}, background included): give one weight per class, background first"
+        )
+
+
+def training_counts(data: Data) -> List[int]:
+    """Objects per foreground label 1..K of the training set as it trains (non-crowd, after the data checks)."""
+    if data.train_counts is None:
+        label_of = {c: label for label, c in data.label_to_cat.items()}
+        ids, counts = set(data.train_set.ids), [0] * (data.num_classes - 1)
+        for a in data.train_set.coco.dataset["annotations"]:
+            label = label_of.get(a["category_id"])
+            if label is not None and a["image_id"] in ids and not a.get("iscrowd", 0):
+                counts[label - 1] += 1
+        data.train_counts = counts
+    return data.train_counts
+
+
+def _checkpoint_class_weight(ckpt: Optional[Dict[str, Any]]) -> Optional[List[float]]:
+    if not ckpt:
+        return None
+    roi = ((ckpt.get("config") or {}).get("model") or {}).get("roi_head") or {}
+    weights = roi.get("class_weight", ((ckpt.get("loss_cfg") or {}).get("roi_head") or {}).get("class_weight"))
+    return [float(w) for w in weights] if isinstance(weights, (list, tuple)) else None
+
+
+def resolve_class_weight(run: Run, data: Data) -> None:
+    """model.roi_head.class_weight: auto becomes tv_lossfix.class_weights_from_counts of the training
+    counts (on --resume, the checkpoint's list), in a new LossConfig, config.yaml and the checkpoints."""
+    m = run.cfg["model"]
+    if m["roi_head"].get("class_weight") != "auto":
+        return
+    if data.train_set is None:
+        run.say("model.roi_head.class_weight: auto is not resolved under --test-only: evaluation computes no loss")
+        return
+    from tv_lossfix import class_weights_from_counts
+
+    method = m["class_weight_method"] or "effective_number"
+    beta = m["class_weight_beta"]  # None: the library's default (0.999), read by effective_number only
+    how = method + (f" (beta {0.999 if beta is None else beta:g})" if method == "effective_number" else "")
+    counts = training_counts(data)
+    if not any(counts):
+        raise DataError("model.roi_head.class_weight: auto: the training annotations hold no object to count")
+    fresh = class_weights_from_counts(counts, method, beta)
+    weights, saved = fresh, _checkpoint_class_weight(run.resume_ckpt)
+    if saved is not None:
+        if len(saved) != data.num_classes:
+            raise CheckpointError(
+                f"--resume: the checkpoint's model.roi_head.class_weight has {len(saved)} entries, "
+                f"the model {data.num_classes} classes"
+            )
+        weights = saved
+        same = max(abs(a - b) for a, b in zip(saved, fresh)) < 1e-9
+        run.say(
+            f"model.roi_head.class_weight: auto on --resume keeps the checkpoint's list {_rounded(saved)}"
+            + ("" if same else f" (the training data gives {_rounded(fresh)} by {how}: give that list to use it)")
+        )
+    else:
+        run.say(
+            f"model.roi_head.class_weight: auto -> {_rounded(fresh)} ({how} of the training objects per class "
+            f"{counts}; exact values in config.yaml)"
+        )
+    m["roi_head"]["class_weight"] = list(weights)
+    m["class_weight_method"] = m["class_weight_beta"] = None  # folded into the list, as auto_scale_lr into lr
+    roi = dataclasses.replace(run.loss_cfg.roi_head, class_weight=tuple(weights))  # a new, validated config
+    run.loss_cfg = run.loss_cfg.replace(roi_head=roi)
+    run.log.record(
+        {
+            "type": "class_weight",
+            "class_weight": list(weights),
+            "counts": counts,
+            "method": method,
+            "beta": beta if method == "effective_number" else None,
+            "from": "checkpoint" if saved is not None else "training data",
+        }
+    )
+    if run.out_dir and distributed.is_main():
+        atomic_write_text(dump(run.cfg, run.loss_cfg), _config_path(run))
+
+
+def _rounded(weights: List[float]) -> List[float]:
+    return [round(w, 4) for w in weights]
+
+
+def _cure(run: Run, data: Data) -> Optional[Dict[str, Any]]:
+    """The rare-class levers with values for the collapse warnings (computed once)."""
+    if data.rare_cure is None and data.train_set is not None:
+        classes = image_classes(data.train_set.coco.dataset["annotations"], data.train_set.ids)
+        data.rare_cure = rare_class_cure(training_counts(data), suggest_repeat_threshold(classes), run.cfg)
+    return data.rare_cure
+
+
 # -- 3. model and optimisation --------------------------------------------------------------------
 def build_model_for(run: Run, data: Data):
     m, t = run.cfg["model"], run.cfg["training"]
     torch.manual_seed(t["seed"])  # same initial weights on every rank
     kwargs = dict(m["kwargs"])
-    if run.cfg["data"]["augmentation"] in SIZE_SETTING_POLICIES and not t["test_only"]:
-        kwargs["_skip_resize"] = True  # the policy sets the input size; torchvision passes this too
+    # The policy sets the input size (torchvision passes this too); given always, so that a checkpoint
+    # trained with another policy does not bring its own.
+    kwargs["_skip_resize"] = run.cfg["data"]["augmentation"] in SIZE_SETTING_POLICIES and not t["test_only"]
+    notes: List[str] = []
     model, replaced = build_model(
         m["name"],
         data.num_classes,
@@ -390,11 +634,22 @@ def build_model_for(run: Run, data: Data):
         m["rpn_score_thresh"],
         m["stock"],
         kwargs,
+        notes,
+        m["class_agnostic_bbox"],
+        m["class_agnostic_mask"],
     )
+    for line in notes:
+        if not line.startswith("_skip_resize:"):
+            run.say(f"--weights {m['weights']}: {line}")
+    if m["weights"] and is_checkpoint_path(m["weights"]):
+        _compare_class_names(run, read_weights_checkpoint(m["weights"])[1], data.names, f"--weights {m['weights']}")
     if replaced:
-        run.say(f"--weights {m['weights']} with num_classes {data.num_classes}: replaced " + "; ".join(replaced))
-    for line in set_anchors(model, m["anchor_sizes"], m["aspect_ratios"]):
-        run.say(f"anchors from the config: {line}")
+        why = f"--weights {m['weights']} with num_classes {data.num_classes}" if m["weights"] else "class-agnostic"
+        run.say(f"{why}: replaced " + "; ".join(replaced))
+    _config_anchors(run, model)
+    if run.resume_ckpt is not None:
+        _restore_model_settings(run, model, run.resume_ckpt)
+        _compare_class_names(run, run.resume_ckpt.get("model_settings") or {}, data.names, f"--resume {t['resume']}")
     model.to(run.device)
     if t["sync_bn"]:
         if run.device.type != "cuda":
@@ -407,6 +662,69 @@ def build_model_for(run: Run, data: Data):
     random.seed(t["seed"] + 1000 * run.rank)
     torch.manual_seed(t["seed"] + 1000 * run.rank)
     return model, net
+
+
+def _config_anchors(run: Run, model) -> None:
+    """model.anchor_sizes / aspect_ratios over the model built. Over a checkpoint's RPN head they are named
+    against its anchors; a different count per location re-initialises the head to fine-tune, and is
+    refused where the head must stay as trained (--test-only)."""
+    m = run.cfg["model"]
+    given = {"anchor_sizes": m["anchor_sizes"], "aspect_ratios": m["aspect_ratios"]}
+    if m["weights"] and is_checkpoint_path(m["weights"]) and any(v is not None for v in given.values()):
+        same_count = _anchor_count(model, given) == anchors_per_location(model)
+        if same_count or run.cfg["training"]["test_only"]:
+            try:
+                lines = apply_model_settings(model, {}, given)
+            except CheckpointError as e:
+                raise CheckpointError(f"--weights {m['weights']} with model.{e}") from None
+            for line in lines:
+                run.say(f"--weights {m['weights']}: {line}")
+            return
+    for line in set_anchors(model, m["anchor_sizes"], m["aspect_ratios"]):
+        run.say(f"anchors from the config: {line}")
+
+
+def _restore_model_settings(run: Run, model, ckpt: Dict[str, Any]) -> None:
+    """--resume (and --test-only --resume): the settings the checkpoint's model had beyond its weights.
+    This run's config wins where it gives a value (model.kwargs, --rpn-score-thresh, model.anchor_sizes)."""
+    settings = ckpt.get("model_settings")
+    if not isinstance(settings, dict):
+        return
+    m, where = run.cfg["model"], f"--resume {run.cfg['training']['resume']}"
+    settings = {k: v for k, v in settings.items() if k != "_skip_resize"}  # set by --data-augmentation
+    given = {**m["kwargs"], "rpn_score_thresh": m["rpn_score_thresh"]}
+    given.update(anchor_sizes=m["anchor_sizes"], aspect_ratios=m["aspect_ratios"])
+    lines = []
+    if m["anchor_sizes"] is None and m["aspect_ratios"] is None and "anchor_sizes" in settings:
+        # The RPN head gets the trained anchor count before the checkpoint's weights are loaded into it.
+        before = model_settings(model)
+        set_anchors(model, settings["anchor_sizes"], settings["aspect_ratios"])
+        if [before["anchor_sizes"], before["aspect_ratios"]] != [settings["anchor_sizes"], settings["aspect_ratios"]]:
+            lines.append(
+                f"anchors from the checkpoint: sizes {settings['anchor_sizes']}, "
+                f"aspect ratios {settings['aspect_ratios']}"
+            )
+    try:
+        lines += apply_model_settings(model, settings, given)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: model.{e}") from None
+    for line in lines:
+        run.say(f"{where}: {line}")
+
+
+def _compare_class_names(run: Run, settings: Dict[str, Any], names: List[str], where: str) -> None:
+    """A checkpoint trained on other classes than the data's (same count, or --weights would replace the
+    predictors) is said: the labels of this run are the data's."""
+    saved = settings.get("class_names")
+    if saved is not None and list(saved) != list(names) and len(saved) == len(names):
+        run.say(f"{where}: the checkpoint was trained on classes {list(saved)}; the data's are {list(names)}")
+
+
+def _anchor_count(model, given: Dict[str, Any]) -> int:
+    gen = model.rpn.anchor_generator
+    sizes = given["anchor_sizes"] or gen.sizes
+    ratios = given["aspect_ratios"] or gen.aspect_ratios
+    return len(sizes[0]) * len(ratios[0])
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay: Optional[float]):
@@ -456,6 +774,7 @@ def resume(run: Run, net, optimizer, lr_scheduler, warmup, scaler, state: TrainS
     """Restore a checkpoint; every setting that differs from it is applied (said how) or refused."""
     ckpt, t = run.resume_ckpt, run.cfg["training"]
     applied, refused = reconcile(ckpt.get("config"), run.cfg)
+    refused += _mid_epoch_refusals(ckpt, run.cfg)
     if t["start_epoch"] not in (0, ckpt["epoch"] + 1):
         refused.append(
             f"training.start_epoch: {t['start_epoch']} refused: the checkpoint continues at epoch {ckpt['epoch'] + 1}"
@@ -480,13 +799,45 @@ def resume(run: Run, net, optimizer, lr_scheduler, warmup, scaler, state: TrainS
     if isinstance(ckpt.get("state"), dict):
         state.load_state_dict(ckpt["state"])
     state.epoch = ckpt["epoch"] + 1
+    if isinstance(ckpt.get("in_epoch"), dict):  # stopped mid-epoch: train_loop continues at its iteration
+        run.in_epoch = ckpt["in_epoch"]
     if ckpt.get("rng"):
         restore_rng(ckpt["rng"], run.rank)
     if ckpt.get("config"):
         apply_to_optimizer(optimizer, lr_scheduler, ckpt["config"], run.cfg)
     for line in applied:
         run.say(f"resume: {line}")
-    run.say(f"resumed from {t['resume']}: epoch {ckpt['epoch']} done, iteration {state.iteration}")
+    where = f"epoch {ckpt['epoch']} done"
+    if run.in_epoch is not None:
+        where = f"epoch {run.in_epoch['epoch']} continues after its iteration {run.in_epoch['iteration']}"
+    run.say(f"resumed from {t['resume']}: {where}, iteration {state.iteration} in all")
+
+
+# A mid-epoch checkpoint continues the epoch's batch order; these settings make another order.
+_MID_EPOCH_FIXED = (
+    ("training", "batch_size"),
+    ("distributed", "world_size"),
+    ("data", "aspect_ratio_group_factor"),
+    ("data", "repeat_factor_threshold"),
+    ("data", "repeat_sqrt"),
+)
+
+
+def _mid_epoch_refusals(ckpt: Dict[str, Any], cfg: Dict[str, Any]) -> List[str]:
+    pos, saved = ckpt.get("in_epoch"), ckpt.get("config") or {}
+    if not isinstance(pos, dict):
+        return []
+    out = []
+    for sec, key in _MID_EPOCH_FIXED:
+        old, new = saved.get(sec, {}).get(key), cfg.get(sec, {}).get(key)
+        if key in saved.get(sec, {}) and old != new:
+            out.append(
+                f"{sec}.{key}: {old!r} -> {new!r} refused: the checkpoint stopped at iteration {pos['iteration']} "
+                f"of epoch {pos['epoch']}, whose remaining batches follow from it ("
+                + (f"resume from model_{pos['epoch'] - 1}.pth" if pos["epoch"] else "start the run again")
+                + " to change it at an epoch boundary)"
+            )
+    return out
 
 
 # -- 4. the loop ------------------------------------------------------------------------------------
@@ -498,7 +849,7 @@ def run_evaluation(run: Run, model, data: Data, epoch: int, record: Dict[str, An
     run.say(f"per class (score >= {res['score_thresh']:g}):\n" + per_class_table(res["per_class"], res["score_thresh"]))
     judge_after = max(run.cfg["training"]["judge_after_iters"], state.warmup_total)
     warnings = collapse_warnings(
-        state.history, record, train_stats, run.cfg, data.gt_per_image, state.iteration, judge_after
+        state.history, record, train_stats, run.cfg, data.gt_per_image, state.iteration, judge_after, _cure(run, data)
     )
     for w in warnings:
         run.say(("WARNING: " if not w.startswith("  ") else "") + w)
@@ -515,50 +866,125 @@ def run_evaluation(run: Run, model, data: Data, epoch: int, record: Dict[str, An
 def train_loop(run: Run, model, net, data: Data, ctx: StepContext, lr_scheduler, warmup, state: TrainState) -> int:
     t = run.cfg["training"]
     iters = _iters_per_epoch(data.train_loader, t)
+    # Under repeat-factor sampling each epoch's length follows its own draw (this is epoch 0's).
+    about = "~" if isinstance(data.base_sampler, RepeatFactorSampler) and iters == len(data.train_loader) else ""
     clip = t["gradient_clip"]
     run.say(
-        f"training {t['epochs'] - state.epoch} epoch(s) x {iters} iterations, batch {t['batch_size']} x "
+        f"training {t['epochs'] - state.epoch} epoch(s) x {about}{iters} iterations, batch {t['batch_size']} x "
         f"{distributed.world()}; gradient clipping {'max_norm ' + str(clip['max_norm']) if clip['enabled'] else 'off'}"
     )
-    for epoch in range(state.epoch, t["epochs"]):
-        if hasattr(data.base_sampler, "set_epoch"):
-            data.base_sampler.set_epoch(epoch)
-        try:
-            stats = train_one_epoch(
-                ctx, data.train_loader, epoch, state, t, warmup, run.log.record, run.say, t["iters_per_epoch"]
-            )
-        except NonFiniteError as e:
-            run.say(f"ERROR: {e}")
-            run.log.record({"type": "stopped", "epoch": epoch, "iter": state.iteration, "reason": str(e)})
-            return 2
-        lr_scheduler.step()
-        record = {
-            "type": "eval",
-            "epoch": epoch,
-            "train_loss": stats.get("loss"),
-            "img_per_s": stats["img_per_s"],
-            "skipped_steps": state.skipped,
-            "amp_overflows": state.amp_overflows,
-        }
-        if (epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]:
-            run_evaluation(run, model, data, epoch, record, stats, state)
-        run.log.record(record)
-        state.epoch = epoch + 1
-        save_training_checkpoint(
-            run.out_dir,
-            epoch,
-            net,
-            ctx.optimizer,
-            lr_scheduler,
-            warmup,
-            ctx.scaler,
-            state,
-            run.cfg,
-            run.loss_cfg,
-            run.device,
-        )
-        distributed.barrier()
+    # SIGINT / SIGTERM / SIGUSR1 stop at the next iteration boundary with a checkpoint (handlers restored after).
+    with StopRequest() as stop:
+        ctx.stop = stop
+        for loader in (data.train_loader, data.val_loader):
+            loader.worker_init_fn = functools.partial(ignore_stop_signals, then=loader.worker_init_fn)
+        for epoch in range(state.epoch, t["epochs"]):
+            try:
+                stats = _train_epoch(run, net, data, ctx, epoch, lr_scheduler, warmup, state)
+            except NonFiniteError as e:
+                run.say(f"ERROR: {e}")
+                run.log.record({"type": "stopped", "epoch": epoch, "iter": state.iteration, "reason": str(e)})
+                return 2
+            except Preempted as p:
+                return _preempted(run, p, state)
+            _end_epoch(run, model, net, data, ctx, epoch, stats, lr_scheduler, warmup, state)
+            signum = stop.agreed()  # a signal during evaluation or the save: stop here, the epoch is saved
+            if signum:
+                return _preempted(run, Preempted(signum, epoch + 1, 0, _iters_per_epoch(data.train_loader, t)), state)
     return 0
+
+
+def _train_epoch(run: Run, net, data: Data, ctx: StepContext, epoch: int, lr_scheduler, warmup, state: TrainState):
+    """One epoch through engine.train_one_epoch; a mid-epoch resume continues where its checkpoint stopped."""
+    t = run.cfg["training"]
+    if hasattr(data.base_sampler, "set_epoch"):
+        data.base_sampler.set_epoch(epoch)
+    loader, start, meter_state = data.train_loader, 0, None
+    pos = run.in_epoch
+    if pos is not None and pos["epoch"] == epoch:
+        run.in_epoch = None
+        start, meter_state = int(pos["iteration"]), pos.get("meter")
+        loader = iter(skip_batches(data.train_loader, start))
+        if run.resume_ckpt.get("rng"):
+            # Creating the iterator drew its seed from the torch RNG, as the interrupted run's did at the
+            # start of the epoch: the saved states now continue from exactly where they were saved.
+            restore_rng(run.resume_ckpt["rng"], run.rank)
+
+    def after_iteration(done: int, n_iters: int, meter, stop: bool) -> None:
+        every = t["checkpoint_every_iters"]
+        if stop or (every and state.iteration % every == 0):
+            in_epoch = {"epoch": epoch, "iteration": done, "meter": meter.state_dict()}
+            _save(run, net, data, ctx, epoch - 1, lr_scheduler, warmup, state, in_epoch)
+        if stop:
+            raise Preempted(ctx.stop.agreed(), epoch, done, n_iters)
+
+    return train_one_epoch(
+        ctx,
+        loader,
+        epoch,
+        state,
+        t,
+        warmup,
+        run.log.record,
+        run.say,
+        t["iters_per_epoch"],
+        start,
+        meter_state,
+        after_iteration,
+    )
+
+
+def _save(run: Run, net, data: Data, ctx: StepContext, epoch: int, lr_scheduler, warmup, state, in_epoch=None):
+    save_training_checkpoint(
+        run.out_dir,
+        epoch,
+        net,
+        ctx.optimizer,
+        lr_scheduler,
+        warmup,
+        ctx.scaler,
+        state,
+        run.cfg,
+        run.loss_cfg,
+        run.device,
+        data.names,
+        in_epoch,
+    )
+    distributed.barrier()
+
+
+def _preempted(run: Run, p: Preempted, state: TrainState) -> int:
+    """The one line a stopped run ends with, and its exit code (128 + the signal, as shells report)."""
+    name = signal.Signals(p.signum).name
+    where = f"epoch {p.epoch}, iteration {p.iteration}/{p.n_iters} of the epoch ({state.iteration} in all)"
+    if p.iteration == 0:
+        where = f"the end of epoch {p.epoch - 1} ({state.iteration} iterations in all)"
+    path = os.path.abspath(os.path.join(run.out_dir, "checkpoint.pth")) if run.out_dir else None
+    if path:
+        run.say(f"stopped by {name} at {where}: saved {path}; to resume, run the same command with --resume {path}")
+    else:
+        run.say(f"stopped by {name} at {where}: nothing saved (--output-dir '')")
+    run.log.record({"type": "stopped", "epoch": p.epoch, "iter": state.iteration, "reason": name, "checkpoint": path})
+    return 128 + p.signum
+
+
+def _end_epoch(run: Run, model, net, data: Data, ctx: StepContext, epoch: int, stats, lr_scheduler, warmup, state):
+    """After an epoch's steps: the scheduler step, the evaluation (when due), the epoch checkpoint."""
+    t = run.cfg["training"]
+    lr_scheduler.step()
+    record = {
+        "type": "eval",
+        "epoch": epoch,
+        "train_loss": stats.get("loss"),
+        "img_per_s": stats["img_per_s"],
+        "skipped_steps": state.skipped,
+        "amp_overflows": state.amp_overflows,
+    }
+    if (epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]:
+        run_evaluation(run, model, data, epoch, record, stats, state)
+    run.log.record(record)
+    state.epoch = epoch + 1
+    _save(run, net, data, ctx, epoch, lr_scheduler, warmup, state)
 
 
 def finish(run: Run, model, data: Data, state: TrainState) -> None:
@@ -607,7 +1033,8 @@ def _before_step_one(run: Run, data: Data, model) -> None:
     if run.cfg["data"]["report"] and distributed.is_main():
         from analyze_data import data_report
 
-        report = data_report(data.train_set.coco, getattr(model, "module", model), data.names, data.label_to_cat)
+        net = getattr(model, "module", model)
+        report = data_report(data.train_set.coco, net, data.names, data.label_to_cat, cfg=run.cfg)
         run.say(report.text())
         run.log.record({"type": "data_report", **report.to_dict()})
 
@@ -638,6 +1065,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         save_config(run)
         data = build_data(run)
+        resolve_class_weight(run, data)
         model, net = build_model_for(run, data)
         if run.cfg["training"]["test_only"]:
             return evaluate_only(run, model, net, data)
@@ -665,9 +1093,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         distributed.cleanup()
 
 
-if __name__ == "__main__":
+def error_line(e: BaseException) -> str:
+    """A user error's message. One raised in a DataLoader worker arrives wrapped in the worker's
+    traceback (torch's ExceptionWrapper): the original message is what follows its "Type: " line."""
+    msg = str(e)
+    if msg.startswith("Caught ") and "Original Traceback" in msg:
+        found = re.search(rf"^(?:[\w.]+\.)?{type(e).__name__}: ", msg, re.M)
+        if found:
+            msg = msg[found.end() :].rstrip()
+    return msg
+
+
+def cli(argv: Optional[List[str]] = None) -> int:
+    """``main`` as a command: a user error ends the run in one line on stderr, exit code 1."""
     try:
-        sys.exit(main())
+        return main(argv)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which stops with a checkpoint itself)
+        print("interrupted (SIGINT) before training began or after it ended: nothing more saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

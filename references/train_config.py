@@ -21,7 +21,8 @@ import yaml
 
 from tv_lossfix import LossConfig, LossConfigError
 from tv_lossfix._suggest import did_you_mean
-from tv_lossfix._yaml import load_yaml
+from tv_lossfix._yaml import NotUTF8Error, load_yaml_file
+from tv_lossfix.class_weights import CLASS_WEIGHT_METHODS
 from tv_lossfix.config import TRAINING_MODEL_KEYS
 
 TORCHVISION_COCO_PATH = "/datasets01/COCO/022719/"
@@ -214,6 +215,14 @@ OPTIONS: List[Opt] = [
         "cap the iterations of an epoch (quick runs)",
         nullable=True,
     ),
+    _o(
+        "training.checkpoint_every_iters",
+        ["--checkpoint-every-iters"],
+        None,
+        int,
+        "also write checkpoint.pth every N iterations (mid-epoch; --resume continues from it)",
+        nullable=True,
+    ),
     _o("training.eval_every", ["--eval-every"], 1, int, "evaluate every N epochs (and after the last)"),
     _o(
         "training.judge_after_iters",
@@ -254,6 +263,22 @@ OPTIONS: List[Opt] = [
         True,
         bool,
         "print the data and anchor report before step 1",
+    ),
+    _o(
+        "data.repeat_factor_threshold",
+        ["--repeat-factor-threshold"],
+        None,
+        float,
+        "repeat-factor sampling (LVIS / Detectron2): images of classes in fewer than this fraction of the "
+        "images repeat per epoch; the data report suggests a value (default: off)",
+        nullable=True,
+    ),
+    _o(
+        "data.repeat_sqrt",
+        ["--repeat-sqrt", "--no-repeat-sqrt"],
+        True,
+        bool,
+        "repeat-factor sampling: factor sqrt(t / f(c)), as Detectron2",
     ),
     _o("data.shapes", [], {}, dict, "shapes dataset knobs (see references/shapes.py ShapesSpec)"),
     _o(
@@ -301,7 +326,38 @@ OPTIONS: List[Opt] = [
         nullable=True,
     ),
     _o("model.rpn_head", [], {}, dict, "RPN loss settings (tv_lossfix.RPNLossConfig)"),
-    _o("model.roi_head", [], {}, dict, "RoI loss settings (tv_lossfix.RoILossConfig)"),
+    _o(
+        "model.roi_head",
+        [],
+        {},
+        dict,
+        "RoI loss settings (tv_lossfix.RoILossConfig); class_weight: auto is resolved from the training data",
+    ),
+    _o(
+        "model.class_weight_method",
+        [],
+        None,
+        str,
+        "how model.roi_head.class_weight: auto weights the classes (default: effective_number)",
+        CLASS_WEIGHT_METHODS,
+        nullable=True,
+    ),
+    _o(
+        "model.class_weight_beta",
+        [],
+        None,
+        float,
+        "the effective_number beta of model.roi_head.class_weight: auto (default: 0.999)",
+        nullable=True,
+    ),
+    _o(
+        "model.class_agnostic_bbox",
+        [],
+        False,
+        bool,
+        "one box regression for every class (roi_heads.box_predictor.bbox_pred with 4 outputs)",
+    ),
+    _o("model.class_agnostic_mask", [], False, bool, "one mask for every class (mask logits with 1 channel)"),
     _o("model.sync_avg_factor", ["--sync-avg-factor"], False, bool, "average loss normalizers over DDP ranks"),
     _o(
         "distributed.backend",
@@ -426,6 +482,12 @@ def _add_flag(p: argparse.ArgumentParser, o: Opt) -> None:
             "--data-report", dest=dest, action="store_true", default=argparse.SUPPRESS, help=o.help + " (default)"
         )
         p.add_argument("--no-data-report", dest=dest, action="store_false", default=argparse.SUPPRESS, help="skip it")
+    elif o.path == "data.repeat_sqrt":
+        p.add_argument(
+            "--repeat-sqrt", dest=dest, action="store_true", default=argparse.SUPPRESS, help=o.help + " (default)"
+        )
+        negative = "factor t / f(c) instead"
+        p.add_argument("--no-repeat-sqrt", dest=dest, action="store_false", default=argparse.SUPPRESS, help=negative)
     elif o.kind is bool:
         p.add_argument(*o.flags, dest=dest, action="store_true", default=argparse.SUPPRESS, help=o.help)
     elif o.kind is list:
@@ -465,16 +527,22 @@ def read_yaml(path: str, what: str = "--config") -> Any:
     if not os.path.isfile(path):
         raise ConfigError(f"{what}: file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return load_yaml(f) or {}
+        return load_yaml_file(path) or {}
+    except NotUTF8Error as e:
+        raise ConfigError(f"{what} {path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read it: {e.strerror or e}") from None
 
 
-def resolve(argv: Optional[Sequence[str]] = None) -> Tuple[Dict[str, Any], LossConfig, bool]:
+def resolve(
+    argv: Optional[Sequence[str]] = None, reads: Optional[Sequence[str]] = None
+) -> Tuple[Dict[str, Any], LossConfig, bool]:
     """Parse the command line, merge defaults < YAML < flags, validate.
 
-    Returns (config, loss config, whether --print-config was given).
+    ``reads``: the data files the caller reads (e.g. ("train_ann",) for analyze_data.py); by default
+    those a run needs. Returns (config, loss config, whether --print-config was given).
     """
     args = build_parser().parse_args(argv)
     cfg = defaults()
@@ -483,11 +551,16 @@ def resolve(argv: Optional[Sequence[str]] = None) -> Tuple[Dict[str, Any], LossC
     given = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
     for dest, value in given.items():
         _set(cfg, dest.replace("__", "."), value)
-    cfg, loss_cfg = finalize(cfg, source=args.config or "config")
+    cfg, loss_cfg = finalize(cfg, source=args.config or "config", reads=reads)
     return cfg, loss_cfg, args.print_config
 
 
 def _check_training(t: Dict[str, Any], source: str) -> None:
+    if t["clip_grad_norm"] is not None and t["clip_grad_norm"] < 0:
+        raise ConfigError(
+            f"--clip-grad-norm (training.clip_grad_norm) must be >= 0 (0 turns clipping off), "
+            f"got {t['clip_grad_norm']:g}"
+        )
     if t["clip_grad_norm"] is not None:  # the flag wins over the YAML section
         t["gradient_clip"]["enabled"] = t["clip_grad_norm"] > 0
         if t["clip_grad_norm"] > 0:
@@ -497,11 +570,28 @@ def _check_training(t: Dict[str, Any], source: str) -> None:
     for key in ("batch_size", "epochs", "print_freq", "eval_every"):
         if t[key] < 1:
             raise ConfigError(f"{source}: training.{key} must be >= 1, got {t[key]}")
+    if t["checkpoint_every_iters"] is not None and t["checkpoint_every_iters"] < 1:
+        raise ConfigError(
+            f"{source}: training.checkpoint_every_iters (--checkpoint-every-iters) must be >= 1 or null, "
+            f"got {t['checkpoint_every_iters']}"
+        )
     if t["lr"] <= 0:
         raise ConfigError(f"{source}: training.lr must be > 0, got {t['lr']}")
 
 
-def _check_data(d: Dict[str, Any], cfg: Dict[str, Any], source: str) -> None:
+def _check_repeat_factors(d: Dict[str, Any], source: str) -> None:
+    t = d["repeat_factor_threshold"]
+    if t is not None and t <= 0:
+        raise ConfigError(f"{source}: data.repeat_factor_threshold (--repeat-factor-threshold) must be > 0, got {t}")
+    if t is None and not d["repeat_sqrt"]:
+        raise ConfigError(
+            f"{source}: data.repeat_sqrt false (--no-repeat-sqrt) has no effect without "
+            f"data.repeat_factor_threshold (--repeat-factor-threshold T)"
+        )
+
+
+def _check_data(d: Dict[str, Any], cfg: Dict[str, Any], source: str, reads: Optional[Sequence[str]] = None) -> None:
+    _check_repeat_factors(d, source)
     if d["bad_annotations"] is None:
         d["bad_annotations"] = "drop" if d["dataset"] in ("coco", "coco_kp") else "stop"
     if d["data_path"] is None:
@@ -512,6 +602,8 @@ def _check_data(d: Dict[str, Any], cfg: Dict[str, Any], source: str) -> None:
         ]
         if cfg["training"]["test_only"]:
             missing = [m for m in missing if m.startswith("--val")]
+        if reads is not None:
+            missing = [m for m in missing if m[2:].replace("-", "_") in reads]
         if missing:
             raise ConfigError(f"--dataset coco_json needs {', '.join(missing)} (data.train_ann ...)")
     if d["backend"] == "tv_tensor" and not d["use_v2"]:
@@ -553,19 +645,63 @@ def _check_anchors(m: Dict[str, Any], source: str) -> None:
         nested(m["aspect_ratios"], "aspect_ratios", (int, float))
 
 
-def finalize(cfg: Dict[str, Any], source: str = "config") -> Tuple[Dict[str, Any], LossConfig]:
+def _auto_class_weight(m: Dict[str, Any]) -> bool:
+    return isinstance(m["roi_head"], dict) and m["roi_head"].get("class_weight") == "auto"
+
+
+def _check_class_weight_keys(m: Dict[str, Any], source: str) -> None:
+    """model.class_weight_method / _beta shape ``class_weight: auto`` only: refused anywhere else."""
+    method, beta = m["class_weight_method"], m["class_weight_beta"]
+    if not _auto_class_weight(m):
+        for key in ("class_weight_method", "class_weight_beta"):
+            if m[key] is not None:
+                raise ConfigError(
+                    f"{source}: model.{key} ({m[key]!r}) applies only with model.roi_head.class_weight: auto "
+                    f"(set it, or drop model.{key})"
+                )
+    if beta is not None and method == "inverse_sqrt":
+        raise ConfigError(
+            f"{source}: model.class_weight_beta is the effective_number parameter: drop it for inverse_sqrt"
+        )
+    if beta is not None and not 0 <= beta < 1:
+        raise ConfigError(f"{source}: model.class_weight_beta must be in [0, 1), got {beta!r}")
+
+
+def finalize(
+    cfg: Dict[str, Any], source: str = "config", reads: Optional[Sequence[str]] = None
+) -> Tuple[Dict[str, Any], LossConfig]:
     for o in OPTIONS:
         _set(cfg, o.path, _check_value(o, _get(cfg, o.path), source))
     _check_training(cfg["training"], source)
-    _check_data(cfg["data"], cfg, source)
+    _check_data(cfg["data"], cfg, source, reads)
     m = cfg["model"]
     _check_anchors(m, source)
+    loss_keys = {k: v for k, v in m.items() if v is not None}
+    if _auto_class_weight(m):  # train.py resolves the marker from the training data; the library refuses it
+        loss_keys["roi_head"] = {k: v for k, v in m["roi_head"].items() if k != "class_weight"}
+    _check_class_weight_keys(m, source)
     try:
         # The library reads the loss keys of model: exactly as LossConfig.from_yaml does.
-        loss_cfg = LossConfig.from_dict({"model": {k: v for k, v in m.items() if v is not None}})
+        loss_cfg = LossConfig.from_dict({"model": loss_keys})
     except LossConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    _check_stock(m, loss_cfg, source)
     return cfg, loss_cfg
+
+
+def _check_stock(m: Dict[str, Any], loss_cfg: LossConfig, source: str) -> None:
+    """--stock builds torchvision's own heads: a loss or sampling setting could not take effect there."""
+    if not m["stock"] or (loss_cfg.is_default() and not _auto_class_weight(m)):
+        return
+    default = LossConfig().to_dict()
+    now = loss_cfg.to_dict()
+    keys = [f"model.{sec}.{k}" for sec in ("rpn_head", "roi_head") for k, v in now[sec].items() if default[sec][k] != v]
+    keys += ["model.sync_avg_factor"] if loss_cfg.sync_avg_factor else []
+    keys += ["model.roi_head.class_weight"] if _auto_class_weight(m) else []
+    raise ConfigError(
+        f"{source}: --stock builds torchvision's own heads, which cannot apply {', '.join(keys)}: "
+        f"drop --stock or those settings"
+    )
 
 
 def dump(cfg: Dict[str, Any], loss_cfg: LossConfig) -> str:
@@ -573,6 +709,8 @@ def dump(cfg: Dict[str, Any], loss_cfg: LossConfig) -> str:
     out = copy.deepcopy(cfg)
     out["model"]["rpn_head"] = loss_cfg.rpn_head.to_dict()
     out["model"]["roi_head"] = loss_cfg.roi_head.to_dict()
+    if _auto_class_weight(cfg["model"]):  # not resolved yet (train.py rewrites config.yaml with the list)
+        out["model"]["roi_head"]["class_weight"] = "auto"
     out["model"]["loss_preset"] = out["model"]["preset"] = None  # folded into the explicit values above
     return yaml.safe_dump(out, sort_keys=False)
 

@@ -1,0 +1,146 @@
+"""references/analyze_data.py as a command: its own --help, the training annotations alone suffice,
+each mistake is one line, and the plot is written where it says, coloured by class with a legend."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import analyze_data as A
+from helpers import REFS, TINY_SHAPES, tiny_config
+from shapes import ShapesSpec, ensure_shapes
+from train_config import ConfigError
+
+
+@pytest.fixture
+def train_json(data_root):
+    return ensure_shapes(data_root, ShapesSpec(**TINY_SHAPES))["train_ann"]
+
+
+def _class_counts(path):
+    with open(path) as f:
+        data = json.load(f)
+    anns = [a for a in data["annotations"] if not a.get("iscrowd", 0)]
+    counts = {
+        c["name"]: sum(a["category_id"] == c["id"] for a in anns)
+        for c in sorted(data["categories"], key=lambda c: c["id"])
+    }
+    return {k: n for k, n in counts.items() if n}, len(data["images"])  # classes with boxes, in id order
+
+
+def test_help_is_its_own_and_shows_plot(capsys):
+    with pytest.raises(SystemExit) as e:
+        A.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: references/analyze_data.py")
+    assert "--plot FILE.png" in out
+    assert "references/train.py's" in out  # says where the other flags come from
+
+
+def test_the_training_annotations_alone_suffice(train_json, capsys):
+    # No --train-images, --val-ann, --val-images: the report reads only the training JSON.
+    assert A.main(["--dataset", "coco_json", "--train-ann", train_json, "--model", "maskrcnn_tiny"]) == 0
+    counts, images = _class_counts(train_json)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"data report: {images} images")
+    for name, n in counts.items():
+        assert f"{name} {n}" in first
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "coco_json"], "--dataset coco_json needs --train-ann (data.train_ann ...)"),
+        (["--dataset", "coco_json", "--train-ann", "{tmp}/none.json"], "the training annotations file is not found"),
+        (["--dataset", "coco", "--data-path", "{tmp}"], "the training annotations file is not found: {tmp}"),
+    ],
+)
+def test_missing_annotations_are_one_line(tmp_path, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(ConfigError) as e:
+        A.main(argv)
+    assert str(e.value).startswith(message.format(tmp=tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_a_file_that_is_not_json_is_one_line(tmp_path):
+    from checks import DataError
+
+    bad = tmp_path / "train.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match=r"train.json: not a COCO JSON file \(JSONDecodeError") as e:
+        A.main(["--dataset", "coco_json", "--train-ann", str(bad)])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "plot, message",
+    [
+        ("{tmp}", "--plot {tmp}: is a folder; give a file name, e.g. {tmp}/report.png"),
+        ("{tmp}/cfg.yaml/report.png", "--plot {tmp}/cfg.yaml/report.png: {tmp}/cfg.yaml is a file, not a folder"),
+        ("{tmp}/cfg.yaml/a/b/report.png", "--plot {tmp}/cfg.yaml/a/b/report.png: {tmp}/cfg.yaml is a file"),
+        ("{tmp}/report.txt", "--plot {tmp}/report.txt: the file name must end in one of .png, .pdf, .svg, .jpg"),
+        ("{tmp}/report", "--plot {tmp}/report: the file name must end in one of"),
+    ],
+)
+def test_bad_plot_paths_are_one_line_before_any_data_is_read(tmp_path, plot, message):
+    (tmp_path / "cfg.yaml").write_text("model: {name: maskrcnn_tiny}\n")
+    plot, message = plot.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    missing = str(tmp_path / "never")  # data_path: reading the data would fail differently
+    with pytest.raises(ConfigError) as e:
+        A.main(["--dataset", "shapes", "--data-path", missing, "--plot", plot])
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(missing)
+    assert sorted(os.listdir(tmp_path)) == ["cfg.yaml"]  # nothing written, no folder.png
+
+
+def test_plot_is_written_where_said_with_a_legend_of_the_classes(tmp_path, data_root, train_json, capsys, monkeypatch):
+    figures = []
+    real = A.report_figure
+    monkeypatch.setattr(A, "report_figure", lambda *a: figures.append(real(*a)) or figures[-1])
+    path = tmp_path / "new" / "sub" / "report.png"
+    assert A.main(["--config", tiny_config(tmp_path, data_root), "--plot", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {path} (created the folder {path.parent})"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    counts, _ = _class_counts(train_json)
+    (fig,) = figures
+    hist, scatter = fig.axes
+    assert [t.get_text() for t in hist.get_legend().get_texts()] == list(counts)
+    assert [t.get_text() for t in scatter.get_legend().get_texts()] == list(counts) + [
+        "RPN foreground (0.7)",
+        "RPN background (0.3)",
+    ]
+    # One stacked bar series and one scatter series per class, each holding that class's boxes.
+    assert [int(sum(p.get_height() for p in c)) for c in hist.containers] == list(counts.values())
+    assert [len(c.get_offsets()) for c in scatter.collections] == list(counts.values())
+
+
+def test_many_classes_keep_the_frequent_ones_and_merge_the_tail():
+    cats = np.repeat(np.arange(1, 16), np.arange(15, 0, -1))  # class 1 most frequent ... 15 least
+    names = {c: f"c{c}" for c in range(1, 16)}
+    groups = A._class_groups(cats, names)
+    assert [n for n, _ in groups] == [f"c{c}" for c in range(1, A.PLOT_CLASSES + 1)] + ["other (3 classes)"]
+    assert int(groups[-1][1].sum()) == 3 + 2 + 1
+    assert sum(int(m.sum()) for _, m in groups) == len(cats)
+
+
+def test_the_command_prints_one_line_not_a_traceback(tmp_path):
+    script = os.path.join(REFS, "analyze_data.py")
+    out = subprocess.run(
+        [sys.executable, script, "--dataset", "shapes", "--plot", str(tmp_path / "r.txt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: --plot {tmp_path / 'r.txt'}: the file name must end in one of .png, .pdf, .svg, .jpg, .jpeg "
+        "(it sets the image format)"
+    ]
