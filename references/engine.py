@@ -101,6 +101,23 @@ def ignore_stop_signals(worker_id: int, then: Optional[Callable[[int], None]] = 
         then(worker_id)
 
 
+@contextlib.contextmanager
+def worker_batches(loader):
+    """Iterate ``loader``; its worker processes are shut down when the block is left, by an error too.
+
+    Otherwise a traceback that keeps the iterator alive (an error caught and reported as one line)
+    keeps its workers alive: they ignore the stop signals (:func:`ignore_stop_signals`), so the
+    interpreter would wait for them at exit.
+    """
+    it = iter(loader)
+    try:
+        yield it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator only
+        if shutdown is not None:
+            shutdown()
+
+
 class SkipBatches:
     """The batches of ``batch_sampler`` after its first ``skip``: a mid-epoch resume draws the epoch's
     batch order as the interrupted run did (the base sampler is seeded per (seed, epoch)) and skips
@@ -416,6 +433,21 @@ def _progress_bar(n_iters: int, epoch: int):
     return tqdm(total=n_iters, desc=f"epoch {epoch}", disable=None, dynamic_ncols=True, leave=False)
 
 
+def _step(ctx, images, targets, epoch, state, training_cfg, warmup, meter, log, say) -> StepResult:
+    """One iteration: the step, then the optimizer step and warmup, or the NaN policy."""
+    result = train_step(ctx, images, targets)
+    if result.any_bad and not result.amp_overflow:
+        policy, max_skips = training_cfg["nan_policy"], training_cfg["max_consecutive_skips"]
+        apply_nonfinite_policy(result, ctx, state, epoch, policy, max_skips, log, say)
+    else:
+        optimizer_step(ctx, result, state)
+        if warmup is not None and state.iteration < state.warmup_total:
+            warmup.step()
+        meter.update(result)
+    state.iteration += 1
+    return result
+
+
 def train_one_epoch(
     ctx: StepContext,
     loader,
@@ -445,33 +477,24 @@ def train_one_epoch(
     bar = _progress_bar(n_iters, epoch)
     if bar is not None and start:
         bar.update(start)
-    for i, (images, targets) in enumerate(loader, start):
-        if i >= n_iters:
-            break
-        result = train_step(ctx, images, targets)
-        if result.any_bad and not result.amp_overflow:
-            apply_nonfinite_policy(
-                result, ctx, state, epoch, training_cfg["nan_policy"], training_cfg["max_consecutive_skips"], log, say
-            )
-        else:
-            optimizer_step(ctx, result, state)
-            if warmup is not None and state.iteration < state.warmup_total:
-                warmup.step()
-            meter.update(result)
-        state.iteration += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.values['loss']:.3f}", refresh=False)
-        if not result.any_bad or result.amp_overflow:
-            if meter.due(i):
-                meter.emit(i, ctx.model, ctx.optimizer, state, result, log, say)
-        if after_iteration is not None:
-            try:
-                after_iteration(i + 1, n_iters, meter, result.stop)
-            except Preempted:
-                if bar is not None:
-                    bar.close()
-                raise
+    with worker_batches(loader) as batches:
+        for i, (images, targets) in enumerate(batches, start):
+            if i >= n_iters:
+                break
+            result = _step(ctx, images, targets, epoch, state, training_cfg, warmup, meter, log, say)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.values['loss']:.3f}", refresh=False)
+            if not result.any_bad or result.amp_overflow:
+                if meter.due(i):
+                    meter.emit(i, ctx.model, ctx.optimizer, state, result, log, say)
+            if after_iteration is not None:
+                try:
+                    after_iteration(i + 1, n_iters, meter, result.stop)
+                except Preempted:
+                    if bar is not None:
+                        bar.close()
+                    raise
     if bar is not None:
         bar.close()
     return meter.summary(state)
@@ -520,19 +543,20 @@ def _predict(net, loader, device, label_to_cat, thresh: float):
     net.roi_heads.score_thresh = 0.0
     net.eval()
     try:
-        for images, targets in loader:
-            outputs = net([i.to(device) for i in images])
-            for out, tgt in zip(outputs, targets):
-                image_id = int(tgt["image_id"])
-                scores = out["scores"].cpu()
-                keep = scores >= thresh
-                per_image[image_id] = (
-                    float(scores.max()) if scores.numel() else 0.0,
-                    int(keep.sum()),
-                    scores[:100].tolist(),
-                )
-                if keep.any():
-                    _coco_results(out, image_id, keep, label_to_cat, results)
+        with worker_batches(loader) as batches:
+            for images, targets in batches:
+                outputs = net([i.to(device) for i in images])
+                for out, tgt in zip(outputs, targets):
+                    image_id = int(tgt["image_id"])
+                    scores = out["scores"].cpu()
+                    keep = scores >= thresh
+                    per_image[image_id] = (
+                        float(scores.max()) if scores.numel() else 0.0,
+                        int(keep.sum()),
+                        scores[:100].tolist(),
+                    )
+                    if keep.any():
+                        _coco_results(out, image_id, keep, label_to_cat, results)
     finally:
         net.roi_heads.score_thresh = saved
     return results, per_image

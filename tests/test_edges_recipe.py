@@ -6,6 +6,7 @@ import copy
 import errno
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import struct
@@ -311,9 +312,13 @@ def test_truncated_png_is_one_line_naming_the_image(shapes, tmp_path):
     assert problems == [f"image 5: cannot decode {path}: OSError: image file is truncated"]
     # Past the sample check, in a DataLoader worker: re-raised in the main process, printed as one line.
     out = tmp_path / "out"
+    before = set(multiprocessing.active_children())
     rc, _, err = cli(argv(ann, images, out, "--check-samples", "0", "-j", "1", "--iters-per-epoch", "3"))
     one_line_error(rc, err, rf"^error: image 5: cannot decode {path}: OSError: image file is truncated$")
     assert not (out / "checkpoint.pth").exists()
+    # The loader's worker is shut down with the error: it ignores the stop signals, so a worker kept
+    # alive by the reported error's traceback would hold the interpreter at exit.
+    assert [p for p in multiprocessing.active_children() if p not in before] == []
 
 
 # -- 7. a disk that fills during a save ----------------------------------------------------------------
