@@ -14,7 +14,9 @@ and inputs. Sections:
   3. peak memory of that step;
   4. host-sync operations per step (aten::_local_scalar_dense = .item()/float()/bool(), and
      aten::nonzero), counted with torch.profiler; on CUDA also torch.cuda.set_sync_debug_mode;
-  5. images/s of references/train.py with tv_lossfix vs --stock on the shapes data.
+  5. images/s of references/train.py with tv_lossfix vs --stock on the shapes data;
+  and what roi_head.sampler: ohem adds to a tv_lossfix training step (--skip losses step
+  train_script runs this part alone).
 Targets: loss ratio <= 1.0, step <= 1.02, memory <= 1.01, syncs <= stock, throughput >= 0.98.
 """
 
@@ -309,17 +311,21 @@ def _cpu_peak_bytes(prof) -> int:
     return peak
 
 
+def _train_step(model, images, targets) -> Callable[[], None]:
+    def f():
+        model.train()
+        torch.manual_seed(0)
+        model.zero_grad(set_to_none=True)
+        sum(model(images, targets).values()).backward()
+
+    return f
+
+
 def bench_step(device, size, rounds, out):
     stock, ours, images, targets = _step_models(device, size)
 
     def step(model):
-        def f():
-            model.train()
-            torch.manual_seed(0)
-            model.zero_grad(set_to_none=True)
-            sum(model(images, targets).values()).backward()
-
-        return f
+        return _train_step(model, images, targets)
 
     ms = interleave({"stock": step(stock), "tv_lossfix": step(ours)}, rounds, device)
     ratio = ms["tv_lossfix"] / ms["stock"]
@@ -365,6 +371,45 @@ def bench_step(device, size, rounds, out):
     )
     out["memory"] = {k: v for k, v in mem.items()} | {"ratio": round(mratio, 4)}
     out["syncs"] = syncs
+
+
+def bench_ohem(device, size, rounds, out):
+    """What roi_head.sampler: ohem adds to a training step: the box head also scores every candidate RoI.
+
+    Timed where OHEM acts, the RoI heads' training forward + backward on fixed backbone features
+    and proposals (less noisy than whole steps), and put against a whole random-sampler step.
+    """
+    _, random_sampler, images, targets = _step_models(device, size)
+    ohem = tv_lossfix.patch_model(copy.deepcopy(random_sampler), {"roi_head": {"sampler": "ohem"}})
+    random_sampler.train()
+    with torch.no_grad():
+        image_list, tgts = random_sampler.transform(images, targets)
+        feats = random_sampler.backbone(image_list.tensors)
+        proposals, _ = random_sampler.rpn(image_list, feats, tgts)
+    feats = {k: v.requires_grad_() for k, v in feats.items()}  # backward reaches them, as in a step
+
+    def roi_step(model):
+        def f():
+            model.train()
+            torch.manual_seed(0)
+            model.zero_grad(set_to_none=True)
+            for v in feats.values():
+                v.grad = None
+            sum(model.roi_heads(feats, proposals, image_list.image_sizes, tgts)[1].values()).backward()
+
+        return f
+
+    ms = interleave({"random": roi_step(random_sampler), "ohem": roi_step(ohem)}, rounds, device)
+    step = interleave({"step": _train_step(random_sampler, images, targets)}, rounds, device)["step"]
+    ratio, extra = ms["ohem"] / ms["random"], (ms["ohem"] - ms["random"]) / step
+    print(
+        f"  RoI heads fwd + bwd (Mask R-CNN R50-FPN, 2 images {size}x{size}, {sum(len(p) for p in proposals)} "
+        f"proposals): random sampler {ms['random']:.1f} ms | OHEM {ms['ohem']:.1f} ms (x{ratio:.3f}); "
+        f"+{100 * extra:.1f}% of a {step:.0f} ms random-sampler step",
+        flush=True,
+    )
+    out["ohem"] = {"size": size, **{k: round(v, 2) for k, v in ms.items()}, "step": round(step, 2)}
+    out["ohem"] |= {"ratio": round(ratio, 4), "step_increase": round(extra, 4)}
 
 
 def bench_sync_debug(device, out):
@@ -474,6 +519,15 @@ def markdown(out: Dict) -> str:
             f"| references/train.py throughput (shapes) | {ts['stock']:.2f} img/s | {ts['tv_lossfix']:.2f} img/s "
             f"| {ts['ratio']:.3f} |"
         )
+    if "ohem" in out:
+        oh = out["ohem"]
+        lines += [
+            "",
+            f"| roi_head.sampler, 2 images {oh['size']}px | random | ohem | ratio |",
+            "|---|---|---|---|",
+            f"| RoI heads fwd + bwd | {oh['random']:.0f} ms | {oh['ohem']:.0f} ms | {oh['ratio']:.3f} |",
+            f"| whole training step | {oh['step']:.0f} ms | +{100 * oh['step_increase']:.1f}% | |",
+        ]
     return "\n".join(lines)
 
 
@@ -482,7 +536,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer rounds and smaller images (< 2 min on 2 CPU cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
-    p.add_argument("--skip", nargs="*", default=[], choices=["losses", "step", "train_script"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["losses", "step", "ohem", "train_script"])
     args = p.parse_args(argv)
     device = torch.device(args.device)
     out = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}
@@ -501,6 +555,9 @@ def main(argv=None) -> int:
         bench_step(device, 320 if args.quick else (800 if device.type == "cuda" else 512), 3 if args.quick else 7, out)
         if device.type == "cuda":
             bench_sync_debug(device, out)
+    if "ohem" not in args.skip:
+        print("OHEM: the RoI head's hard-example sampler against the random one:", flush=True)
+        bench_ohem(device, 320 if args.quick else (800 if device.type == "cuda" else 512), 3 if args.quick else 7, out)
     if "train_script" not in args.skip:
         print("5. references/train.py throughput:", flush=True)
         bench_train_script(2 if args.quick else 3, 20 if args.quick else 40, out)

@@ -38,22 +38,43 @@ def _draw(draw: ImageDraw.ImageDraw, cls: int, box, color) -> None:
         draw.ellipse(box, outline=color, width=max(int((x2 - x1) / 5), 1))
 
 
-def write_split(root: str, name: str, n: int, size: int, rng: np.random.Generator) -> str:
+def square_box(rng: np.random.Generator, cls: int, size: int) -> tuple:
+    """A square box (x1, y1, x2, y2) in the image, 60% of them tiny (4-10 px), the rest 16-40 px."""
+    s = rng.uniform(4, 10) if rng.random() < 0.6 else rng.uniform(16, 40)
+    x, y = rng.uniform(0, size - s - 1, size=2)
+    return (x, y, x + s, y + s)
+
+
+def write_split(
+    root: str,
+    name: str,
+    n: int,
+    size: int,
+    rng: np.random.Generator,
+    classes=CLASSES,
+    freq=FREQ,
+    draw_fn=_draw,
+    box_fn=square_box,
+) -> str:
+    """n noisy images with 1-4 objects each as COCO JSON + PNG; returns the JSON's path.
+
+    The defaults write this benchmark's set; ``classes`` / ``freq`` / ``draw_fn(draw, cls, box, color)``
+    / ``box_fn(rng, cls, size)`` let another benchmark write its own classes with the same format.
+    """
     os.makedirs(os.path.join(root, name), exist_ok=True)
     images, anns = [], []
-    p = np.asarray(FREQ, dtype=float) / sum(FREQ)
+    p = np.asarray(freq, dtype=float) / sum(freq)
     for i in range(n):
         bg = (rng.normal(110, 35, size=(size, size, 3))).clip(0, 255).astype(np.uint8)
         im = Image.fromarray(bg)
         draw = ImageDraw.Draw(im)
         for _ in range(rng.integers(1, 5)):
-            cls = int(rng.choice(3, p=p))
-            s = rng.uniform(4, 10) if rng.random() < 0.6 else rng.uniform(16, 40)  # 60% tiny
-            x, y = rng.uniform(0, size - s - 1, size=2)
+            cls = int(rng.choice(len(classes), p=p))
+            box = box_fn(rng, cls, size)
             mask = Image.new("L", (size, size))
-            _draw(ImageDraw.Draw(mask), cls, (x, y, x + s, y + s), 255)
+            draw_fn(ImageDraw.Draw(mask), cls, box, 255)
             color = tuple(int(c) for c in rng.integers(160, 256, size=3))
-            _draw(draw, cls, (x, y, x + s, y + s), color)
+            draw_fn(draw, cls, box, color)
             ys, xs = np.nonzero(np.asarray(mask))
             if len(xs) == 0:
                 continue
@@ -77,7 +98,7 @@ def write_split(root: str, name: str, n: int, size: int, rng: np.random.Generato
         im.save(os.path.join(root, name, fname))
         images.append({"id": i + 1, "file_name": fname, "width": size, "height": size})
     path = os.path.join(root, f"{name}.json")
-    cats = [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]
+    cats = [{"id": k + 1, "name": c} for k, c in enumerate(classes)]
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
     return path
@@ -142,6 +163,14 @@ def run(out: str, data: str, name: str, epochs: int, anchors=None) -> dict:
     return {"code": code, "log": text, "tables": per_class_lines(text)}
 
 
+def anchor_advice(run_dir: str):
+    """The anchor YAML keys the run's data report advised (its last data_report record), or None."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        reports = [r for r in map(json.loads, f) if r.get("type") == "data_report"]
+    advice = reports[-1]["advice"] if reports else None
+    return {k: advice[k] for k in ("anchor_sizes", "aspect_ratios")} if advice else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/tiny_objects")
@@ -155,10 +184,10 @@ def main(argv=None) -> int:
     base = run(args.out, data, "default_anchors", args.epochs)
     report = base["log"][base["log"].index("data report:") : base["log"].index("training ")]
     print(report)
-    advice = yaml.safe_load(report[report.index("    model:") :]) if "    model:" in report else None
+    advice = anchor_advice(os.path.join(args.out, "default_anchors"))
     print("== default anchors: per class, each evaluation\n" + "\n".join(base["tables"]))
     if advice:
-        tuned = run(args.out, data, "advised_anchors", args.epochs, advice["model"])
+        tuned = run(args.out, data, "advised_anchors", args.epochs, advice)
         after = tuned["log"][tuned["log"].index("data report:") : tuned["log"].index("training ")]
         print("== with the advised anchors\n" + after)
         print("== advised anchors: per class, each evaluation\n" + "\n".join(tuned["tables"]))
