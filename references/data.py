@@ -67,10 +67,19 @@ class CocoDetection(Dataset):
         16-bit grey at 255: a blank image). Neither backend applies EXIF orientation, as torchvision.
         """
         if self.backend in ("tensor", "tv_tensor"):
-            from torchvision.io import ImageReadMode, decode_image
+            from torchvision.io import ImageReadMode, decode_image, read_file
 
-            image = decode_image(path, mode=ImageReadMode.RGB)  # 16-bit PNGs come as uint16
+            try:  # read_file: torchvision < 0.20 decodes bytes only, not a path
+                image = decode_image(read_file(path), mode=ImageReadMode.RGB)  # 16-bit PNGs come as uint16
+            except RuntimeError as e:
+                if "8-bit" not in str(e):
+                    raise
+                return self._load_with_pillow(path)  # torchvision < 0.20 refuses 16-bit PNGs: same pixels
             return (image.to(torch.int32) >> 8).to(torch.uint8) if image.dtype == torch.uint16 else image
+        return self._load_with_pillow(path)
+
+    @staticmethod
+    def _load_with_pillow(path: str) -> torch.Tensor:
         with Image.open(path) as im:
             kind = pixel_format(im.mode, im.format)
             if kind == "unknown":

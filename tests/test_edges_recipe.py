@@ -445,9 +445,9 @@ def test_exif_rotated_jpeg_size_mismatch_names_the_tag(shapes, tmp_path):
     assert "EXIF orientation tag is 6 (rotated 90 degrees clockwise)" in msg
     assert "decodes the stored pixels without it (as torchvision's does)" in msg
     # Which is true of both backends: the stored 48-wide pixels, unrotated.
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode, decode_image, read_file
 
-    assert decode_image(os.path.join(images, "phone.jpg"), mode=ImageReadMode.RGB).shape == (3, 64, 48)
+    assert decode_image(read_file(os.path.join(images, "phone.jpg")), mode=ImageReadMode.RGB).shape == (3, 64, 48)
     data["images"][3].update(width=48, height=64)
     coco, label_map, _, _ = load_coco_checked(write_json(tmp_path, data), images, "train")
     idx = sorted(coco.imgs).index(4)
