@@ -126,6 +126,17 @@ def tiny_config(tmp_path, data_root, **training):
     return str(path)
 
 
+def coco_json_argv(ann, images, out, *extra, val_ann=None):
+    """train.py's command line for a 1-epoch, 2-iteration maskrcnn_tiny run on a COCO-format set."""
+    return [
+        *("--dataset", "coco_json", "--train-ann", ann, "--train-images", images),
+        *("--val-ann", val_ann or ann, "--val-images", images, "--model", "maskrcnn_tiny", "--device", "cpu"),
+        *("-b", "2", "--epochs", "1", "-j", "0", "--aspect-ratio-group-factor", "-1", "--iters-per-epoch", "2"),
+        *("--no-plots", "--gallery-images", "0", "--output-dir", str(out), "--print-freq", "1"),
+        *extra,
+    ]
+
+
 def records(out_dir, kind=None):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-import helpers  # noqa: F401,E402  (puts references/ on sys.path)
+import helpers  # noqa: E402  (puts references/ on sys.path)
 import train  # noqa: E402
 from checks import DataError, check_samples, load_coco_checked  # noqa: E402
 from data import CocoDetection, GroupedBatchSampler, SeededRandomSampler, aspect_ratio_groups  # noqa: E402
@@ -184,41 +184,7 @@ def test_coco_json_dataset_with_rle_and_crowd(coco, shapes, tmp_path):
         a["category_id"] += 10
     ann = write(tmp_path, data)
     out = tmp_path / "out"
-    rc = train.main(
-        [
-            "--dataset",
-            "coco_json",
-            "--train-ann",
-            ann,
-            "--train-images",
-            shapes["train_images"],
-            "--val-ann",
-            ann,
-            "--val-images",
-            shapes["train_images"],
-            "--model",
-            "maskrcnn_tiny",
-            "--device",
-            "cpu",
-            "-b",
-            "2",
-            "--epochs",
-            "1",
-            "-j",
-            "0",
-            "--aspect-ratio-group-factor",
-            "-1",
-            "--iters-per-epoch",
-            "2",
-            "--no-plots",
-            "--gallery-images",
-            "0",
-            "--output-dir",
-            str(out),
-            "--print-freq",
-            "1",
-        ]
-    )
+    rc = train.main(helpers.coco_json_argv(ann, shapes["train_images"], out))
     assert rc == 0
     with open(out / "metrics.jsonl") as f:
         recs = [json.loads(line) for line in f]

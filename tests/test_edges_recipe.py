@@ -21,7 +21,7 @@ from PIL import Image
 from tv_lossfix import LossConfig, LossConfigError
 
 import checkpoint  # noqa: E402
-import helpers  # noqa: F401  (puts references/ on sys.path)
+import helpers  # puts references/ on sys.path
 import train  # noqa: E402
 import train_config  # noqa: E402
 from checks import DataError, check_samples, load_coco_checked  # noqa: E402
@@ -52,42 +52,7 @@ def write_json(root, data, name="ann.json"):
 
 
 def argv(ann, images, out, *extra, val_ann=None):
-    return [
-        "--dataset",
-        "coco_json",
-        "--train-ann",
-        ann,
-        "--train-images",
-        images,
-        "--val-ann",
-        val_ann or ann,
-        "--val-images",
-        images,
-        "--model",
-        "maskrcnn_tiny",
-        "--device",
-        "cpu",
-        "-b",
-        "2",
-        "--epochs",
-        "1",
-        "-j",
-        "0",
-        "--aspect-ratio-group-factor",
-        "-1",
-        "--iters-per-epoch",
-        "2",
-        "--no-plots",
-        "--gallery-images",
-        "0",
-        "--output-dir",
-        str(out),
-        "--print-freq",
-        "1",
-        "--check-samples",
-        "2",
-        *extra,
-    ]
+    return helpers.coco_json_argv(ann, images, out, "--check-samples", "2", *extra, val_ann=val_ann)
 
 
 def cli(args):
