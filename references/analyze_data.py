@@ -23,7 +23,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import image_classes, repeat_factors, suggest_repeat_threshold  # noqa: E402
+
+if TYPE_CHECKING:
+    from train_config import TrainConfig
 
 THRESHOLDS = (0.7, 0.3)  # the RPN's foreground and background IoU thresholds
 BUCKETS = (("small", 0, 32), ("medium", 32, 96), ("large", 96, math.inf))  # COCO's, on sqrt(area) after resize
@@ -470,7 +473,7 @@ def data_report(
     names: Optional[List[str]] = None,
     label_to_cat: Optional[Dict[int, int]] = None,
     dataset: Optional[Dict[str, Any]] = None,
-    cfg: Optional[Dict[str, Any]] = None,
+    cfg: Optional[TrainConfig] = None,
 ) -> DataReport:
     """The report for a ``pycocotools.COCO`` (or a raw COCO dict) and the model that will train on it.
 
@@ -544,7 +547,7 @@ def _warn_and_advise(report: DataReport, xyxy, padded, best, model, geo, cats, g
 IMBALANCE_ADVICE = 5.0
 
 
-def _imbalance_advice(report: DataReport, counts: List[int], cfg: Optional[Dict[str, Any]]) -> None:
+def _imbalance_advice(report: DataReport, counts: List[int], cfg: Optional[TrainConfig]) -> None:
     imb = report.imbalance
     if not (math.isfinite(imb) and imb >= IMBALANCE_ADVICE and any(counts)):
         return
@@ -749,8 +752,8 @@ def _read_annotations(path: Optional[str]) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import train
     from models import build_model, set_anchors
+    from run_data import dataset_files
     from train_config import dump, resolve
 
     args, rest = build_parser().parse_known_args(argv)
@@ -759,16 +762,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if print_only:
         print(dump(cfg, loss_cfg), end="")
         return 0
-    m = cfg["model"]
-    files = train.dataset_files(cfg)
+    m = cfg.model
+    files = dataset_files(cfg)
     data = _read_annotations(files["train_ann"])
     # The training script's labels and class count: COCO's own ids (91 classes), else contiguous ones.
     by_id = files["label_mode"] == "category_id"
     label_to_cat = {c["id"]: c["id"] for c in data["categories"]} if by_id else None
-    coco_classes = {"coco": 91, "coco_kp": 2}.get(cfg["data"]["dataset"])
-    num_classes = m["num_classes"] or coco_classes or len(data["categories"]) + 1
-    model, _ = build_model(m["name"], num_classes, None, None, None, None, None, True, m["kwargs"])
-    set_anchors(model, m["anchor_sizes"], m["aspect_ratios"])
+    coco_classes = {"coco": 91, "coco_kp": 2}.get(cfg.data.dataset)
+    num_classes = m.num_classes or coco_classes or len(data["categories"]) + 1
+    # torchvision's own model (stock), no weights: only its anchors and input sizes are read.
+    model, _ = build_model(name=m.name, num_classes=num_classes, stock=True, kwargs=m.kwargs)
+    set_anchors(model, m.anchor_sizes, m.aspect_ratios)
     report = data_report(None, model, label_to_cat=label_to_cat, dataset=data, cfg=cfg)
     print(report.text())
     if args.plot:
@@ -786,7 +790,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from train import USER_ERRORS
+    from errors import USER_ERRORS
 
     try:
         sys.exit(main())

@@ -53,7 +53,10 @@ class DataError(ValueError):
 
 
 @dataclass
-class DataReport:
+class AnnotationReport:
+    """What the checks found in one split's annotation file and did about it (analyze_data.DataReport is
+    the data and anchor report)."""
+
     split: str
     images: int = 0
     annotations: int = 0
@@ -288,7 +291,7 @@ def _check_annotation_ids(data, ann_file: str, split: str) -> None:
         )
 
 
-def _check_not_empty(report: "DataReport", split: str) -> None:
+def _check_not_empty(report: "AnnotationReport", split: str) -> None:
     """A split without images fails; one without objects is an error when dropping emptied it, else said."""
     dropped = sum(report.dropped.values())
     if report.images == 0:
@@ -318,7 +321,7 @@ def _annotation_problem(a, img, categories, need_masks: bool) -> Optional[Tuple[
     return issue
 
 
-def _check_annotations(data, images, bad_images, categories, need_masks, report: "DataReport", problems):
+def _check_annotations(data, images, bad_images, categories, need_masks, report: "AnnotationReport", problems):
     """The annotations to keep, and the ids of the images that keep a non-crowd one."""
     kept, with_anns = [], set()
     for a in data["annotations"]:
@@ -352,7 +355,7 @@ def load_coco_checked(
     label_mode: str = "contiguous",
     check_image_files: bool = True,
 ):
-    """Read, check and clean a COCO JSON. Returns (COCO, label_map, category names, DataReport).
+    """Read, check and clean a COCO JSON. Returns (COCO, label_map, category names, AnnotationReport).
 
     ``label_mode``: "contiguous" maps the sorted category ids to labels 1..K; "category_id" uses
     the ids themselves (COCO's 91-class convention, to match pretrained COCO weights).
@@ -364,7 +367,7 @@ def load_coco_checked(
     data = _read_json(ann_file, image_dir, split)
     categories, label_map = _label_map(data, ann_file, split, label_mode)
     _check_annotation_ids(data, ann_file, split)
-    report = DataReport(split)
+    report = AnnotationReport(split)
     problems: List[str] = []
     images, bad_images = _check_images(data, ann_file, image_dir, split, check_image_files, report, problems)
     kept, with_anns = _check_annotations(data, images, bad_images, categories, need_masks, report, problems)

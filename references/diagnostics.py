@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from train_config import TrainConfig
 
 # torchvision's reference lr (0.02) is for 16 images per step (8 GPUs x 2): the linear-scaling rule.
 REFERENCE_LR, REFERENCE_BATCH = 0.02, 16
@@ -163,7 +166,7 @@ def lr_warning(lr: float, images_per_step: int, warmup_iters: int) -> Optional[s
 def rare_class_cure(
     counts: Sequence[int],
     repeat_threshold: Optional[float],
-    cfg: Optional[Dict[str, Any]] = None,
+    cfg: Optional[TrainConfig] = None,
     method: str = "effective_number",
     beta: Optional[float] = None,
 ) -> Dict[str, Any]:
@@ -177,15 +180,11 @@ def rare_class_cure(
     """
     from tv_lossfix import class_weights_from_counts
 
-    model, data = (cfg or {}).get("model", {}), (cfg or {}).get("data", {})
-    already = [
-        k
-        for k, v in (
-            ("model.roi_head.class_weight", (model.get("roi_head") or {}).get("class_weight")),
-            ("data.repeat_factor_threshold", data.get("repeat_factor_threshold")),
-        )
-        if v is not None
-    ]
+    given = {
+        "model.roi_head.class_weight": cfg.model.roi_head.get("class_weight") if cfg else None,
+        "data.repeat_factor_threshold": cfg.data.repeat_factor_threshold if cfg else None,
+    }
+    already = [k for k, v in given.items() if v is not None]
     weights = class_weights_from_counts(list(counts), method, beta) if any(counts) else None
     if weights is not None and (max(weights[1:]) - min(weights[1:]) < 1e-6 or "model.roi_head.class_weight" in already):
         weights = None  # equal counts: nothing to rebalance
@@ -219,7 +218,7 @@ def _cause_underconfident(current, train, cfg, cure: Optional[Dict[str, Any]] = 
     thresh = current["score_thresh"]
     if current["max_score"] >= thresh:
         return None
-    roi = cfg["model"]["roi_head"]
+    roi = cfg.model.roi_head
     if roi.get("cls_pos_weight", 1.0) < 2:
         lever = "raise model.roi_head.cls_pos_weight to 2"
     elif not roi.get("class_weight"):
@@ -251,7 +250,7 @@ def _cause_fg_prob(current, train, cfg) -> Optional[str]:
     fg = train.get("roi/fg_prob")
     if fg is None or fg >= 0.3:
         return None
-    w = cfg["model"]["roi_head"].get("cls_pos_weight", 1.0)
+    w = cfg.model.roi_head.get("cls_pos_weight", 1.0)
     lever = "raise model.roi_head.cls_pos_weight to 2" if w < 2 else f"cls_pos_weight is {w:g}: lower --lr"
     return f"mean probability of the true class on positive RoIs is {fg:.2f}: foreground is out-voted; {lever}"
 
@@ -268,20 +267,20 @@ def _cause_rpn(current, train, cfg) -> Optional[str]:
 
 def _cause_gradients(current, train, cfg) -> Optional[str]:
     gn, gmax = train.get("grad_norm"), train.get("grad_norm_max")
-    clip = cfg["training"]["gradient_clip"]
+    clip = cfg.training.gradient_clip
     if gn is None or gmax is None:
         return None
-    if clip["enabled"]:
+    if clip.enabled:
         lever = (
-            f"clipping is on at {clip['max_norm']:g}: lower it to 10"
-            if clip["max_norm"] > 10
-            else f"clipping is on at {clip['max_norm']:g}: lower --lr"
+            f"clipping is on at {clip.max_norm:g}: lower it to 10"
+            if clip.max_norm > 10
+            else f"clipping is on at {clip.max_norm:g}: lower --lr"
         )
     else:
         lever = "enable --clip-grad-norm 35"
     if gmax > 10 * max(gn, 1e-12):
         return f"gradient spikes: max grad_norm {gmax:.1f} vs mean {gn:.2f}; {lever}"
-    if not clip["enabled"] and gn > 100:
+    if not clip.enabled and gn > 100:
         return f"large gradients (mean grad_norm {gn:.1f}) with no clipping; {lever}"
     return None
 
@@ -290,19 +289,19 @@ def _cause_skipped(current, train, cfg) -> Optional[str]:
     skipped = train.get("skipped_steps", 0)
     if not skipped:
         return None
-    clip = cfg["training"]["gradient_clip"]
-    lever = "lower --lr" if clip["enabled"] else "add --clip-grad-norm 35, or lower --lr"
+    clip = cfg.training.gradient_clip
+    lever = "lower --lr" if clip.enabled else "add --clip-grad-norm 35, or lower --lr"
     return f"{int(skipped)} steps were skipped for non-finite loss/gradients; {lever}"
 
 
 def _cause_lr(current, train, cfg) -> Optional[str]:
-    t = cfg["training"]
-    ips = t["batch_size"] * int(train.get("world_size", 1))
+    t = cfg.training
+    ips = t.batch_size * int(train.get("world_size", 1))
     ref = linear_scaling_lr(ips)
-    if t["lr"] <= 2 * ref:
+    if t.lr <= 2 * ref:
         return None
     return (
-        f"lr {t['lr']:g} is {t['lr'] / ref:.1f}x the linear-scaling rule for {ips} images per step "
+        f"lr {t.lr:g} is {t.lr / ref:.1f}x the linear-scaling rule for {ips} images per step "
         f"({REFERENCE_LR:g} x {ips}/{REFERENCE_BATCH} = {ref:g}); use --lr {ref:g} or training.auto_scale_lr: true"
     )
 
@@ -390,7 +389,7 @@ def collapse_warnings(
     history: List[Dict[str, Any]],
     current: Dict[str, Any],
     train: Dict[str, float],
-    cfg: Dict[str, Any],
+    cfg: TrainConfig,
     gt_per_image: float,
     iteration: int = 10**9,
     judge_after: int = 0,

@@ -1,31 +1,33 @@
-"""The training step, one training epoch, and COCO evaluation.
+"""The training step and one training epoch (COCO evaluation is in evaluation.py).
 
 ``train_step`` does the work of one iteration (Detectron2's ``run_step``); ``apply_nonfinite_policy``
 decides what a non-finite step means; ``MetricLogger`` keeps the running numbers and prints one line
 every ``--print-freq`` iterations (torchvision's ``MetricLogger``). ``train_one_epoch`` strings them
-together. ``TrainState`` is everything about the run's progress that a checkpoint must restore.
+together, writing through one writer (writers.EventWriter) and calling a :class:`StepHooks` at two
+points of every iteration (the trainer's hooks, trainer.py). ``TrainState`` is everything about the
+run's progress that a checkpoint must restore.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import signal
 import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import tv_lossfix
 
 import distributed
-from diagnostics import per_class_summary, score_summary
+
+if TYPE_CHECKING:
+    from train_config import TrainingConfig
 
 
 class NonFiniteError(RuntimeError):
@@ -284,8 +286,7 @@ def apply_nonfinite_policy(
     epoch: int,
     policy: str,
     max_skips: int,
-    log: Callable,
-    say: Callable,
+    writer,
 ) -> None:
     """A non-finite loss or gradient never reaches the weights: ``stop`` raises, ``skip`` counts it."""
     keys, values, it = result.loss_keys, result.values, state.iteration
@@ -295,7 +296,7 @@ def apply_nonfinite_policy(
         f"(losses: {', '.join(f'{k}={values[k]:.4g}' for k in keys)}; grad_norm={values['grad_norm']:.4g})"
     )
     ctx.optimizer.zero_grad(set_to_none=True)
-    log({"type": "nonfinite", "epoch": epoch, "iter": it, "terms": culprits, **values})
+    writer.record({"type": "nonfinite", "epoch": epoch, "iter": it, "terms": culprits, **values})
     if policy == "stop":
         raise NonFiniteError(
             msg + ". Stopped before the step (--nan-policy stop); checkpoints on disk are intact. "
@@ -305,7 +306,7 @@ def apply_nonfinite_policy(
     state.consecutive_skips += 1
     if ctx.scaler is not None:
         ctx.scaler.update()  # lower the loss scale as for an overflow
-    say(f"skipped step: {msg}")
+    writer.say(f"skipped step: {msg}")
     if state.consecutive_skips >= max_skips:
         raise NonFiniteError(
             f"{state.consecutive_skips} consecutive steps skipped (--max-consecutive-skips); last: {msg}"
@@ -374,9 +375,7 @@ class MetricLogger:
     def due(self, i: int) -> bool:
         return (i + 1) % self.print_freq == 0 or i + 1 == self.n_iters
 
-    def emit(
-        self, i: int, model, optimizer, state: TrainState, result: StepResult, log: Callable, say: Callable
-    ) -> None:
+    def emit(self, i: int, model, optimizer, state: TrainState, result: StepResult, writer) -> None:
         # The heads' statistics, sampled at the print points (the epoch mean is over these).
         stats = tv_lossfix.training_stats(model)
         for k, v in stats.items():
@@ -389,7 +388,7 @@ class MetricLogger:
         names = list(stats)
         head_stats = dict(zip(names, torch.stack([stats[k] for k in names]).tolist())) if stats else {}
         values = result.values
-        log(
+        writer.record(
             {
                 "type": "train",
                 "epoch": self.epoch,
@@ -401,7 +400,7 @@ class MetricLogger:
             }
         )
         terms = " ".join(f"{k.replace('loss_', '')} {values[k]:.4f}" for k in result.loss_keys)
-        say(
+        writer.say(
             f"epoch {self.epoch} [{i + 1:>{len(str(self.n_iters))}}/{self.n_iters}] eta {_fmt_eta(eta)} lr {lr:.5f} "
             f"loss {values['loss']:.4f} ({terms}) grad_norm {values['grad_norm']:.3f} {speed:.1f} img/s"
         )
@@ -433,16 +432,25 @@ def _progress_bar(n_iters: int, epoch: int):
     return tqdm(total=n_iters, desc=f"epoch {epoch}", disable=None, dynamic_ncols=True, leave=False)
 
 
-def _step(ctx, images, targets, epoch, state, training_cfg, warmup, meter, log, say) -> StepResult:
-    """One iteration: the step, then the optimizer step and warmup, or the NaN policy."""
+class StepHooks:
+    """What :func:`train_one_epoch` calls at each iteration (trainer.Trainer dispatches to its hooks)."""
+
+    def after_optimizer_step(self) -> None:
+        """Right after a finite step's optimizer step, before the iteration is counted and logged."""
+
+    def after_step(self, done: int, n_iters: int, meter: "MetricLogger", result: StepResult) -> None:
+        """At the iteration boundary, after the log line; may raise :class:`Preempted` (a stop)."""
+
+
+def _step(ctx, images, targets, epoch, state, training_cfg, meter, writer, hooks) -> StepResult:
+    """One iteration: the step, then the optimizer step and the hooks' after it, or the NaN policy."""
     result = train_step(ctx, images, targets)
     if result.any_bad and not result.amp_overflow:
-        policy, max_skips = training_cfg["nan_policy"], training_cfg["max_consecutive_skips"]
-        apply_nonfinite_policy(result, ctx, state, epoch, policy, max_skips, log, say)
+        policy, max_skips = training_cfg.nan_policy, training_cfg.max_consecutive_skips
+        apply_nonfinite_policy(result, ctx, state, epoch, policy, max_skips, writer)
     else:
         optimizer_step(ctx, result, state)
-        if warmup is not None and state.iteration < state.warmup_total:
-            warmup.step()
+        hooks.after_optimizer_step()  # warmup steps here (trainer's LRSchedule): the log line shows its lr
         meter.update(result)
     state.iteration += 1
     return result
@@ -453,25 +461,24 @@ def train_one_epoch(
     loader,
     epoch: int,
     state: TrainState,
-    training_cfg: Dict[str, Any],
-    warmup,
-    log: Callable,
-    say: Callable,
+    training_cfg: TrainingConfig,
+    writer,
     max_iters: Optional[int] = None,
     start: int = 0,
     meter_state: Optional[Dict[str, Any]] = None,
-    after_iteration: Optional[Callable[[int, int, MetricLogger, bool], None]] = None,
+    hooks: Optional[StepHooks] = None,
 ) -> Dict[str, float]:
     """Train for one epoch; returns the epoch's means (losses, grad_norm, head statistics).
 
     A mid-epoch resume passes ``start`` (iterations done; ``loader`` then yields the epoch's batches
-    after them) and the saved ``meter_state``. ``after_iteration(done, n_iters, meter, stop)`` runs at
-    every iteration boundary (periodic checkpoints; it raises :class:`Preempted` on a stop).
+    after them) and the saved ``meter_state``. ``hooks`` (:class:`StepHooks`) run after each optimizer
+    step and at every iteration boundary (periodic checkpoints; a stop raises :class:`Preempted` there).
     """
+    hooks = hooks if hooks is not None else StepHooks()
     ctx.model.train()
     total = start + len(loader)
     n_iters = total if max_iters is None else min(total, max_iters)
-    meter = MetricLogger(epoch, n_iters, training_cfg["print_freq"])
+    meter = MetricLogger(epoch, n_iters, training_cfg.print_freq)
     if meter_state is not None:
         meter.load_state_dict(meter_state, start, ctx.device)
     bar = _progress_bar(n_iters, epoch)
@@ -481,172 +488,19 @@ def train_one_epoch(
         for i, (images, targets) in enumerate(batches, start):
             if i >= n_iters:
                 break
-            result = _step(ctx, images, targets, epoch, state, training_cfg, warmup, meter, log, say)
+            result = _step(ctx, images, targets, epoch, state, training_cfg, meter, writer, hooks)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.values['loss']:.3f}", refresh=False)
             if not result.any_bad or result.amp_overflow:
                 if meter.due(i):
-                    meter.emit(i, ctx.model, ctx.optimizer, state, result, log, say)
-            if after_iteration is not None:
-                try:
-                    after_iteration(i + 1, n_iters, meter, result.stop)
-                except Preempted:
-                    if bar is not None:
-                        bar.close()
-                    raise
+                    meter.emit(i, ctx.model, ctx.optimizer, state, result, writer)
+            try:
+                hooks.after_step(i + 1, n_iters, meter, result)
+            except Preempted:
+                if bar is not None:
+                    bar.close()
+                raise
     if bar is not None:
         bar.close()
     return meter.summary(state)
-
-
-# -- evaluation -------------------------------------------------------------------------------------
-def _encode_masks(masks: torch.Tensor) -> List[Dict[str, Any]]:
-    from pycocotools import mask as mask_utils
-
-    binary = (masks[:, 0] > 0.5).to(torch.uint8).cpu().numpy()
-    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
-    for r in rles:
-        r["counts"] = r["counts"].decode("ascii")
-    return rles
-
-
-def _coco_results(
-    out: Dict[str, torch.Tensor],
-    image_id: int,
-    keep: torch.Tensor,
-    label_to_cat: Dict[int, int],
-    results: Dict[str, List[Dict[str, Any]]],
-) -> None:
-    boxes = out["boxes"][keep].cpu()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    cats = [label_to_cat[int(lab)] for lab in out["labels"][keep].cpu()]
-    scores = out["scores"][keep].cpu().tolist()
-    for b, c, s in zip(xywh, cats, scores):
-        results["bbox"].append({"image_id": image_id, "category_id": c, "bbox": [round(v, 2) for v in b], "score": s})
-    if "masks" in out:
-        for rle, c, s in zip(_encode_masks(out["masks"][keep]), cats, scores):
-            results["segm"].append({"image_id": image_id, "category_id": c, "segmentation": rle, "score": s})
-    if "keypoints" in out:
-        for kp, c, s in zip(out["keypoints"][keep].cpu(), cats, scores):
-            results["keypoints"].append(
-                {"image_id": image_id, "category_id": c, "keypoints": kp.flatten().tolist(), "score": s}
-            )
-
-
-@torch.no_grad()
-def _predict(net, loader, device, label_to_cat, thresh: float):
-    """Run the model over this rank's share of the validation set, at score threshold 0."""
-    results: Dict[str, List[Dict[str, Any]]] = {"bbox": [], "segm": [], "keypoints": []}
-    per_image: Dict[int, tuple] = {}
-    saved = float(net.roi_heads.score_thresh)
-    net.roi_heads.score_thresh = 0.0
-    net.eval()
-    try:
-        with worker_batches(loader) as batches:
-            for images, targets in batches:
-                outputs = net([i.to(device) for i in images])
-                for out, tgt in zip(outputs, targets):
-                    image_id = int(tgt["image_id"])
-                    scores = out["scores"].cpu()
-                    keep = scores >= thresh
-                    per_image[image_id] = (
-                        float(scores.max()) if scores.numel() else 0.0,
-                        int(keep.sum()),
-                        scores[:100].tolist(),
-                    )
-                    if keep.any():
-                        _coco_results(out, image_id, keep, label_to_cat, results)
-    finally:
-        net.roi_heads.score_thresh = saved
-    return results, per_image
-
-
-def _gather(results, per_image):
-    """Merge every rank's detections on rank 0; a DistributedSampler may repeat images."""
-    merged: Dict[str, List] = {k: [] for k in results}
-    seen: Dict[int, tuple] = {}
-    for res, img in distributed.all_gather((results, per_image)):
-        fresh = set(img) - set(seen)
-        seen.update({k: img[k] for k in fresh})
-        for k in merged:
-            merged[k].extend(r for r in res[k] if r["image_id"] in fresh)
-    return merged, seen
-
-
-def _iou_types(net) -> List[str]:
-    types = ["bbox"]
-    if hasattr(net.roi_heads, "has_mask") and net.roi_heads.has_mask():
-        types.append("segm")
-    if hasattr(net.roi_heads, "has_keypoint") and net.roi_heads.has_keypoint():
-        types.append("keypoints")
-    return types
-
-
-def _coco_eval(coco_gt, dets: List[Dict[str, Any]], iou: str, img_ids: List[int], say: Callable):
-    from pycocotools.cocoeval import COCOeval
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):  # pycocotools prints progress lines
-        ev = COCOeval(coco_gt, coco_gt.loadRes(dets), iou)
-        ev.params.imgIds = img_ids
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    say(f"IoU metric: {iou}\n" + "\n".join(line for line in buf.getvalue().splitlines() if line.startswith(" Average")))
-    return ev
-
-
-def evaluate(
-    model: torch.nn.Module,
-    loader,
-    device: torch.device,
-    coco_gt,
-    label_to_cat: Dict[int, int],
-    say=print,
-    class_names: Optional[List[str]] = None,
-) -> Dict[str, Any]:
-    """COCO AP (bbox, segm, keypoints as the model predicts them), per-class numbers and score statistics.
-
-    Detections are made with the score threshold lowered to 0 and filtered at the model's
-    ``box_score_thresh`` afterwards: the kept set is the same (NMS is per class and keeps the
-    higher score), and the scores under the threshold show how close a collapsed model is.
-    """
-    net = getattr(model, "module", model)
-    thresh = float(net.roi_heads.score_thresh)
-    merged, seen = _gather(*_predict(net, loader, device, label_to_cat, thresh))
-    if not distributed.is_main():
-        return {}
-    return summarize_detections(net, merged, seen, coco_gt, label_to_cat, thresh, say, class_names)
-
-
-def summarize_detections(
-    net: torch.nn.Module,
-    merged: Dict[str, List[Dict[str, Any]]],
-    seen: Dict[int, tuple],
-    coco_gt,
-    label_to_cat: Dict[int, int],
-    thresh: float,
-    say=print,
-    class_names: Optional[List[str]] = None,
-) -> Dict[str, Any]:
-    """:func:`evaluate`'s numbers from gathered detections (``_predict`` then ``_gather``); a loop that
-    predicts batch by batch itself (Lightning's validation_step) calls this at the end."""
-    summary: Dict[str, Any] = {}
-    img_ids = sorted(seen)
-    evals = {}
-    for iou in _iou_types(net):
-        if not merged[iou]:
-            summary[f"{iou}_AP"] = summary[f"{iou}_AP50"] = 0.0
-            say(f"{iou}: no detections above score {thresh:g}: AP 0")
-            continue
-        evals[iou] = _coco_eval(coco_gt, merged[iou], iou, img_ids, say)
-        summary[f"{iou}_AP"] = float(evals[iou].stats[0])
-        summary[f"{iou}_AP50"] = float(evals[iou].stats[1])
-    maxes = [seen[i][0] for i in img_ids]
-    kept = [seen[i][1] for i in img_ids]
-    all_scores = [s for i in img_ids for s in seen[i][2]]
-    summary.update(score_summary(maxes, kept, all_scores, thresh))
-    summary["images"] = len(img_ids)
-    summary["per_class"] = per_class_summary(coco_gt, img_ids, merged["bbox"], evals, label_to_cat, class_names)
-    return summary

@@ -6,10 +6,11 @@ The checks here run before any data is read: a wrong model name, weights name, a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -25,6 +26,8 @@ from torchvision.ops import MultiScaleRoIAlign
 import tv_lossfix
 from tv_lossfix._suggest import did_you_mean
 from tv_lossfix.builders import (
+    BuildReport,
+    build_with_report,
     checkpoint_build_kwargs,
     explicit_settings,
     is_checkpoint_path,
@@ -32,12 +35,13 @@ from tv_lossfix.builders import (
     read_weights_checkpoint,
     replace_predictors,
 )
-from tv_lossfix.checkpoint import model_state_dict, read_checkpoint
+from tv_lossfix.checkpoint import check_checkpoint_file, model_state_dict, read_checkpoint
 from tv_lossfix.class_agnostic import make_heads_class_agnostic
 from tv_lossfix.model_settings import ModelSettingsWarning, apply_model_settings
 from tv_lossfix.sampling import check_builder_kwargs
 
-from checkpoint import checkpoint_model_name
+from train_config import check_class_agnostic
+from training_checkpoint import checkpoint_model_name
 
 
 class ModelError(ValueError):
@@ -148,10 +152,9 @@ def ensure_weights_file(member, flag: str = "--weights") -> None:
 
 
 def check_weights_path(weights: Optional[str]) -> None:
-    if weights and is_checkpoint_path(weights) and os.path.isdir(weights):
-        raise ModelError(f"--weights {weights} is a folder, not a checkpoint file")
-    if weights and is_checkpoint_path(weights) and not os.path.isfile(weights):
-        raise ModelError(f"--weights: checkpoint not found: {weights}")
+    """A --weights path that is no file: tv_lossfix's one check (CheckpointError, CheckpointNotFoundError)."""
+    if weights and is_checkpoint_path(weights):
+        check_checkpoint_file(weights, "--weights")
 
 
 def check_weights_model(name: str, weights: Optional[str]) -> None:
@@ -248,35 +251,26 @@ def _tiny_from_checkpoint(
         raise ModelError(f"--weights {path} does not match maskrcnn_tiny: {str(e).splitlines()[0]}") from None
     notes.extend(apply_model_settings(model, settings, explicit_settings(kwargs)) if settings else [])
     replaced = replace_predictors(model, num_classes, None, *_state_class_agnostic(state))
-    return (model if stock else tv_lossfix.patch_model(model, loss_cfg)), replaced
+    model = model if stock else tv_lossfix.patch_model(model, loss_cfg)
+    return model, BuildReport(tuple(replaced), settings)
 
 
-def _builder_with_notes(name: str, notes: List[str], **args):
-    """A tv_lossfix builder; its warnings about explicit values that overrode the checkpoint's become notes."""
+def _builder_with_notes(name: str, notes: List[str], **args) -> Tuple[nn.Module, BuildReport]:
+    """A tv_lossfix builder and its report; its warnings about explicit values that overrode the
+    checkpoint's become notes."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ModelSettingsWarning)
-        model = tv_lossfix.BUILDERS[name](**args)
+        model, report = build_with_report(name, **args)
     for w in caught:
         if issubclass(w.category, ModelSettingsWarning):
             notes.append(str(w.message).removeprefix("weights checkpoint: "))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return model
-
-
-def weights_num_classes(name: str, weights: Optional[str]) -> Optional[int]:
-    """The class count the pretrained weights or checkpoint were trained with (None: no weights)."""
-    if weights is None:
-        return None
-    if is_checkpoint_path(weights):
-        state = load_checkpoint_state(weights)
-        w = state.get("roi_heads.box_predictor.cls_score.weight")
-        return int(w.shape[0]) if w is not None else None
-    member = resolve_weights(name, weights)
-    return len(member.meta["categories"]) if member is not None else None
+    return model, report
 
 
 def build_model(
+    *,
     name: str,
     num_classes: int,
     loss_cfg: Any = None,
@@ -289,10 +283,10 @@ def build_model(
     notes: Optional[List[str]] = None,
     class_agnostic_bbox: bool = False,
     class_agnostic_mask: bool = False,
-) -> tuple:
+) -> Tuple[nn.Module, BuildReport]:
     """:func:`build` with class-agnostic box regression and/or masks (model.class_agnostic_bbox /
     _mask): the layers tv_lossfix.make_class_agnostic re-initialises (from a class-specific
-    ``weights`` checkpoint, or the fresh ones) are added to the returned list of replaced layers."""
+    ``weights`` checkpoint, or the fresh ones) are added to the report's ``replaced`` lines."""
     check_class_agnostic(name, stock, class_agnostic_bbox, class_agnostic_mask)
     have = checkpoint_class_agnostic(weights)
     for key, want, found in (("bbox", class_agnostic_bbox, have[0]), ("mask", class_agnostic_mask, have[1])):
@@ -304,22 +298,22 @@ def build_model(
     kwargs = dict(kwargs or {})
     if any(have) and name not in EXTRA_MODELS:  # the builder makes the heads agnostic before it loads them
         kwargs.update(class_agnostic_bbox=have[0], class_agnostic_mask=have[1])
-    args = (weights, weights_backbone, trainable_backbone_layers, rpn_score_thresh, stock, kwargs, notes)
-    model, replaced = build(name, num_classes, loss_cfg, *args)
+    model, report = build(
+        name=name,
+        num_classes=num_classes,
+        loss_cfg=loss_cfg,
+        weights=weights,
+        weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers,
+        rpn_score_thresh=rpn_score_thresh,
+        stock=stock,
+        kwargs=kwargs,
+        notes=notes,
+    )
     if class_agnostic_bbox or class_agnostic_mask:
-        replaced = replaced + tv_lossfix.make_class_agnostic(model, class_agnostic_bbox, class_agnostic_mask)
-    return model, replaced
-
-
-def check_class_agnostic(name: str, stock: bool, bbox: bool, mask: bool) -> None:
-    """Before any data: the class-agnostic keys need tv_lossfix's heads, and a mask branch for ``mask``."""
-    if (bbox or mask) and stock:
-        raise ModelError(
-            "model.class_agnostic_bbox / class_agnostic_mask need tv_lossfix's heads (torchvision's own pick the "
-            "box and mask outputs by class): drop --stock"
-        )
-    if mask and "maskrcnn" not in name:
-        raise ModelError(f"model.class_agnostic_mask: --model {name} has no mask branch: drop it")
+        agnostic = tv_lossfix.make_class_agnostic(model, class_agnostic_bbox, class_agnostic_mask)
+        report = dataclasses.replace(report, replaced=report.replaced + tuple(agnostic))
+    return model, report
 
 
 def checkpoint_class_agnostic(weights: Optional[str]) -> tuple:
@@ -339,6 +333,7 @@ def _state_class_agnostic(state: Dict[str, Any]) -> tuple:
 
 
 def build(
+    *,
     name: str,
     num_classes: int,
     loss_cfg: Any = None,
@@ -349,36 +344,21 @@ def build(
     stock: bool = False,
     kwargs: Optional[Dict[str, Any]] = None,
     notes: Optional[List[str]] = None,
-) -> tuple:
+) -> Tuple[nn.Module, BuildReport]:
     """Build ``name`` with tv_lossfix's heads, or torchvision's own when ``stock`` (for A/B runs).
 
     A ``weights`` checkpoint that carries ``model_settings`` rebuilds the model it trained (anchors,
     sizes, thresholds); a value in ``kwargs`` that differs from the checkpoint's wins and is named in
-    ``notes`` (one line each). Returns (model, list of the layers replaced because ``num_classes``
-    differs from the weights').
+    ``notes`` (one line each). Returns (model, :class:`tv_lossfix.builders.BuildReport`): the layers
+    replaced because ``num_classes`` (or the keypoint count) differs from the weights', and the
+    checkpoint's ``model_settings``, as the builder read them (the checkpoint is read once).
     """
     check_model_name(name)
     kwargs = dict(kwargs or {})
     if rpn_score_thresh is not None:
         kwargs["rpn_score_thresh"] = rpn_score_thresh
     notes = notes if notes is not None else []
-    if weights and is_checkpoint_path(weights):
-        settings = read_weights_checkpoint(weights)[1]
-        if "anchor_sizes" in settings:
-            notes.append(
-                f"anchors from the checkpoint: sizes {settings['anchor_sizes']}, "
-                f"aspect ratios {settings['aspect_ratios']}"
-            )
-    if name in EXTRA_MODELS:
-        if weights_backbone:
-            raise ModelError(f"model {name} has no pretrained backbone: drop --weights-backbone")
-        if weights:
-            return _tiny_from_checkpoint(weights, num_classes, loss_cfg, stock, kwargs, notes)
-        if not stock:  # the builders make this check; the demo model is built here
-            check_builder_kwargs(tv_lossfix.LossConfig.coerce(loss_cfg), kwargs)
-        model = EXTRA_MODELS[name](num_classes, **kwargs)
-        return (model if stock else tv_lossfix.patch_model(model, loss_cfg)), []
-    before = weights_num_classes(name, weights)
+    first = len(notes)
     args = dict(
         weights=weights,
         weights_backbone=weights_backbone,
@@ -386,19 +366,26 @@ def build(
         trainable_backbone_layers=trainable_backbone_layers,
         **kwargs,
     )
-    if stock:
+    if name in EXTRA_MODELS:
+        if weights_backbone:
+            raise ModelError(f"model {name} has no pretrained backbone: drop --weights-backbone")
+        if weights:
+            model, report = _tiny_from_checkpoint(weights, num_classes, loss_cfg, stock, kwargs, notes)
+        else:
+            if not stock:  # the builders make this check; the demo model is built here
+                check_builder_kwargs(tv_lossfix.LossConfig.coerce(loss_cfg), kwargs)
+            model = EXTRA_MODELS[name](num_classes, **kwargs)
+            model, report = (model if stock else tv_lossfix.patch_model(model, loss_cfg)), BuildReport()
+    elif stock:
         if weights is not None:
             raise ModelError("--stock builds torchvision's own model: it takes no --weights here")
-        return getattr(tvdet, name)(**args), []
-    model = _builder_with_notes(name, notes, loss_cfg=loss_cfg, **args)
-    replaced = []
-    if before is not None and before != num_classes:
-        # Say what the builder replaced: a class-agnostic layer (one box delta, one mask channel) is kept.
-        heads = model.roi_heads
-        if heads.box_predictor.bbox_pred.out_features == 4:
-            replaced.append(f"roi_heads.box_predictor.cls_score ({before} -> {num_classes} classes; bbox_pred kept)")
-        else:
-            replaced.append(f"roi_heads.box_predictor ({before} -> {num_classes} classes)")
-        if heads.mask_predictor is not None and heads.mask_predictor.mask_fcn_logits.out_channels != 1:
-            replaced.append("roi_heads.mask_predictor.mask_fcn_logits (mask_predictor.conv5_mask kept)")
-    return model, replaced
+        model, report = getattr(tvdet, name)(**args), BuildReport()
+    else:
+        model, report = _builder_with_notes(name, notes, loss_cfg=loss_cfg, **args)
+    settings = report.checkpoint_settings
+    if "anchor_sizes" in settings:  # first: the builder's notes name what overrode these settings
+        notes.insert(
+            first,
+            f"anchors from the checkpoint: sizes {settings['anchor_sizes']}, aspect ratios {settings['aspect_ratios']}",
+        )
+    return model, report

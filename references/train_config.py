@@ -1,20 +1,26 @@
-"""The training configuration: one schema for YAML and command line.
+"""The training configuration: one typed, frozen schema for the YAML file and the command line.
 
-Precedence: built-in defaults < ``--config FILE.yaml`` < flags given on the command line.
-Every flag of torchvision's ``references/detection/train.py`` keeps its spelling, casing rules,
-meaning and default (our kebab-case spellings stay as aliases). The YAML extends the loss keys
-(``model.rpn_head.*``, ``model.roi_head.*``, ``training.gradient_clip.*``) with every other
-setting. Unknown keys are errors that name the key. ``--print-config`` prints the resolved config;
-each run saves it as ``config.yaml``, and each checkpoint holds it.
+Each section is a frozen dataclass (``cfg.training.lr``, ``cfg.model.anchor_sizes``) whose fields are
+the schema: type, default, command-line flags and help live in one place, so that ``--help``,
+``--print-config`` and the saved ``config.yaml`` cannot drift apart.
+
+Precedence: built-in defaults < ``--config FILE.yaml`` < flags given on the command line. Every flag of
+torchvision's ``references/detection/train.py`` keeps its spelling, casing rules, meaning and default
+(our kebab-case spellings stay as aliases). Unknown keys are errors that name the key. All rules across
+fields run in one step, :func:`validate`, before any data is read. A config is never changed in place:
+:meth:`TrainConfig.replace` returns a new one.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import json
 import math
 import os
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
@@ -27,356 +33,350 @@ from tv_lossfix.config import TRAINING_MODEL_KEYS
 
 TORCHVISION_COCO_PATH = "/datasets01/COCO/022719/"
 DATASETS = ("coco", "coco_kp", "coco_json", "shapes")
+AUGMENTATIONS = ("hflip", "lsj", "multiscale", "ssd", "ssdlite", "none")
+OPTIMIZERS = ("sgd", "sgd_nesterov", "adamw")
+SCHEDULERS = ("multisteplr", "cosineannealinglr")
+BACKENDS = ("pil", "tensor", "tv_tensor")
+LOSS_PRESETS = ("torchvision", "mmdetection", "positive")
 
 
 class ConfigError(ValueError):
     """A training config that cannot be used; the message names the key or flag."""
 
 
+def setting(
+    default: Any,
+    *flags: str,
+    help: str = "",
+    choices: Sequence[str] = (),
+    lower: bool = False,
+    negative: Optional[Tuple[str, str]] = None,
+    shown: Optional[str] = None,
+):
+    """A schema field. ``flags``: command-line spellings, torchvision's first (none: YAML only);
+    ``lower``: torchvision lower-cases the value (``--opt SGD``); ``negative``: (flag, help) of a
+    boolean's off switch (``--no-plots``); ``shown``: the default --help prints, where it differs."""
+    meta = {"flags": flags, "help": help, "choices": tuple(choices) or None, "lower": lower}
+    meta.update(negative=negative, shown=shown)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Flags shared with torchvision's references/detection/train.py keep its defaults.
+@dataclass(frozen=True)
+class GradientClipConfig:
+    enabled: bool = setting(False, help="clip the global gradient norm after backward")
+    max_norm: float = setting(35.0, help="max global norm (MMDetection's 35)")
+    norm_type: float = setting(2.0, help="p of the norm")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    device: str = setting("cuda", "--device", help="device (cuda, cuda:N, cpu); cuda falls back to cpu without a GPU")
+    batch_size: int = setting(2, "-b", "--batch-size", help="images per GPU; total batch = this x GPUs")
+    epochs: int = setting(26, "--epochs", help="number of total epochs to run")
+    opt: str = setting("sgd", "--opt", help="optimizer", choices=OPTIMIZERS, lower=True)
+    lr: float = setting(0.02, "--lr", help="initial lr: 0.02 is for 8 GPUs x 2 images; scale linearly")
+    momentum: float = setting(0.9, "--momentum", help="momentum")
+    weight_decay: float = setting(1e-4, "--wd", "--weight-decay", help="weight decay")
+    norm_weight_decay: Optional[float] = setting(
+        None, "--norm-weight-decay", help="weight decay of normalization layers (default: --wd)"
+    )
+    lr_scheduler: str = setting("multisteplr", "--lr-scheduler", help="lr scheduler", choices=SCHEDULERS, lower=True)
+    lr_step_size: int = setting(
+        8,
+        "--lr-step-size",
+        help="accepted for torchvision compatibility; torchvision's detection script does not use it either",
+    )
+    lr_steps: List[int] = setting([16, 22], "--lr-steps", help="epochs at which to decrease lr (multisteplr)")
+    lr_gamma: float = setting(0.1, "--lr-gamma", help="lr decay factor (multisteplr)")
+    print_freq: int = setting(20, "--print-freq", help="print a log line every N iterations")
+    output_dir: str = setting(".", "--output-dir", help="where checkpoints, metrics and plots go ('': save nothing)")
+    resume: str = setting("", "--resume", help="checkpoint to resume from")
+    start_epoch: int = setting(0, "--start_epoch", "--start-epoch", help="start epoch")
+    sync_bn: bool = setting(False, "--sync-bn", help="use SyncBatchNorm (CUDA)")
+    test_only: bool = setting(False, "--test-only", help="only evaluate the model")
+    use_deterministic_algorithms: bool = setting(
+        False, "--use-deterministic-algorithms", help="forces deterministic algorithms"
+    )
+    amp: bool = setting(False, "--amp", help="mixed precision (CUDA autocast + GradScaler)")
+    # tv_lossfix's additions.
+    clip_grad_norm: Optional[float] = setting(
+        None, "--clip-grad-norm", help="clip the global grad norm at MAX (0: off); sets training.gradient_clip"
+    )
+    gradient_clip: GradientClipConfig = field(default_factory=GradientClipConfig)
+    warmup_iters: int = setting(
+        1000,
+        "--warmup-iters",
+        help="linear lr warmup iterations, capped at the first epoch's length as torchvision does",
+    )
+    warmup_factor: float = setting(0.001, "--warmup-factor", help="lr multiplier at the first iteration")
+    auto_scale_lr: bool = setting(
+        False,
+        "--auto-scale-lr",
+        help="lr is for 16 images per step (MMDetection's base batch): scale it by the real images per step",
+    )
+    nan_policy: str = setting(
+        "stop", "--nan-policy", help="non-finite loss/grad: stop, or skip the step", choices=("stop", "skip")
+    )
+    max_consecutive_skips: int = setting(10, "--max-consecutive-skips", help="stop after N skipped steps in a row")
+    seed: int = setting(0, "--seed", help="seed of model init, sampling and data order")
+    iters_per_epoch: Optional[int] = setting(
+        None, "--iters-per-epoch", help="cap the iterations of an epoch (quick runs)"
+    )
+    checkpoint_every_iters: Optional[int] = setting(
+        None,
+        "--checkpoint-every-iters",
+        help="also write checkpoint.pth every N iterations (mid-epoch; --resume continues from it)",
+    )
+    eval_every: int = setting(1, "--eval-every", help="evaluate every N epochs (and after the last)")
+    judge_after_iters: int = setting(
+        200, "--judge-after-iters", help="no collapse warning before this many iterations (and the end of warmup)"
+    )
+    gallery_images: int = setting(8, "--gallery-images", help="validation images drawn in the final gallery (0: none)")
+    plots: bool = setting(True, "--plots", help="write PNG plots at the end", negative=("--no-plots", "write no plots"))
+    num_threads: Optional[int] = setting(None, "--num-threads", help="torch CPU threads (default: torch's)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: Optional[str] = setting(
+        None,
+        "--data-path",
+        help=f"dataset root (default: {TORCHVISION_COCO_PATH}; 'data' for --dataset shapes)",
+        shown=TORCHVISION_COCO_PATH,
+    )
+    dataset: str = setting(
+        "coco",
+        "--dataset",
+        help="dataset: coco (detection, segmentation), coco_kp (keypoints), "
+        "coco_json (any COCO-format files), shapes (the embedded demo)",
+        choices=DATASETS,
+    )
+    workers: int = setting(4, "-j", "--workers", help="number of data loading workers")
+    aspect_ratio_group_factor: int = setting(3, "--aspect-ratio-group-factor", help="aspect-ratio grouping (-1: off)")
+    augmentation: str = setting(
+        "hflip", "--data-augmentation", help="data augmentation policy", choices=AUGMENTATIONS, lower=True
+    )
+    use_copypaste: bool = setting(
+        False, "--use-copypaste", help="simple copy-paste augmentation (with --data-augmentation lsj)"
+    )
+    backend: str = setting("pil", "--backend", help="image decoding backend", choices=BACKENDS, lower=True)
+    use_v2: bool = setting(False, "--use-v2", help="torchvision's switch to transforms.v2; here they are always used")
+    train_ann: Optional[str] = setting(None, "--train-ann", help="coco_json: training annotation JSON")
+    train_images: Optional[str] = setting(None, "--train-images", help="coco_json: training image folder")
+    val_ann: Optional[str] = setting(None, "--val-ann", help="coco_json: validation annotation JSON")
+    val_images: Optional[str] = setting(None, "--val-images", help="coco_json: validation image folder")
+    bad_annotations: Optional[str] = setting(
+        None,
+        "--bad-annotations",
+        help="faulty annotations: stop with the list, or drop them "
+        "(default: drop for coco/coco_kp, whose 2017 files hold a few degenerate boxes torchvision drops silently; "
+        "stop otherwise)",
+        choices=("stop", "drop"),
+    )
+    check_samples: int = setting(16, "--check-samples", help="decoded samples checked before training")
+    lsj_size: int = setting(1024, help="--data-augmentation lsj: the square output size (torchvision's 1024)")
+    report: bool = setting(
+        True,
+        "--data-report",
+        help="print the data and anchor report before step 1",
+        negative=("--no-data-report", "skip it"),
+    )
+    repeat_factor_threshold: Optional[float] = setting(
+        None,
+        "--repeat-factor-threshold",
+        help="repeat-factor sampling (LVIS / Detectron2): images of classes in fewer than this fraction of the "
+        "images repeat per epoch; the data report suggests a value (default: off)",
+    )
+    repeat_sqrt: bool = setting(
+        True,
+        "--repeat-sqrt",
+        help="repeat-factor sampling: factor sqrt(t / f(c)), as Detectron2",
+        negative=("--no-repeat-sqrt", "factor t / f(c) instead"),
+    )
+    shapes: Dict[str, Any] = setting({}, help="shapes dataset knobs (see references/shapes.py ShapesSpec)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = setting("maskrcnn_resnet50_fpn", "--model", help="model name (a tv_lossfix builder or maskrcnn_tiny)")
+    rpn_score_thresh: Optional[float] = setting(None, "--rpn-score-thresh", help="rpn score threshold for faster-rcnn")
+    trainable_backbone_layers: Optional[int] = setting(
+        None, "--trainable-backbone-layers", help="number of trainable layers of backbone"
+    )
+    weights: Optional[str] = setting(None, "--weights", help="weights: enum name, DEFAULT, or a local checkpoint path")
+    weights_backbone: Optional[str] = setting(None, "--weights-backbone", help="backbone weights enum name")
+    num_classes: Optional[int] = setting(
+        None,
+        "--num-classes",
+        help="classes incl. background (default: 91 for coco, 2 for coco_kp, else from the data)",
+    )
+    stock: bool = setting(False, "--stock", help="build torchvision's own model (no tv_lossfix), for A/B runs")
+    kwargs: Dict[str, Any] = setting(
+        {}, help="extra keyword arguments of the builder (min_size, box_score_thresh, ...)"
+    )
+    anchor_sizes: Optional[List[List[float]]] = setting(
+        None, help="RPN anchor sizes, one list per feature map, e.g. [[16], [32], [64]]"
+    )
+    aspect_ratios: Optional[List[List[float]]] = setting(
+        None, help="RPN anchor aspect ratios (h/w): one list for every feature map, or one per feature map"
+    )
+    loss_preset: Optional[str] = setting(
+        None, "--loss-preset", help="loss preset the rpn_head/roi_head keys override", choices=LOSS_PRESETS
+    )
+    preset: Optional[str] = setting(
+        None, help="same as model.loss_preset (the bare loss-config spelling)", choices=LOSS_PRESETS
+    )
+    rpn_head: Dict[str, Any] = setting({}, help="RPN loss settings (tv_lossfix.RPNLossConfig)")
+    roi_head: Dict[str, Any] = setting(
+        {},
+        help="RoI loss settings (tv_lossfix.RoILossConfig); class_weight: auto is resolved from the training data",
+    )
+    class_weight_method: Optional[str] = setting(
+        None,
+        help="how model.roi_head.class_weight: auto weights the classes (default: effective_number)",
+        choices=CLASS_WEIGHT_METHODS,
+    )
+    class_weight_beta: Optional[float] = setting(
+        None, help="the effective_number beta of model.roi_head.class_weight: auto (default: 0.999)"
+    )
+    class_agnostic_bbox: bool = setting(
+        False, help="one box regression for every class (roi_heads.box_predictor.bbox_pred with 4 outputs)"
+    )
+    class_agnostic_mask: bool = setting(False, help="one mask for every class (mask logits with 1 channel)")
+    sync_avg_factor: bool = setting(False, "--sync-avg-factor", help="average loss normalizers over DDP ranks")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    world_size: int = setting(
+        1,
+        "--world-size",
+        help="number of distributed processes (torchrun sets it; under SLURM it is read from here, else from "
+        "SLURM_NTASKS)",
+    )
+    dist_url: str = setting("env://", "--dist-url", help="url used to set up distributed training")
+    backend: Optional[str] = setting(
+        None,
+        "--dist-backend",
+        help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)",
+        choices=("nccl", "gloo"),
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The resolved training config: build it with :func:`resolve` or :func:`finalize`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The nested plain-type form (YAML, checkpoints, JSON)."""
+        return dataclasses.asdict(self)
+
+    def get(self, path: str) -> Any:
+        """The value at a dotted path (``"training.lr"``)."""
+        node: Any = self
+        for part in path.split("."):
+            node = getattr(node, part)
+        return node
+
+    def replace(self, changes: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        """A new config with ``changes`` ({dotted path: value}) applied, each value type-checked."""
+        tree = self.to_dict()
+        for path, value in changes.items():
+            if path not in BY_PATH:
+                raise ConfigError(f"{source}: unknown key {path!r}{did_you_mean(path, BY_PATH)}")
+            _set(tree, path, _check_value(BY_PATH[path], value, source))
+        return _build(TrainConfig, tree)
+
+
+# -- the schema, read from the dataclasses ------------------------------------------------------------
 @dataclass(frozen=True)
 class Opt:
+    """One leaf of the schema, as --help, the YAML reader and the value checks see it."""
+
     path: str  # dotted YAML path
     flags: Tuple[str, ...]  # command-line flags ((): YAML only); the first is torchvision's spelling
     default: Any
-    kind: type  # int, float, str, bool, list, dict
-    help: str = ""
-    choices: Optional[Tuple[str, ...]] = None
-    nullable: bool = False
-    lower: bool = False  # torchvision lower-cases this value (--opt SGD, --backend PIL, ...)
+    kind: type  # int, float, str, bool, list (of ints), dict, object (checked by its own rule)
+    nullable: bool
+    help: str
+    choices: Optional[Tuple[str, ...]]
+    lower: bool
+    negative: Optional[Tuple[str, str]]
+    shown: Optional[str]
 
 
-def _o(path, flags, default, kind, help="", choices=None, nullable=False, lower=False):
-    return Opt(path, tuple(flags), default, kind, help, tuple(choices) if choices else None, nullable, lower)
+_META = ("help", "choices", "lower", "negative", "shown")
 
 
-TORCHVISION_COCO_PATH = "/datasets01/COCO/022719/"
-DATASETS = ("coco", "coco_kp", "coco_json", "shapes")
-AUGMENTATIONS = ("hflip", "lsj", "multiscale", "ssd", "ssdlite", "none")
-OPTIMIZERS = ("sgd", "sgd_nesterov", "adamw")
-SCHEDULERS = ("multisteplr", "cosineannealinglr")
-BACKENDS = ("pil", "tensor", "tv_tensor")
+def _kind(hint: Any) -> Tuple[type, bool]:
+    """(kind, nullable) of a field's type hint."""
+    args = typing.get_args(hint)
+    nullable = typing.get_origin(hint) is typing.Union and type(None) in args
+    if nullable:
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    if origin in (int, float, str, bool, dict):
+        return origin, nullable
+    return (list if hint == List[int] else object), nullable  # object: a rule of its own checks it
 
-# Flags shared with torchvision's references/detection/train.py come first, same defaults.
-OPTIONS: List[Opt] = [
-    _o(
-        "data.data_path",
-        ["--data-path"],
-        None,
-        str,
-        f"dataset root (default: {TORCHVISION_COCO_PATH}; 'data' for --dataset shapes)",
-        nullable=True,
-    ),
-    _o(
-        "data.dataset",
-        ["--dataset"],
-        "coco",
-        str,
-        "dataset: coco (detection, segmentation), coco_kp (keypoints), "
-        "coco_json (any COCO-format files), shapes (the embedded demo)",
-        DATASETS,
-    ),
-    _o("model.name", ["--model"], "maskrcnn_resnet50_fpn", str, "model name (a tv_lossfix builder or maskrcnn_tiny)"),
-    _o(
-        "training.device", ["--device"], "cuda", str, "device (cuda, cuda:N, cpu); cuda falls back to cpu without a GPU"
-    ),
-    _o("training.batch_size", ["-b", "--batch-size"], 2, int, "images per GPU; total batch = this x GPUs"),
-    _o("training.epochs", ["--epochs"], 26, int, "number of total epochs to run"),
-    _o("data.workers", ["-j", "--workers"], 4, int, "number of data loading workers"),
-    _o("training.opt", ["--opt"], "sgd", str, "optimizer", OPTIMIZERS, lower=True),
-    _o("training.lr", ["--lr"], 0.02, float, "initial lr: 0.02 is for 8 GPUs x 2 images; scale linearly"),
-    _o("training.momentum", ["--momentum"], 0.9, float, "momentum"),
-    _o("training.weight_decay", ["--wd", "--weight-decay"], 1e-4, float, "weight decay"),
-    _o(
-        "training.norm_weight_decay",
-        ["--norm-weight-decay"],
-        None,
-        float,
-        "weight decay of normalization layers (default: --wd)",
-        nullable=True,
-    ),
-    _o("training.lr_scheduler", ["--lr-scheduler"], "multisteplr", str, "lr scheduler", SCHEDULERS, lower=True),
-    _o(
-        "training.lr_step_size",
-        ["--lr-step-size"],
-        8,
-        int,
-        "accepted for torchvision compatibility; torchvision's detection script does not use it either",
-    ),
-    _o("training.lr_steps", ["--lr-steps"], [16, 22], list, "epochs at which to decrease lr (multisteplr)"),
-    _o("training.lr_gamma", ["--lr-gamma"], 0.1, float, "lr decay factor (multisteplr)"),
-    _o("training.print_freq", ["--print-freq"], 20, int, "print a log line every N iterations"),
-    _o("training.output_dir", ["--output-dir"], ".", str, "where checkpoints, metrics and plots go ('': save nothing)"),
-    _o("training.resume", ["--resume"], "", str, "checkpoint to resume from"),
-    _o("training.start_epoch", ["--start_epoch", "--start-epoch"], 0, int, "start epoch"),
-    _o("data.aspect_ratio_group_factor", ["--aspect-ratio-group-factor"], 3, int, "aspect-ratio grouping (-1: off)"),
-    _o(
-        "model.rpn_score_thresh",
-        ["--rpn-score-thresh"],
-        None,
-        float,
-        "rpn score threshold for faster-rcnn",
-        nullable=True,
-    ),
-    _o(
-        "model.trainable_backbone_layers",
-        ["--trainable-backbone-layers"],
-        None,
-        int,
-        "number of trainable layers of backbone",
-        nullable=True,
-    ),
-    _o(
-        "data.augmentation",
-        ["--data-augmentation"],
-        "hflip",
-        str,
-        "data augmentation policy",
-        AUGMENTATIONS,
-        lower=True,
-    ),
-    _o("training.sync_bn", ["--sync-bn"], False, bool, "use SyncBatchNorm (CUDA)"),
-    _o("training.test_only", ["--test-only"], False, bool, "only evaluate the model"),
-    _o(
-        "training.use_deterministic_algorithms",
-        ["--use-deterministic-algorithms"],
-        False,
-        bool,
-        "forces deterministic algorithms",
-    ),
-    _o(
-        "distributed.world_size",
-        ["--world-size"],
-        1,
-        int,
-        "number of distributed processes (torchrun sets it; under SLURM it is read from here, else from SLURM_NTASKS)",
-    ),
-    _o("distributed.dist_url", ["--dist-url"], "env://", str, "url used to set up distributed training"),
-    _o(
-        "model.weights",
-        ["--weights"],
-        None,
-        str,
-        "weights: enum name, DEFAULT, or a local checkpoint path",
-        nullable=True,
-    ),
-    _o("model.weights_backbone", ["--weights-backbone"], None, str, "backbone weights enum name", nullable=True),
-    _o("training.amp", ["--amp"], False, bool, "mixed precision (CUDA autocast + GradScaler)"),
-    _o(
-        "data.use_copypaste",
-        ["--use-copypaste"],
-        False,
-        bool,
-        "simple copy-paste augmentation (with --data-augmentation lsj)",
-    ),
-    _o("data.backend", ["--backend"], "pil", str, "image decoding backend", BACKENDS, lower=True),
-    _o("data.use_v2", ["--use-v2"], False, bool, "torchvision's switch to transforms.v2; here they are always used"),
-    # tv_lossfix's additions.
-    _o(
-        "training.clip_grad_norm",
-        ["--clip-grad-norm"],
-        None,
-        float,
-        "clip the global grad norm at MAX (0: off); sets training.gradient_clip",
-        nullable=True,
-    ),
-    _o("training.gradient_clip.enabled", [], False, bool, "clip the global gradient norm after backward"),
-    _o("training.gradient_clip.max_norm", [], 35.0, float, "max global norm (MMDetection's 35)"),
-    _o("training.gradient_clip.norm_type", [], 2.0, float, "p of the norm"),
-    _o(
-        "training.warmup_iters",
-        ["--warmup-iters"],
-        1000,
-        int,
-        "linear lr warmup iterations, capped at the first epoch's length as torchvision does",
-    ),
-    _o("training.warmup_factor", ["--warmup-factor"], 0.001, float, "lr multiplier at the first iteration"),
-    _o(
-        "training.auto_scale_lr",
-        ["--auto-scale-lr"],
-        False,
-        bool,
-        "lr is for 16 images per step (MMDetection's base batch): scale it by the real images per step",
-    ),
-    _o(
-        "training.nan_policy",
-        ["--nan-policy"],
-        "stop",
-        str,
-        "non-finite loss/grad: stop, or skip the step",
-        ("stop", "skip"),
-    ),
-    _o("training.max_consecutive_skips", ["--max-consecutive-skips"], 10, int, "stop after N skipped steps in a row"),
-    _o("training.seed", ["--seed"], 0, int, "seed of model init, sampling and data order"),
-    _o(
-        "training.iters_per_epoch",
-        ["--iters-per-epoch"],
-        None,
-        int,
-        "cap the iterations of an epoch (quick runs)",
-        nullable=True,
-    ),
-    _o(
-        "training.checkpoint_every_iters",
-        ["--checkpoint-every-iters"],
-        None,
-        int,
-        "also write checkpoint.pth every N iterations (mid-epoch; --resume continues from it)",
-        nullable=True,
-    ),
-    _o("training.eval_every", ["--eval-every"], 1, int, "evaluate every N epochs (and after the last)"),
-    _o(
-        "training.judge_after_iters",
-        ["--judge-after-iters"],
-        200,
-        int,
-        "no collapse warning before this many iterations (and the end of warmup)",
-    ),
-    _o(
-        "training.gallery_images",
-        ["--gallery-images"],
-        8,
-        int,
-        "validation images drawn in the final gallery (0: none)",
-    ),
-    _o("training.plots", ["--plots", "--no-plots"], True, bool, "write PNG plots at the end"),
-    _o("training.num_threads", ["--num-threads"], None, int, "torch CPU threads (default: torch's)", nullable=True),
-    _o("data.train_ann", ["--train-ann"], None, str, "coco_json: training annotation JSON", nullable=True),
-    _o("data.train_images", ["--train-images"], None, str, "coco_json: training image folder", nullable=True),
-    _o("data.val_ann", ["--val-ann"], None, str, "coco_json: validation annotation JSON", nullable=True),
-    _o("data.val_images", ["--val-images"], None, str, "coco_json: validation image folder", nullable=True),
-    _o(
-        "data.bad_annotations",
-        ["--bad-annotations"],
-        None,
-        str,
-        "faulty annotations: stop with the list, or drop them "
-        "(default: drop for coco/coco_kp, whose 2017 files hold a few degenerate boxes torchvision drops silently; "
-        "stop otherwise)",
-        ("stop", "drop"),
-        nullable=True,
-    ),
-    _o("data.check_samples", ["--check-samples"], 16, int, "decoded samples checked before training"),
-    _o("data.lsj_size", [], 1024, int, "--data-augmentation lsj: the square output size (torchvision's 1024)"),
-    _o(
-        "data.report",
-        ["--data-report", "--no-data-report"],
-        True,
-        bool,
-        "print the data and anchor report before step 1",
-    ),
-    _o(
-        "data.repeat_factor_threshold",
-        ["--repeat-factor-threshold"],
-        None,
-        float,
-        "repeat-factor sampling (LVIS / Detectron2): images of classes in fewer than this fraction of the "
-        "images repeat per epoch; the data report suggests a value (default: off)",
-        nullable=True,
-    ),
-    _o(
-        "data.repeat_sqrt",
-        ["--repeat-sqrt", "--no-repeat-sqrt"],
-        True,
-        bool,
-        "repeat-factor sampling: factor sqrt(t / f(c)), as Detectron2",
-    ),
-    _o("data.shapes", [], {}, dict, "shapes dataset knobs (see references/shapes.py ShapesSpec)"),
-    _o(
-        "model.num_classes",
-        ["--num-classes"],
-        None,
-        int,
-        "classes incl. background (default: 91 for coco, 2 for coco_kp, else from the data)",
-        nullable=True,
-    ),
-    _o("model.stock", ["--stock"], False, bool, "build torchvision's own model (no tv_lossfix), for A/B runs"),
-    _o("model.kwargs", [], {}, dict, "extra keyword arguments of the builder (min_size, box_score_thresh, ...)"),
-    _o(
-        "model.anchor_sizes",
-        [],
-        None,
-        object,
-        "RPN anchor sizes, one list per feature map, e.g. [[16], [32], [64]]",
-        nullable=True,
-    ),
-    _o(
-        "model.aspect_ratios",
-        [],
-        None,
-        object,
-        "RPN anchor aspect ratios (h/w): one list for every feature map, or one per feature map",
-        nullable=True,
-    ),
-    _o(
-        "model.loss_preset",
-        ["--loss-preset"],
-        None,
-        str,
-        "loss preset the rpn_head/roi_head keys override",
-        ("torchvision", "mmdetection", "positive"),
-        nullable=True,
-    ),
-    _o(
-        "model.preset",
-        [],
-        None,
-        str,
-        "same as model.loss_preset (the bare loss-config spelling)",
-        ("torchvision", "mmdetection", "positive"),
-        nullable=True,
-    ),
-    _o("model.rpn_head", [], {}, dict, "RPN loss settings (tv_lossfix.RPNLossConfig)"),
-    _o(
-        "model.roi_head",
-        [],
-        {},
-        dict,
-        "RoI loss settings (tv_lossfix.RoILossConfig); class_weight: auto is resolved from the training data",
-    ),
-    _o(
-        "model.class_weight_method",
-        [],
-        None,
-        str,
-        "how model.roi_head.class_weight: auto weights the classes (default: effective_number)",
-        CLASS_WEIGHT_METHODS,
-        nullable=True,
-    ),
-    _o(
-        "model.class_weight_beta",
-        [],
-        None,
-        float,
-        "the effective_number beta of model.roi_head.class_weight: auto (default: 0.999)",
-        nullable=True,
-    ),
-    _o(
-        "model.class_agnostic_bbox",
-        [],
-        False,
-        bool,
-        "one box regression for every class (roi_heads.box_predictor.bbox_pred with 4 outputs)",
-    ),
-    _o("model.class_agnostic_mask", [], False, bool, "one mask for every class (mask logits with 1 channel)"),
-    _o("model.sync_avg_factor", ["--sync-avg-factor"], False, bool, "average loss normalizers over DDP ranks"),
-    _o(
-        "distributed.backend",
-        ["--dist-backend"],
-        None,
-        str,
-        "torch.distributed backend (default: nccl on CUDA, gloo on CPU)",
-        ("nccl", "gloo"),
-        nullable=True,
-    ),
-]
+
+def _options(cls: type, prefix: str) -> List[Opt]:
+    out: List[Opt] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _options(hints[f.name], path + ".")
+            continue
+        kind, nullable = _kind(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        m = f.metadata
+        out.append(Opt(path, m["flags"], default, kind, nullable=nullable, **{k: m[k] for k in _META}))
+    return out
+
+
+OPTIONS: List[Opt] = _options(TrainConfig, "")
 BY_PATH = {o.path: o for o in OPTIONS}
 
 
-def defaults() -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def _sections() -> Dict[str, set]:
+    sec: Dict[str, set] = {"": set()}
     for o in OPTIONS:
-        _set(out, o.path, copy.deepcopy(o.default))
-    return out
+        parts = o.path.split(".")
+        for i in range(len(parts)):
+            sec.setdefault(".".join(parts[:i]), set()).add(parts[i])
+    return sec
+
+
+SECTIONS = _sections()
+
+
+def _build(cls: type, tree: Dict[str, Any]):
+    """``cls`` from a nested dict of checked values (nested dataclasses built from their sub-dicts)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        v = tree[f.name]
+        values[f.name] = _build(hints[f.name], v) if dataclasses.is_dataclass(hints[f.name]) else copy.deepcopy(v)
+    return cls(**values)
+
+
+def defaults_tree() -> Dict[str, Any]:
+    """The defaults as a nested dict (the YAML form)."""
+    return TrainConfig().to_dict()
+
+
+def defaults() -> TrainConfig:
+    """The default config, validated."""
+    return finalize(defaults_tree())[0]
 
 
 def _set(d: Dict[str, Any], path: str, value: Any) -> None:
@@ -392,18 +392,24 @@ def _get(d: Dict[str, Any], path: str) -> Any:
     return d
 
 
-def _sections() -> Dict[str, set]:
-    sec: Dict[str, set] = {"": set()}
-    for o in OPTIONS:
-        parts = o.path.split(".")
-        for i in range(len(parts)):
-            sec.setdefault(".".join(parts[:i]), set()).add(parts[i])
-    return sec
+def flatten(tree: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """{dotted path: value} of a config's nested dict (a checkpoint's, or ``cfg.to_dict()``), at the
+    schema's leaves: a mapping-valued key (``model.kwargs``, ``model.roi_head``) stays one value."""
+    out: Dict[str, Any] = {}
+
+    def walk(node: Dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            if isinstance(v, dict) and path not in BY_PATH:
+                walk(v, path + ".")
+            else:
+                out[path] = v
+
+    walk(tree or {}, "")
+    return out
 
 
-SECTIONS = _sections()
-
-
+# -- reading: YAML, flags, values -----------------------------------------------------------------------
 def _merge_yaml(base: Dict[str, Any], data: Any, prefix: str, source: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix or 'the top level'} must be a mapping, got {type(data).__name__}")
@@ -444,6 +450,8 @@ def _check_value(o: Opt, v: Any, source: str) -> Any:
         if o.nullable:
             return None
         raise ConfigError(f"{_where(o, source)} may not be null")
+    if o.kind is list and isinstance(v, tuple):
+        v = list(v)
     ok, what = _TYPE_CHECKS[o.kind]
     if not ok(v):
         raise ConfigError(f"{_where(o, source)} must be {what}, got {v!r}")
@@ -469,27 +477,16 @@ class _HelpFormatter(argparse.HelpFormatter):
         super().__init__(prog, max_help_position=36, width=110)
 
 
-def _add_flag(p: argparse.ArgumentParser, o: Opt) -> None:
+def _add_flag(p, o: Opt) -> None:
     dest = o.path.replace(".", "__")
-    metavar = o.path.rsplit(".", 1)[-1].upper()
-    shown = TORCHVISION_COCO_PATH if o.path == "data.data_path" else o.default
+    shown = o.default if o.shown is None else o.shown
     default_text = "" if o.kind is bool or "default:" in o.help else f" (default: {shown})"
-    if o.path == "training.plots":
-        p.add_argument("--plots", dest=dest, action="store_true", default=argparse.SUPPRESS, help=o.help + " (default)")
-        p.add_argument("--no-plots", dest=dest, action="store_false", default=argparse.SUPPRESS, help="write no plots")
-    elif o.path == "data.report":
-        p.add_argument(
-            "--data-report", dest=dest, action="store_true", default=argparse.SUPPRESS, help=o.help + " (default)"
-        )
-        p.add_argument("--no-data-report", dest=dest, action="store_false", default=argparse.SUPPRESS, help="skip it")
-    elif o.path == "data.repeat_sqrt":
-        p.add_argument(
-            "--repeat-sqrt", dest=dest, action="store_true", default=argparse.SUPPRESS, help=o.help + " (default)"
-        )
-        negative = "factor t / f(c) instead"
-        p.add_argument("--no-repeat-sqrt", dest=dest, action="store_false", default=argparse.SUPPRESS, help=negative)
-    elif o.kind is bool:
-        p.add_argument(*o.flags, dest=dest, action="store_true", default=argparse.SUPPRESS, help=o.help)
+    if o.kind is bool:
+        on_help = o.help + (" (default)" if o.negative and o.default else "")
+        p.add_argument(*o.flags, dest=dest, action="store_true", default=argparse.SUPPRESS, help=on_help)
+        if o.negative:
+            flag, off_help = o.negative
+            p.add_argument(flag, dest=dest, action="store_false", default=argparse.SUPPRESS, help=off_help)
     elif o.kind is list:
         p.add_argument(
             *o.flags, dest=dest, nargs="+", type=int, default=argparse.SUPPRESS, metavar="N", help=o.help + default_text
@@ -502,7 +499,7 @@ def _add_flag(p: argparse.ArgumentParser, o: Opt) -> None:
             type=conv,
             choices=o.choices,
             default=argparse.SUPPRESS,
-            metavar=None if o.choices else metavar,
+            metavar=None if o.choices else o.path.rsplit(".", 1)[-1].upper(),
             help=o.help + default_text,
         )
 
@@ -516,9 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML config (flags given here override it)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    groups = {s: p.add_argument_group(f"{s} (YAML section {s}:)") for s in ("data", "model", "training", "distributed")}
     for o in OPTIONS:
         if o.flags:
-            _add_flag(p, o)
+            _add_flag(groups[o.path.split(".")[0]], o)
     return p
 
 
@@ -538,98 +536,169 @@ def read_yaml(path: str, what: str = "--config") -> Any:
 
 def resolve(
     argv: Optional[Sequence[str]] = None, reads: Optional[Sequence[str]] = None
-) -> Tuple[Dict[str, Any], LossConfig, bool]:
+) -> Tuple[TrainConfig, LossConfig, bool]:
     """Parse the command line, merge defaults < YAML < flags, validate.
 
     ``reads``: the data files the caller reads (e.g. ("train_ann",) for analyze_data.py); by default
     those a run needs. Returns (config, loss config, whether --print-config was given).
     """
     args = build_parser().parse_args(argv)
-    cfg = defaults()
+    tree = defaults_tree()
     if args.config:
-        _merge_yaml(cfg, read_yaml(args.config), "", args.config)
-    given = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
-    for dest, value in given.items():
-        _set(cfg, dest.replace("__", "."), value)
-    cfg, loss_cfg = finalize(cfg, source=args.config or "config", reads=reads)
+        _merge_yaml(tree, read_yaml(args.config), "", args.config)
+    for dest, value in vars(args).items():
+        if dest not in ("config", "print_config"):
+            _set(tree, dest.replace("__", "."), value)
+    cfg, loss_cfg = finalize(tree, source=args.config or "config", reads=reads)
     return cfg, loss_cfg, args.print_config
 
 
-def _check_training(t: Dict[str, Any], source: str) -> None:
-    if t["clip_grad_norm"] is not None and t["clip_grad_norm"] < 0:
-        raise ConfigError(
-            f"--clip-grad-norm (training.clip_grad_norm) must be >= 0 (0 turns clipping off), "
-            f"got {t['clip_grad_norm']:g}"
-        )
-    if t["clip_grad_norm"] is not None:  # the flag wins over the YAML section
+def finalize(
+    tree: Dict[str, Any], source: str = "config", reads: Optional[Sequence[str]] = None
+) -> Tuple[TrainConfig, LossConfig]:
+    """A nested dict of values (defaults < YAML < flags) -> the frozen, validated config and its loss config."""
+    tree = copy.deepcopy(tree)
+    for o in OPTIONS:
+        _set(tree, o.path, _check_value(o, _get(tree, o.path), source))
+    _fill_derived(tree, source)
+    cfg = _build(TrainConfig, tree)
+    return cfg, validate(cfg, source, reads)
+
+
+def _fill_derived(tree: Dict[str, Any], source: str) -> None:
+    """Values that follow from others, set before the config is frozen: --clip-grad-norm over the YAML
+    section, the per-dataset defaults of --bad-annotations and --data-path."""
+    t, d = tree["training"], tree["data"]
+    if t["clip_grad_norm"] is not None:
+        if t["clip_grad_norm"] < 0:
+            raise ConfigError(
+                f"--clip-grad-norm (training.clip_grad_norm) must be >= 0 (0 turns clipping off), "
+                f"got {t['clip_grad_norm']:g}"
+            )
         t["gradient_clip"]["enabled"] = t["clip_grad_norm"] > 0
         if t["clip_grad_norm"] > 0:
             t["gradient_clip"]["max_norm"] = t["clip_grad_norm"]
-    if t["gradient_clip"]["max_norm"] <= 0:
+    if d["bad_annotations"] is None:
+        d["bad_annotations"] = "drop" if d["dataset"] in ("coco", "coco_kp") else "stop"
+    if d["data_path"] is None:
+        d["data_path"] = "data" if d["dataset"] == "shapes" else TORCHVISION_COCO_PATH
+
+
+# -- every rule across fields, before any data is read -----------------------------------------------
+def validate(cfg: TrainConfig, source: str = "config", reads: Optional[Sequence[str]] = None) -> LossConfig:
+    """Check every rule that involves more than one field; returns the loss config the model keys give."""
+    _check_training(cfg.training, source)
+    _check_repeat_factors(cfg.data, source)
+    _check_data(cfg, source, reads)
+    _check_model_and_data(cfg)
+    _check_anchors(cfg.model, source)
+    _check_class_weight_keys(cfg.model, source)
+    loss_cfg = _loss_config(cfg.model, source)
+    _check_stock(cfg.model, loss_cfg, source)
+    _check_class_weight_length(cfg)
+    return loss_cfg
+
+
+def _check_training(t: TrainingConfig, source: str) -> None:
+    if t.gradient_clip.max_norm <= 0:
         raise ConfigError(f"{source}: training.gradient_clip.max_norm must be > 0")
     for key in ("batch_size", "epochs", "print_freq", "eval_every"):
-        if t[key] < 1:
-            raise ConfigError(f"{source}: training.{key} must be >= 1, got {t[key]}")
-    if t["checkpoint_every_iters"] is not None and t["checkpoint_every_iters"] < 1:
+        if getattr(t, key) < 1:
+            raise ConfigError(f"{source}: training.{key} must be >= 1, got {getattr(t, key)}")
+    if t.checkpoint_every_iters is not None and t.checkpoint_every_iters < 1:
         raise ConfigError(
             f"{source}: training.checkpoint_every_iters (--checkpoint-every-iters) must be >= 1 or null, "
-            f"got {t['checkpoint_every_iters']}"
+            f"got {t.checkpoint_every_iters}"
         )
-    if t["lr"] <= 0:
-        raise ConfigError(f"{source}: training.lr must be > 0, got {t['lr']}")
+    if t.lr <= 0:
+        raise ConfigError(f"{source}: training.lr must be > 0, got {t.lr}")
+    try:
+        import torch
+
+        torch.device(t.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {t.device!r} is not a torch device: use cuda, cuda:N or cpu") from None
 
 
-def _check_repeat_factors(d: Dict[str, Any], source: str) -> None:
-    t = d["repeat_factor_threshold"]
+def _check_repeat_factors(d: DataConfig, source: str) -> None:
+    t = d.repeat_factor_threshold
     if t is not None and t <= 0:
         raise ConfigError(f"{source}: data.repeat_factor_threshold (--repeat-factor-threshold) must be > 0, got {t}")
-    if t is None and not d["repeat_sqrt"]:
+    if t is None and not d.repeat_sqrt:
         raise ConfigError(
             f"{source}: data.repeat_sqrt false (--no-repeat-sqrt) has no effect without "
             f"data.repeat_factor_threshold (--repeat-factor-threshold T)"
         )
 
 
-def _check_data(d: Dict[str, Any], cfg: Dict[str, Any], source: str, reads: Optional[Sequence[str]] = None) -> None:
-    _check_repeat_factors(d, source)
-    if d["bad_annotations"] is None:
-        d["bad_annotations"] = "drop" if d["dataset"] in ("coco", "coco_kp") else "stop"
-    if d["data_path"] is None:
-        d["data_path"] = "data" if d["dataset"] == "shapes" else TORCHVISION_COCO_PATH
-    if d["dataset"] == "coco_json":
-        missing = [
-            f"--{k.replace('_', '-')}" for k in ("train_ann", "train_images", "val_ann", "val_images") if not d[k]
-        ]
-        if cfg["training"]["test_only"]:
+def _check_data(cfg: TrainConfig, source: str, reads: Optional[Sequence[str]]) -> None:
+    d = cfg.data
+    if d.dataset == "coco_json":
+        keys = ("train_ann", "train_images", "val_ann", "val_images")
+        missing = [f"--{k.replace('_', '-')}" for k in keys if not getattr(d, k)]
+        if cfg.training.test_only:
             missing = [m for m in missing if m.startswith("--val")]
         if reads is not None:
             missing = [m for m in missing if m[2:].replace("-", "_") in reads]
         if missing:
             raise ConfigError(f"--dataset coco_json needs {', '.join(missing)} (data.train_ann ...)")
-    if d["backend"] == "tv_tensor" and not d["use_v2"]:
+    if d.backend == "tv_tensor" and not d.use_v2:
         raise ConfigError("--backend tv_tensor needs --use-v2 (as in torchvision's script)")
-    if d["use_copypaste"] and d["augmentation"] != "lsj":
+    if d.use_copypaste and d.augmentation != "lsj":
         raise ConfigError(
-            f"--use-copypaste works with --data-augmentation lsj only (as in torchvision), got {d['augmentation']!r}"
+            f"--use-copypaste works with --data-augmentation lsj only (as in torchvision), got {d.augmentation!r}"
         )
-    if d["shapes"]:
-        from shapes import ShapesSpec
-
-        known = {f.name for f in fields(ShapesSpec)}
-        for k in d["shapes"]:
-            if k not in known:
-                raise ConfigError(f"{source}: unknown key 'data.shapes.{k}'{did_you_mean(k, known, 'data.shapes.')}")
+    if d.shapes:
+        shapes_spec(d, source)
 
 
-def _check_anchors(m: Dict[str, Any], source: str) -> None:
-    def nested(v, name, kind):
-        ok = (
+def shapes_spec(d: DataConfig, source: str = "config"):
+    """``data.shapes`` as a references/shapes.py ShapesSpec; an unknown or bad knob is a ConfigError."""
+    from shapes import ShapesSpec
+
+    known = {f.name for f in dataclasses.fields(ShapesSpec)}
+    for k in d.shapes:
+        if k not in known:
+            raise ConfigError(f"{source}: unknown key 'data.shapes.{k}'{did_you_mean(k, known, 'data.shapes.')}")
+    try:
+        return ShapesSpec(**d.shapes)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: data.{e}") from None
+
+
+def _check_model_and_data(cfg: TrainConfig) -> None:
+    m, d = cfg.model, cfg.data
+    if "keypoint" in m.name and d.dataset == "coco":
+        raise ConfigError("--model keypointrcnn_* trains on keypoints: use --dataset coco_kp (as torchvision says)")
+    if "keypoint" not in m.name and d.dataset == "coco_kp":
+        raise ConfigError(f"--dataset coco_kp is for keypoint models; {m.name} uses --dataset coco")
+    if d.use_copypaste and "maskrcnn" not in m.name:
+        raise ConfigError("--use-copypaste pastes instance masks: it needs a Mask R-CNN model")
+    check_class_agnostic(m.name, m.stock, m.class_agnostic_bbox, m.class_agnostic_mask)
+
+
+def check_class_agnostic(name: str, stock: bool, bbox: bool, mask: bool) -> None:
+    """The class-agnostic keys need tv_lossfix's heads, and a mask branch for ``mask`` (models.build_model
+    applies this rule too)."""
+    if (bbox or mask) and stock:
+        raise ConfigError(
+            "model.class_agnostic_bbox / class_agnostic_mask need tv_lossfix's heads (torchvision's own pick the "
+            "box and mask outputs by class): drop --stock"
+        )
+    if mask and "maskrcnn" not in name:
+        raise ConfigError(f"model.class_agnostic_mask: --model {name} has no mask branch: drop it")
+
+
+def _check_anchors(m: ModelConfig, source: str) -> None:
+    for name in ("anchor_sizes", "aspect_ratios"):
+        v = getattr(m, name)
+        ok = v is None or (
             isinstance(v, list)
             and v
             and all(
                 isinstance(row, list)
                 and row
-                and all(isinstance(x, kind) and not isinstance(x, bool) and x > 0 for x in row)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in row)
                 for row in v
             )
         )
@@ -639,27 +708,23 @@ def _check_anchors(m: Dict[str, Any], source: str) -> None:
                 f"(one list per feature map), got {v!r}"
             )
 
-    if m["anchor_sizes"] is not None:
-        nested(m["anchor_sizes"], "anchor_sizes", (int, float))
-    if m["aspect_ratios"] is not None:
-        nested(m["aspect_ratios"], "aspect_ratios", (int, float))
+
+def auto_class_weight(m: ModelConfig) -> bool:
+    """``model.roi_head.class_weight: auto``: train.py resolves it from the training data."""
+    return m.roi_head.get("class_weight") == "auto"
 
 
-def _auto_class_weight(m: Dict[str, Any]) -> bool:
-    return isinstance(m["roi_head"], dict) and m["roi_head"].get("class_weight") == "auto"
-
-
-def _check_class_weight_keys(m: Dict[str, Any], source: str) -> None:
+def _check_class_weight_keys(m: ModelConfig, source: str) -> None:
     """model.class_weight_method / _beta shape ``class_weight: auto`` only: refused anywhere else."""
-    method, beta = m["class_weight_method"], m["class_weight_beta"]
-    if not _auto_class_weight(m):
+    if not auto_class_weight(m):
         for key in ("class_weight_method", "class_weight_beta"):
-            if m[key] is not None:
+            if getattr(m, key) is not None:
                 raise ConfigError(
-                    f"{source}: model.{key} ({m[key]!r}) applies only with model.roi_head.class_weight: auto "
-                    f"(set it, or drop model.{key})"
+                    f"{source}: model.{key} ({getattr(m, key)!r}) applies only with model.roi_head.class_weight: "
+                    f"auto (set it, or drop model.{key})"
                 )
-    if beta is not None and method == "inverse_sqrt":
+    beta = m.class_weight_beta
+    if beta is not None and m.class_weight_method == "inverse_sqrt":
         raise ConfigError(
             f"{source}: model.class_weight_beta is the effective_number parameter: drop it for inverse_sqrt"
         )
@@ -667,51 +732,72 @@ def _check_class_weight_keys(m: Dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: model.class_weight_beta must be in [0, 1), got {beta!r}")
 
 
-def finalize(
-    cfg: Dict[str, Any], source: str = "config", reads: Optional[Sequence[str]] = None
-) -> Tuple[Dict[str, Any], LossConfig]:
-    for o in OPTIONS:
-        _set(cfg, o.path, _check_value(o, _get(cfg, o.path), source))
-    _check_training(cfg["training"], source)
-    _check_data(cfg["data"], cfg, source, reads)
-    m = cfg["model"]
-    _check_anchors(m, source)
-    loss_keys = {k: v for k, v in m.items() if v is not None}
-    if _auto_class_weight(m):  # train.py resolves the marker from the training data; the library refuses it
-        loss_keys["roi_head"] = {k: v for k, v in m["roi_head"].items() if k != "class_weight"}
-    _check_class_weight_keys(m, source)
+def _loss_config(m: ModelConfig, source: str) -> LossConfig:
+    """The library reads the loss keys of ``model:`` exactly as LossConfig.from_yaml does."""
+    keys = {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
+    if auto_class_weight(m):  # resolved later from the training data; the library refuses the marker
+        keys["roi_head"] = {k: v for k, v in m.roi_head.items() if k != "class_weight"}
     try:
-        # The library reads the loss keys of model: exactly as LossConfig.from_yaml does.
-        loss_cfg = LossConfig.from_dict({"model": loss_keys})
+        return LossConfig.from_dict({"model": keys})
     except LossConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    _check_stock(m, loss_cfg, source)
-    return cfg, loss_cfg
 
 
-def _check_stock(m: Dict[str, Any], loss_cfg: LossConfig, source: str) -> None:
+def _check_stock(m: ModelConfig, loss_cfg: LossConfig, source: str) -> None:
     """--stock builds torchvision's own heads: a loss or sampling setting could not take effect there."""
-    if not m["stock"] or (loss_cfg.is_default() and not _auto_class_weight(m)):
+    if not m.stock or (loss_cfg.is_default() and not auto_class_weight(m)):
         return
-    default = LossConfig().to_dict()
-    now = loss_cfg.to_dict()
+    default, now = LossConfig().to_dict(), loss_cfg.to_dict()
     keys = [f"model.{sec}.{k}" for sec in ("rpn_head", "roi_head") for k, v in now[sec].items() if default[sec][k] != v]
     keys += ["model.sync_avg_factor"] if loss_cfg.sync_avg_factor else []
-    keys += ["model.roi_head.class_weight"] if _auto_class_weight(m) else []
+    keys += ["model.roi_head.class_weight"] if auto_class_weight(m) else []
     raise ConfigError(
         f"{source}: --stock builds torchvision's own heads, which cannot apply {', '.join(keys)}: "
         f"drop --stock or those settings"
     )
 
 
-def dump(cfg: Dict[str, Any], loss_cfg: LossConfig) -> str:
+def known_num_classes(cfg: TrainConfig) -> Tuple[Optional[int], str]:
+    """(the model's class count, where it comes from) before any data is read; (None, "") if unknown.
+    For coco_json this reads the categories of the annotation file (contiguous labels 1..K)."""
+    m, d = cfg.model, cfg.data
+    if m.num_classes:
+        return m.num_classes, "model.num_classes (--num-classes)"
+    if d.dataset in ("coco", "coco_kp"):
+        return {"coco": 91, "coco_kp": 2}[d.dataset], f"--dataset {d.dataset}"
+    if d.dataset == "shapes":
+        return shapes_spec(d).num_classes + 1, "data.shapes.num_classes"
+    path = d.val_ann or d.train_ann
+    try:
+        with open(path, encoding="utf-8") as f:
+            cats = json.load(f).get("categories")
+    except (OSError, TypeError, ValueError, AttributeError):  # the data checks say what is wrong with it
+        return None, ""
+    return (len(cats) + 1, f"the {len(cats)} categories of {path}") if isinstance(cats, list) and cats else (None, "")
+
+
+def _check_class_weight_length(cfg: TrainConfig) -> None:
+    """A model.roi_head.class_weight list of the wrong length fails before any data is read."""
+    weights = cfg.model.roi_head.get("class_weight")
+    if not isinstance(weights, (list, tuple)):
+        return
+    n, source = known_num_classes(cfg)
+    if n is not None and len(weights) != n:
+        raise ConfigError(
+            f"model.roi_head.class_weight has {len(weights)} entries but the model has {n} classes "
+            f"({source}, background included): give one weight per class, background first"
+        )
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def dump(cfg: TrainConfig, loss_cfg: LossConfig) -> str:
     """The resolved config as YAML, with the effective loss settings spelled out."""
-    out = copy.deepcopy(cfg)
-    out["model"]["rpn_head"] = loss_cfg.rpn_head.to_dict()
-    out["model"]["roi_head"] = loss_cfg.roi_head.to_dict()
-    if _auto_class_weight(cfg["model"]):  # not resolved yet (train.py rewrites config.yaml with the list)
-        out["model"]["roi_head"]["class_weight"] = "auto"
-    out["model"]["loss_preset"] = out["model"]["preset"] = None  # folded into the explicit values above
+    model = {"rpn_head": loss_cfg.rpn_head.to_dict(), "roi_head": loss_cfg.roi_head.to_dict()}
+    if auto_class_weight(cfg.model):  # not resolved yet (train.py rewrites config.yaml with the list)
+        model["roi_head"]["class_weight"] = "auto"
+    model.update(loss_preset=None, preset=None)  # folded into the explicit values above
+    out = cfg.to_dict()
+    out["model"].update(model)
     return yaml.safe_dump(out, sort_keys=False)
 
 

@@ -1,14 +1,9 @@
-"""Fixtures. Helpers live in helpers.py (tests import it by name: this folder is on sys.path)."""
-
-import os
-import sys
+"""Fixtures. Helpers live in helpers.py (tests import it by name: pytest's pythonpath has tests/)."""
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from helpers import STOCK  # noqa: E402
+from helpers import STOCK
 
 
 @pytest.fixture(scope="session")

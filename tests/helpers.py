@@ -3,17 +3,16 @@
 import copy
 import json
 import os
-import sys
 
 import torch
 import yaml
 from torchvision.models import detection as tvdet
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 
 import tv_lossfix
 
-REFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "references")
-if REFS not in sys.path:  # the training recipe's modules (train, engine, ...) import each other by name
-    sys.path.insert(0, REFS)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFS = os.path.join(ROOT, "references")  # on sys.path through pytest's pythonpath (pyproject.toml)
 
 SMALL = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=200)
 
@@ -92,6 +91,23 @@ def tiny_model(kind: str = "mask", num_classes: int = 3, loss_cfg=None, seed: in
     return tv_lossfix.patch_model(model, loss_cfg) if loss_cfg is not None else model
 
 
+def sampling_settings(model):
+    """(matcher high, low, low-quality, sampler num, fraction, neg_pos_ub) of both heads."""
+    out = {}
+    for name, head in (("rpn_head", model.rpn), ("roi_head", model.roi_heads)):
+        m, s = head.proposal_matcher, head.fg_bg_sampler
+        assert type(m) is Matcher and type(s) is BalancedPositiveNegativeSampler  # stock objects: TorchScript
+        out[name] = {
+            "pos_iou_thr": m.high_threshold,
+            "neg_iou_thr": m.low_threshold,
+            "low_quality": m.allow_low_quality_matches,
+            "num": s.batch_size_per_image,
+            "pos_fraction": s.positive_fraction,
+            "neg_pos_ub": getattr(head, "neg_pos_ub", -1.0),
+        }
+    return out
+
+
 # -- references/train.py runs on tiny data --------------------------------------------------------
 TINY_SHAPES = {"num_train": 8, "num_val": 4, "image_size": 64, "min_size": 12, "max_size": 30, "empty_fraction": 0.25}
 
@@ -135,6 +151,13 @@ def coco_json_argv(ann, images, out, *extra, val_ann=None):
         *("--no-plots", "--gallery-images", "0", "--output-dir", str(out), "--print-freq", "1"),
         *extra,
     ]
+
+
+def child_env(**extra) -> dict:
+    """os.environ for a child Python that imports the recipe's modules by name: pytest's pythonpath
+    reaches this process's sys.path only, so references/ goes on the child's PYTHONPATH."""
+    path = os.pathsep.join(p for p in (REFS, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def records(out_dir, kind=None):

@@ -13,13 +13,14 @@ fine-tuning steps torchvision leaves to the user are done here:
   ``ModelSettingsWarning`` (``from tv_lossfix.model_settings import ModelSettingsWarning``).
 
 An unknown keyword argument is a TypeError; torchvision's builders silently ignore it.
+:func:`build_with_report` builds the same model and says what was replaced and what the checkpoint held.
 """
 
 import dataclasses
 import inspect
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,6 +50,8 @@ __all__ = [
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "keypointrcnn_resnet50_fpn",
     "BUILDERS",
+    "BuildReport",
+    "build_with_report",
     "is_checkpoint_path",
     "load_checkpoint_state",
     "replace_predictors",
@@ -90,11 +93,9 @@ def load_checkpoint_state(path: Any) -> Dict[str, torch.Tensor]:
 
 
 def read_weights_checkpoint(path: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(model ``state_dict``, ``model_settings``) of a checkpoint file; settings are {} for a bare state_dict."""
-    if os.path.isdir(os.fspath(path)):
-        raise CheckpointError(f"weights: {os.fspath(path)} is a folder, not a checkpoint file")
-    if not os.path.isfile(os.fspath(path)):
-        raise FileNotFoundError(f"weights checkpoint not found: {os.fspath(path)}")
+    """(model ``state_dict``, ``model_settings``) of a checkpoint file; settings are {} for a bare state_dict.
+
+    A missing file is a :class:`~tv_lossfix.checkpoint.CheckpointNotFoundError` (a FileNotFoundError too)."""
     ckpt = read_checkpoint(path, "weights")
     settings = ckpt.get("model_settings") if isinstance(ckpt, dict) else None
     return model_state_dict(ckpt, path, "weights"), dict(settings) if isinstance(settings, dict) else {}
@@ -225,7 +226,10 @@ def _replace_class_layers(heads: nn.Module, num_classes: int, agnostic_bbox: boo
         # The pretrained class-agnostic upsampling (conv5_mask) is kept.
         old = heads.mask_predictor.mask_fcn_logits
         heads.mask_predictor.mask_fcn_logits = new_mask_logits(old.in_channels, num_classes)
-        replaced.append("roi_heads.mask_predictor.mask_fcn_logits (mask_predictor.conv5_mask kept)")
+        replaced.append(
+            f"roi_heads.mask_predictor.mask_fcn_logits ({old.out_channels} -> {num_classes} classes; "
+            "mask_predictor.conv5_mask kept)"
+        )
     return replaced
 
 
@@ -236,7 +240,9 @@ def replace_predictors(
     class_agnostic_bbox: bool = False,
     class_agnostic_mask: bool = False,
 ) -> List[str]:
-    """Replace the layers that depend on the class (keypoint) count; returns what was replaced.
+    """Replace the layers that depend on the class (keypoint) count; returns what was replaced, one line
+    per layer: ``"roi_heads.box_predictor (91 -> 5 classes)"``, ``"roi_heads.keypoint_predictor (17 -> 4
+    keypoints)"``; [] when every count already matches.
 
     ``class_agnostic_bbox`` / ``class_agnostic_mask``: then make the box regression / mask logits
     class-agnostic (:func:`tv_lossfix.make_class_agnostic`), re-initialising a class-specific layer;
@@ -301,9 +307,9 @@ def _from_checkpoint(
     loss_cfg: Any,
     cfg: LossConfig,
     agnostic: Tuple[bool, bool],
-) -> Tuple[nn.Module, LossConfig]:
+) -> Tuple[nn.Module, LossConfig, Dict[str, Any]]:
     """The model a checkpoint file holds, loaded, with its ``model_settings`` when it has them; returns
-    it and the loss config to patch it with (the checkpoint's when none is given)."""
+    it, the loss config to patch it with (the checkpoint's when none is given) and the settings."""
     state, settings = read_weights_checkpoint(weights)
     ckpt_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", weights, name)[0]
     if extra:
@@ -326,13 +332,45 @@ def _from_checkpoint(
         lines = apply_model_settings(model, settings, explicit_settings(kwargs))
         cfg, cfg_lines = restored_loss_cfg(settings, loss_cfg, cfg, kwargs)
         warn_conflicts(lines + cfg_lines)  # called by _build, called by the public builder
-    return model, cfg
+    return model, cfg, settings
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+    """What differs between the builders besides their signature's defaults."""
+
+    name: str  # torchvision's builder of that name builds the model
+    model_cls: type
+    max_trainable: int  # backbone stages torchvision lets train
+
+
+_ARCHS = {
+    a.name: a
+    for a in (
+        _Arch("maskrcnn_resnet50_fpn", tvdet.MaskRCNN, 5),
+        _Arch("maskrcnn_resnet50_fpn_v2", tvdet.MaskRCNN, 5),
+        _Arch("fasterrcnn_resnet50_fpn", tvdet.FasterRCNN, 5),
+        _Arch("fasterrcnn_resnet50_fpn_v2", tvdet.FasterRCNN, 5),
+        _Arch("fasterrcnn_mobilenet_v3_large_fpn", tvdet.FasterRCNN, 6),
+        _Arch("fasterrcnn_mobilenet_v3_large_320_fpn", tvdet.FasterRCNN, 6),
+        _Arch("keypointrcnn_resnet50_fpn", tvdet.KeypointRCNN, 5),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildReport:
+    """What a builder did beyond loading: the layers it replaced or re-initialised (one line each, as
+    :func:`replace_predictors` returns them) and the ``model_settings`` of a ``weights`` checkpoint
+    ({} for torchvision weights, no weights, or a checkpoint without them), read once, by the builder."""
+
+    replaced: Tuple[str, ...] = ()
+    checkpoint_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _build(
-    name: str,
-    model_cls: type,
-    max_trainable: int,
+    *,
+    arch: _Arch,
     weights: Any,
     progress: bool,
     num_classes: Optional[int],
@@ -343,46 +381,56 @@ def _build(
     num_keypoints: Optional[int] = None,
     class_agnostic_bbox: bool = False,
     class_agnostic_mask: bool = False,
-) -> nn.Module:
-    _check_kwargs(name, model_cls, kwargs)
-    _check_class_agnostic(name, model_cls, class_agnostic_bbox, class_agnostic_mask)
+) -> Tuple[nn.Module, BuildReport]:
+    name = arch.name
+    _check_kwargs(name, arch.model_cls, kwargs)
+    _check_class_agnostic(name, arch.model_cls, class_agnostic_bbox, class_agnostic_mask)
     cfg = LossConfig.coerce(loss_cfg)  # fail on a bad config before building anything
     check_builder_kwargs(cfg, kwargs)
     tv_builder: Callable[..., nn.Module] = getattr(tvdet, name)
-    extra = {"num_keypoints": None} if model_cls is tvdet.KeypointRCNN else {}
+    extra = {"num_keypoints": None} if arch.model_cls is tvdet.KeypointRCNN else {}
     predictor_args = (num_classes, num_keypoints, class_agnostic_bbox, class_agnostic_mask)
+    settings: Dict[str, Any] = {}
 
     if is_checkpoint_path(weights):
         agnostic = (class_agnostic_bbox, class_agnostic_mask)
-        model, cfg = _from_checkpoint(name, tv_builder, weights, progress, extra, kwargs, loss_cfg, cfg, agnostic)
-        _freeze_backbone(model, _validate_trainable_layers(True, trainable_backbone_layers, max_trainable, 3))
-        _log_replaced(name, replace_predictors(model, *predictor_args))
-    elif weights is not None:
-        # torchvision loads the weights at their own class count; the predictors are replaced after.
+        model, cfg, settings = _from_checkpoint(
+            name, tv_builder, weights, progress, extra, kwargs, loss_cfg, cfg, agnostic
+        )
+        _freeze_backbone(model, _validate_trainable_layers(True, trainable_backbone_layers, arch.max_trainable, 3))
+        replaced = replace_predictors(model, *predictor_args)
+        _log_replaced(name, replaced)
+    else:
+        # torchvision loads pretrained weights at their own class count; the predictors are replaced after.
+        pretrained = weights is not None
+        if extra and not pretrained:
+            extra["num_keypoints"] = num_keypoints
         model = tv_builder(
             weights=weights,
             progress=progress,
-            num_classes=None,
+            num_classes=None if pretrained else num_classes,
             weights_backbone=weights_backbone,
             trainable_backbone_layers=trainable_backbone_layers,
             **extra,
             **kwargs,
         )
-        _log_replaced(name, replace_predictors(model, *predictor_args))
-    else:
-        if extra:
-            extra["num_keypoints"] = num_keypoints
-        model = tv_builder(
-            weights=None,
-            progress=progress,
-            num_classes=num_classes,
-            weights_backbone=weights_backbone,
-            trainable_backbone_layers=trainable_backbone_layers,
-            **extra,
-            **kwargs,
-        )
-        make_heads_class_agnostic(model.roi_heads, class_agnostic_bbox, class_agnostic_mask)  # new layers anyway
-    return patch_model(model, cfg)
+        if pretrained:
+            replaced = replace_predictors(model, *predictor_args)
+            _log_replaced(name, replaced)
+        else:  # new layers anyway: made class-agnostic and reported, not logged (no trained weights lost)
+            replaced = make_heads_class_agnostic(model.roi_heads, class_agnostic_bbox, class_agnostic_mask)
+    return patch_model(model, cfg), BuildReport(tuple(replaced), settings)
+
+
+def build_with_report(name: str, **kwargs: Any) -> Tuple[nn.Module, BuildReport]:
+    """``BUILDERS[name](**kwargs)`` and its :class:`BuildReport`: what it replaced, and the checkpoint's
+    ``model_settings`` (class names...) without reading the checkpoint a second time."""
+    if name not in _ARCHS:
+        raise ValueError(f"no tv_lossfix builder {name!r}{did_you_mean(name, _ARCHS)}")
+    # The public builder's signature gives the defaults (weights_backbone differs between builders).
+    bound = inspect.signature(BUILDERS[name]).bind(**kwargs)
+    bound.apply_defaults()
+    return _build(arch=_ARCHS[name], **bound.arguments)
 
 
 _ARGS_DOC = """
@@ -441,20 +489,19 @@ def maskrcnn_resnet50_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
-    return _build(
-        "maskrcnn_resnet50_fpn",
-        tvdet.MaskRCNN,
-        5,
-        weights,
-        progress,
-        num_classes,
-        weights_backbone,
-        trainable_backbone_layers,
-        loss_cfg,
-        kwargs,
+    model, _ = _build(
+        arch=_ARCHS["maskrcnn_resnet50_fpn"],
+        weights=weights,
+        progress=progress,
+        num_classes=num_classes,
+        weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers,
+        loss_cfg=loss_cfg,
+        kwargs=kwargs,
         class_agnostic_bbox=class_agnostic_bbox,
         class_agnostic_mask=class_agnostic_mask,
     )
+    return model
 
 
 def maskrcnn_resnet50_fpn_v2(
@@ -469,20 +516,19 @@ def maskrcnn_resnet50_fpn_v2(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
-    return _build(
-        "maskrcnn_resnet50_fpn_v2",
-        tvdet.MaskRCNN,
-        5,
-        weights,
-        progress,
-        num_classes,
-        weights_backbone,
-        trainable_backbone_layers,
-        loss_cfg,
-        kwargs,
+    model, _ = _build(
+        arch=_ARCHS["maskrcnn_resnet50_fpn_v2"],
+        weights=weights,
+        progress=progress,
+        num_classes=num_classes,
+        weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers,
+        loss_cfg=loss_cfg,
+        kwargs=kwargs,
         class_agnostic_bbox=class_agnostic_bbox,
         class_agnostic_mask=class_agnostic_mask,
     )
+    return model
 
 
 def fasterrcnn_resnet50_fpn(
@@ -497,20 +543,19 @@ def fasterrcnn_resnet50_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
-    return _build(
-        "fasterrcnn_resnet50_fpn",
-        tvdet.FasterRCNN,
-        5,
-        weights,
-        progress,
-        num_classes,
-        weights_backbone,
-        trainable_backbone_layers,
-        loss_cfg,
-        kwargs,
+    model, _ = _build(
+        arch=_ARCHS["fasterrcnn_resnet50_fpn"],
+        weights=weights,
+        progress=progress,
+        num_classes=num_classes,
+        weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers,
+        loss_cfg=loss_cfg,
+        kwargs=kwargs,
         class_agnostic_bbox=class_agnostic_bbox,
         class_agnostic_mask=class_agnostic_mask,
     )
+    return model
 
 
 def fasterrcnn_resnet50_fpn_v2(
@@ -525,20 +570,19 @@ def fasterrcnn_resnet50_fpn_v2(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
-    return _build(
-        "fasterrcnn_resnet50_fpn_v2",
-        tvdet.FasterRCNN,
-        5,
-        weights,
-        progress,
-        num_classes,
-        weights_backbone,
-        trainable_backbone_layers,
-        loss_cfg,
-        kwargs,
+    model, _ = _build(
+        arch=_ARCHS["fasterrcnn_resnet50_fpn_v2"],
+        weights=weights,
+        progress=progress,
+        num_classes=num_classes,
+        weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers,
+        loss_cfg=loss_cfg,
+        kwargs=kwargs,
         class_agnostic_bbox=class_agnostic_bbox,
         class_agnostic_mask=class_agnostic_mask,
     )
+    return model
 
 
 def fasterrcnn_mobilenet_v3_large_fpn(
@@ -553,20 +597,19 @@ def fasterrcnn_mobilenet_v3_large_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
-    return _build(
-        "fasterrcnn_mobilenet_v3_large_fpn",
-        tvdet.FasterRCNN,
-        6,
-        weights,
-        progress,
-        num_classes,
-        weights_backbone,
-        trainable_backbone_layers,
-        loss_cfg,
-        kwargs,
+    model, _ = _build(
+        arch=_ARCHS["fasterrcnn_mobilenet_v3_large_fpn"],
+        weights=weights,
+        progress=progress,
+        num_classes=num_classes,
+        weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers,
+        loss_cfg=loss_cfg,
+        kwargs=kwargs,
         class_agnostic_bbox=class_agnostic_bbox,
         class_agnostic_mask=class_agnostic_mask,
     )
+    return model
 
 
 def fasterrcnn_mobilenet_v3_large_320_fpn(
@@ -581,20 +624,19 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
-    return _build(
-        "fasterrcnn_mobilenet_v3_large_320_fpn",
-        tvdet.FasterRCNN,
-        6,
-        weights,
-        progress,
-        num_classes,
-        weights_backbone,
-        trainable_backbone_layers,
-        loss_cfg,
-        kwargs,
+    model, _ = _build(
+        arch=_ARCHS["fasterrcnn_mobilenet_v3_large_320_fpn"],
+        weights=weights,
+        progress=progress,
+        num_classes=num_classes,
+        weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers,
+        loss_cfg=loss_cfg,
+        kwargs=kwargs,
         class_agnostic_bbox=class_agnostic_bbox,
         class_agnostic_mask=class_agnostic_mask,
     )
+    return model
 
 
 def keypointrcnn_resnet50_fpn(
@@ -610,21 +652,20 @@ def keypointrcnn_resnet50_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.KeypointRCNN:
-    return _build(
-        "keypointrcnn_resnet50_fpn",
-        tvdet.KeypointRCNN,
-        5,
-        weights,
-        progress,
-        num_classes,
-        weights_backbone,
-        trainable_backbone_layers,
-        loss_cfg,
-        kwargs,
+    model, _ = _build(
+        arch=_ARCHS["keypointrcnn_resnet50_fpn"],
+        weights=weights,
+        progress=progress,
+        num_classes=num_classes,
+        weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers,
+        loss_cfg=loss_cfg,
+        kwargs=kwargs,
         num_keypoints=num_keypoints,
         class_agnostic_bbox=class_agnostic_bbox,
         class_agnostic_mask=class_agnostic_mask,
     )
+    return model
 
 
 maskrcnn_resnet50_fpn.__doc__ = _doc(

@@ -12,11 +12,15 @@ from typing import Any, Dict
 
 import torch
 
-__all__ = ["CheckpointError", "read_checkpoint", "model_state_dict"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "check_checkpoint_file", "read_checkpoint", "model_state_dict"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and why."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No file at a checkpoint path; a FileNotFoundError too, so ``except FileNotFoundError`` still catches it."""
 
 
 @contextlib.contextmanager
@@ -30,11 +34,20 @@ def _allow_namespace():
         yield
 
 
+def check_checkpoint_file(path: Any, what: str = "checkpoint") -> str:
+    """``path`` as a str if a file is there; the one "not found" / "is a folder" check of every entry point
+    (``weights=<path>``, references/'s ``--weights`` and ``--resume``). ``what`` names the caller."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what}: {path} is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{what}: checkpoint not found: {path}")
+    return path
+
+
 def read_checkpoint(path: Any, what: str = "checkpoint") -> Any:
     """Load ``path`` on the CPU under ``weights_only=True``; ``what`` names the caller in errors."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{what}: checkpoint not found: {path}")
+    path = check_checkpoint_file(path, what)
     try:
         with _allow_namespace():
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -125,8 +125,9 @@ def run(out: str, data: str, name: str, epochs: int, anchors=None) -> dict:
 
     import train
 
+    model = {"name": "maskrcnn_tiny", "kwargs": {"min_size": 160, "max_size": 160}, **(anchors or {})}
     cfg = {
-        "model": {"name": "maskrcnn_tiny", "kwargs": {"min_size": 160, "max_size": 160}},
+        "model": model,
         "data": {
             "dataset": "coco_json",
             "train_ann": os.path.join(data, "train.json"),
@@ -149,8 +150,6 @@ def run(out: str, data: str, name: str, epochs: int, anchors=None) -> dict:
             "gallery_images": 6,
         },
     }
-    if anchors:
-        cfg["model"].update(anchors)
     path = os.path.join(out, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, Iterable, List, Optional
 
 REFS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REFS)  # first: "import train" must be the recipe's train.py, not ../lightning/train.py
+sys.path.insert(0, REFS)  # first: the recipe's modules, not this folder's namesakes (train.py)
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
@@ -30,12 +30,13 @@ import torch  # noqa: E402
 import tv_lossfix  # noqa: E402
 
 from diagnostics import per_class_table  # noqa: E402
-from engine import _gather, _predict, summarize_detections  # noqa: E402
+from evaluation import _gather, _predict, summarize_detections  # noqa: E402
 from models import build_model, set_anchors  # noqa: E402
-from train import build_optimization  # noqa: E402
+from run_model import build_optimization  # noqa: E402
 from train_config import defaults  # noqa: E402
+from writers import SayWriter  # noqa: E402
 
-# The recipe's training keys this module uses (references/train.py's build_optimization reads them).
+# The recipe's training keys this module uses (references/run_model.py's build_optimization reads them).
 OPTIM_KEYS = (
     "opt",
     "lr",
@@ -111,7 +112,8 @@ class DetectionModule(pl.LightningModule):
         if unknown:
             raise ValueError(f"DetectionModule(training=...): unknown key(s) {unknown}; known: {', '.join(OPTIM_KEYS)}")
         loss = tv_lossfix.LossConfig.coerce(loss_cfg)
-        self.training_cfg = {k: defaults()["training"][k] for k in OPTIM_KEYS} | dict(training or {})
+        recipe = defaults().training
+        self.training_cfg = {k: getattr(recipe, k) for k in OPTIM_KEYS} | dict(training or {})
         self.save_hyperparameters(
             {
                 "model_name": model_name,
@@ -126,17 +128,16 @@ class DetectionModule(pl.LightningModule):
                 "aspect_ratios": aspect_ratios,
             }
         )
-        self.model, self.replaced = build_model(
-            model_name,
-            num_classes,
-            loss,
-            weights,
-            weights_backbone,
-            trainable_backbone_layers,
-            None,
-            False,
-            model_kwargs,
+        self.model, report = build_model(
+            name=model_name,
+            num_classes=num_classes,
+            loss_cfg=loss,
+            weights=weights,
+            weights_backbone=weights_backbone,
+            trainable_backbone_layers=trainable_backbone_layers,
+            kwargs=model_kwargs,
         )
+        self.replaced = list(report.replaced)
         self.anchor_changes = set_anchors(self.model, anchor_sizes, aspect_ratios)
         self.eval_data = eval_data
         self.last_evaluation: Dict[str, Any] = {}
@@ -173,8 +174,10 @@ class DetectionModule(pl.LightningModule):
         t = dict(self.training_cfg, start_epoch=0)  # Lightning counts the epochs itself
         if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
             t["epochs"] = self.trainer.max_epochs  # cosine annealing's length
+        # The recipe's schema checks each value's type, as for the YAML file.
+        cfg = defaults().replace({f"training.{k}": v for k, v in t.items()}, source="DetectionModule(training=...)")
         optimizer, lr_scheduler, warmup, _ = build_optimization(
-            SimpleNamespace(cfg={"training": t}), self.model, self._iters_per_epoch()
+            SimpleNamespace(cfg=cfg), self.model, self._iters_per_epoch()
         )
         # As references/train.py: the warmup steps per iteration (in the first epoch; LinearLR leaves
         # the lr alone after total_iters), the main schedule per epoch.
@@ -210,7 +213,7 @@ class DetectionModule(pl.LightningModule):
             quiet = self.trainer.sanity_checking  # the evaluation runs, to fail early; its numbers are not news
             say = (lambda *_: None) if quiet else self.print
             summary = summarize_detections(
-                self.model, merged, seen, e.coco_gt, e.label_to_cat, self._val_thresh, say, e.class_names
+                self.model, merged, seen, e.coco_gt, e.label_to_cat, self._val_thresh, SayWriter(say), e.class_names
             )
             say(
                 f"per class (score >= {self._val_thresh:g}):\n"

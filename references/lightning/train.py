@@ -12,6 +12,7 @@ One device; for more, use ``DetectionModule`` (module.py) in your own script.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -27,10 +28,15 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 
-import train as recipe  # noqa: E402
+import train as recipe  # noqa: E402 (for check_before_data: the recipe's checks that need no data)
 from data import SIZE_SETTING_POLICIES  # noqa: E402
+from errors import USER_ERRORS  # noqa: E402
+from hooks import report_before_step_one  # noqa: E402
 from module import OPTIM_KEYS, DetectionModule, EvalData  # noqa: E402
-from train_config import ConfigError, defaults, dump, resolve  # noqa: E402
+from run_context import Run  # noqa: E402
+from run_data import build_data as build_recipe_data  # noqa: E402
+from train_config import ConfigError, TrainConfig, defaults, dump, resolve  # noqa: E402
+from writers import EventWriter  # noqa: E402
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
@@ -97,51 +103,52 @@ def parse(argv: Optional[List[str]] = None):
     return args, cfg, loss_cfg
 
 
-def check_supported(cfg: Dict[str, Any]) -> None:
+def check_supported(cfg: TrainConfig) -> None:
     """A recipe setting this loop cannot honour is refused in one line, never ignored."""
     base = defaults()
-    for k, v in cfg["training"].items():
-        if k not in USED_TRAINING_KEYS and v != base["training"].get(k) and (k not in OFF_VALUES or v != OFF_VALUES[k]):
-            raise ConfigError(
-                f"training.{k} = {v!r} is references/train.py's and cannot take effect in the Lightning loop"
-                + HINTS.get(k, "")
-            )
-    for k, v in cfg["distributed"].items():
-        if v != base["distributed"].get(k):
-            raise ConfigError(f"distributed.{k} = {v!r}: this CLI trains on one device (DDP: use module.py)")
-    if cfg["model"]["stock"]:
-        raise ConfigError("--stock: the Lightning module trains tv_lossfix heads (their statistics are logged)")
-    clip = cfg["training"]["gradient_clip"]
-    if clip["enabled"] and float(clip["norm_type"]) != 2.0:
+    for k, v in dataclasses.asdict(cfg.training).items():
+        if k in USED_TRAINING_KEYS or v == getattr(base.training, k) or OFF_VALUES.get(k, object()) == v:
+            continue
         raise ConfigError(
-            f"training.gradient_clip.norm_type {clip['norm_type']}: Lightning's Trainer clips the L2 norm only"
+            f"training.{k} = {v!r} is references/train.py's and cannot take effect in the Lightning loop"
+            + HINTS.get(k, "")
+        )
+    for k, v in dataclasses.asdict(cfg.distributed).items():
+        if v != getattr(base.distributed, k):
+            raise ConfigError(f"distributed.{k} = {v!r}: this CLI trains on one device (DDP: use module.py)")
+    if cfg.model.stock:
+        raise ConfigError("--stock: the Lightning module trains tv_lossfix heads (their statistics are logged)")
+    clip = cfg.training.gradient_clip
+    if clip.enabled and float(clip.norm_type) != 2.0:
+        raise ConfigError(
+            f"training.gradient_clip.norm_type {clip.norm_type}: Lightning's Trainer clips the L2 norm only"
         )
 
 
-def build_data(cfg: Dict[str, Any], loss_cfg):
-    """The recipe's own datasets, checks and loaders (references/train.py build_data)."""
-    run = recipe.Run(cfg, loss_cfg, torch.device("cpu"), 0, recipe.RunLog("", True), "")
-    return run, recipe.build_data(run)
+def build_data(cfg: TrainConfig, loss_cfg):
+    """The recipe's own datasets, checks and loaders (references/run_data.py build_data)."""
+    run = Run(cfg, loss_cfg, torch.device("cpu"), 0, EventWriter("", True), "")
+    return run, build_recipe_data(run)
 
 
-def build_module(cfg: Dict[str, Any], loss_cfg, data) -> DetectionModule:
-    m, t = cfg["model"], cfg["training"]
-    kwargs = dict(m["kwargs"])
-    if m["rpn_score_thresh"] is not None:
-        kwargs["rpn_score_thresh"] = m["rpn_score_thresh"]
-    if cfg["data"]["augmentation"] in SIZE_SETTING_POLICIES:
+def build_module(cfg: TrainConfig, loss_cfg, data) -> DetectionModule:
+    m, t = cfg.model, cfg.training
+    kwargs = dict(m.kwargs)
+    if m.rpn_score_thresh is not None:
+        kwargs["rpn_score_thresh"] = m.rpn_score_thresh
+    if cfg.data.augmentation in SIZE_SETTING_POLICIES:
         kwargs["_skip_resize"] = True  # the policy sets the input size, as in references/train.py
     return DetectionModule(
-        m["name"],
+        m.name,
         data.num_classes,
         loss_cfg,
-        training={k: t[k] for k in OPTIM_KEYS},
+        training={k: getattr(t, k) for k in OPTIM_KEYS},
         model_kwargs=kwargs,
-        weights=m["weights"],
-        weights_backbone=m["weights_backbone"],
-        trainable_backbone_layers=m["trainable_backbone_layers"],
-        anchor_sizes=m["anchor_sizes"],
-        aspect_ratios=m["aspect_ratios"],
+        weights=m.weights,
+        weights_backbone=m.weights_backbone,
+        trainable_backbone_layers=m.trainable_backbone_layers,
+        anchor_sizes=m.anchor_sizes,
+        aspect_ratios=m.aspect_ratios,
         eval_data=EvalData(data.coco_val, data.label_to_cat, data.names),
     )
 
@@ -154,10 +161,10 @@ def _accelerator(device: str, say) -> tuple:
     return (d.type, [d.index or 0]) if d.type == "cuda" else (d.type, 1)
 
 
-def clip_value(args, cfg: Dict[str, Any]) -> Optional[float]:
+def clip_value(args, cfg: TrainConfig) -> Optional[float]:
     """--gradient-clip-val, else the config's clipping; None = off."""
-    clip = cfg["training"]["gradient_clip"]
-    value = args.gradient_clip_val if args.gradient_clip_val is not None else clip["max_norm"] * clip["enabled"]
+    clip = cfg.training.gradient_clip
+    value = args.gradient_clip_val if args.gradient_clip_val is not None else clip.max_norm * clip.enabled
     return float(value) if value else None
 
 
@@ -181,24 +188,24 @@ class LossLine(pl.Callback):
         )
 
 
-def build_trainer(args, cfg: Dict[str, Any], say=print, **overrides) -> pl.Trainer:
-    t = cfg["training"]
-    accelerator, devices = _accelerator(t["device"], say)
+def build_trainer(args, cfg: TrainConfig, say=print, **overrides) -> pl.Trainer:
+    t = cfg.training
+    accelerator, devices = _accelerator(t.device, say)
     kw: Dict[str, Any] = dict(
         accelerator=accelerator,
         devices=devices,
         precision=args.precision,
-        max_epochs=args.max_epochs or t["epochs"],
+        max_epochs=args.max_epochs or t.epochs,
         gradient_clip_val=clip_value(args, cfg),
         gradient_clip_algorithm="norm",
-        log_every_n_steps=t["print_freq"],
-        check_val_every_n_epoch=t["eval_every"],
-        limit_train_batches=t["iters_per_epoch"] or 1.0,
-        deterministic=True if t["use_deterministic_algorithms"] else None,
-        callbacks=[LossLine(t["print_freq"])],
+        log_every_n_steps=t.print_freq,
+        check_val_every_n_epoch=t.eval_every,
+        limit_train_batches=t.iters_per_epoch or 1.0,
+        deterministic=True if t.use_deterministic_algorithms else None,
+        callbacks=[LossLine(t.print_freq)],
     )
-    if t["output_dir"]:
-        kw["default_root_dir"] = t["output_dir"]
+    if t.output_dir:
+        kw["default_root_dir"] = t.output_dir
     else:  # torchvision's "save nothing"
         kw.update(logger=False, enable_checkpointing=False)
     kw.update(overrides)
@@ -215,18 +222,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, cfg, loss_cfg = parsed
     check_supported(cfg)
     recipe.check_before_data(cfg)
-    t = cfg["training"]
-    if t["num_threads"]:
-        torch.set_num_threads(t["num_threads"])
-    pl.seed_everything(t["seed"], verbose=False)
+    t = cfg.training
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    pl.seed_everything(t.seed, verbose=False)
     run, data = build_data(cfg, loss_cfg)
     module = build_module(cfg, loss_cfg, data)
     for line in module.replaced + module.anchor_changes:
-        run.say(line)
-    recipe._before_step_one(run, data, module.model)  # the lr check and the data / anchor report
-    trainer = build_trainer(args, cfg, run.say)
+        run.writer.say(line)
+    report_before_step_one(run, data, module.model)  # the lr check and the data / anchor report
+    trainer = build_trainer(args, cfg, run.writer.say)
     clip = trainer.gradient_clip_val
-    run.say(f"Lightning: precision {args.precision}, gradient clipping {f'max_norm {clip:g}' if clip else 'off'}")
+    run.writer.say(
+        f"Lightning: precision {args.precision}, gradient clipping {f'max_norm {clip:g}' if clip else 'off'}"
+    )
     trainer.fit(module, data.train_loader, data.val_loader)
     return 0
 
@@ -234,6 +243,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except recipe.USER_ERRORS as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -3,9 +3,8 @@ import math
 import numpy as np
 import pytest
 
-import diagnostics as D  # noqa: E402
-import helpers  # noqa: F401  (puts references/ on sys.path)
-from train_config import defaults  # noqa: E402
+import diagnostics as D
+from train_config import defaults
 
 
 def _eval(dets, max_score, thresh=0.05, per_class=None):
@@ -13,11 +12,15 @@ def _eval(dets, max_score, thresh=0.05, per_class=None):
 
 
 def _cfg(clip=False, max_norm=35.0, cls_pos_weight=1.0, class_weight=None, lr=0.02, batch=2):
-    cfg = defaults()
-    cfg["training"]["gradient_clip"].update(enabled=clip, max_norm=max_norm)
-    cfg["training"]["lr"], cfg["training"]["batch_size"] = lr, batch
-    cfg["model"]["roi_head"] = {"cls_pos_weight": cls_pos_weight, "class_weight": class_weight}
-    return cfg
+    return defaults().replace(
+        {
+            "training.gradient_clip.enabled": clip,
+            "training.gradient_clip.max_norm": max_norm,
+            "training.lr": lr,
+            "training.batch_size": batch,
+            "model.roi_head": {"cls_pos_weight": cls_pos_weight, "class_weight": class_weight},
+        }
+    )
 
 
 SICK = {
@@ -149,7 +152,7 @@ def test_per_class_summary_by_hand():
     coco = COCO()
     coco.dataset = {
         "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
-        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}],
         "annotations": [
             {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 0},
             {"id": 2, "image_id": 2, "category_id": 1, "bbox": [50, 50, 10, 10], "area": 100, "iscrowd": 0},
@@ -161,7 +164,15 @@ def test_per_class_summary_by_hand():
         {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
         {"image_id": 2, "category_id": 2, "bbox": [70, 70, 10, 10], "score": 0.8},
     ]
-    out = D.per_class_summary(coco, [1, 2], dets, {}, {1: 1, 2: 2})
+    out = D.per_class_summary(coco, [1, 2], dets, {}, {1: 1, 2: 2, 3: 3})
     assert out["cat"] == {"gt": 2.0, "dets_per_image": 0.5, "recall": 0.5}
     assert out["dog"] == {"gt": 1.0, "dets_per_image": 0.5, "recall": 0.0}
-    assert "recall@0.05" in D.per_class_table(out, 0.05) and math.isnan(float("nan"))
+    # A class with no ground truth has no recall (NaN, not 0), and the table shows "-" for it.
+    assert out["bird"]["gt"] == 0.0 and out["bird"]["dets_per_image"] == 0.0 and math.isnan(out["bird"]["recall"])
+    rows = [line.split() for line in D.per_class_table(out, 0.05).splitlines()]
+    assert rows == [
+        ["class", "gt", "dets/img", "recall@0.05"],
+        ["cat", "2", "0.50", "0.500"],
+        ["dog", "1", "0.50", "0.000"],
+        ["bird", "0", "0.00", "-"],
+    ]

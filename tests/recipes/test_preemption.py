@@ -15,13 +15,14 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 import tv_lossfix
 from tv_lossfix.model_settings import ModelSettingsWarning
 
-import checkpoint  # noqa: E402
-import data as data_module  # noqa: E402
-import engine  # noqa: E402
-import helpers  # noqa: F401,E402  (puts references/ on sys.path)
-import models  # noqa: E402
-import train  # noqa: E402
-from helpers import records, tiny_config  # noqa: E402
+import checks
+import data as data_module
+import engine
+import helpers
+import models
+import train
+import training_checkpoint
+from helpers import records, tiny_config
 
 QUIET = ["--no-data-report"]
 
@@ -59,6 +60,7 @@ def _ckpt(out_dir, name="checkpoint.pth"):
     return torch.load(os.path.join(out_dir, name), weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["shuffle", "repeat_factor"])
 def test_mid_epoch_resume_matches_uninterrupted_run(tmp_path, data_root, monkeypatch, sampler):
     extra = {"repeat_factor_threshold": 0.9} if sampler == "repeat_factor" else {}
@@ -101,6 +103,7 @@ def test_mid_epoch_resume_matches_uninterrupted_run(tmp_path, data_root, monkeyp
     assert ev_a["train_loss"] == ev_b["train_loss"] and ev_a["bbox_AP"] == ev_b["bbox_AP"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
 def test_stop_signal_exits_nonzero_with_the_resume_line(tmp_path, data_root, monkeypatch, capsys, sig, code):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -114,18 +117,18 @@ def test_stop_signal_exits_nonzero_with_the_resume_line(tmp_path, data_root, mon
         f"to resume, run the same command with --resume {path}"
     ) in out
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers are given back
-    ckpt = checkpoint.load_training_checkpoint(path)
+    ckpt = training_checkpoint.load_training_checkpoint(path)
     assert ckpt["in_epoch"]["iteration"] == 2
     (stopped,) = records(tmp_path / "out", "stopped")
     assert stopped["reason"] == sig.name and stopped["checkpoint"] == path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig,code,start", [(signal.SIGINT, 130, "spawn"), (signal.SIGUSR1, 138, "fork")], ids=["ctrl-c", "slurm-signal"]
 )
 def test_signal_to_the_process_group_stops_without_traceback(tmp_path, data_root, sig, code, start):
     cfg = tiny_config(tmp_path, data_root, epochs=50)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # Two loader workers: Ctrl-C and SLURM's --signal reach every process, the workers must outlive it
     # (SIGUSR1's default action would kill them, and torch would raise at once in the main process).
     # Spawned workers start with the default handlers (forked ones inherit the main process's; spawn is
@@ -133,12 +136,12 @@ def test_signal_to_the_process_group_stops_without_traceback(tmp_path, data_root
     # which spawn starts, ignores SIGINT but not SIGUSR1: SIGUSR1 goes with fork here.
     script = tmp_path / "spawned_workers.py"
     script.write_text(
-        f"import multiprocessing, sys\nsys.path.insert(0, {helpers.REFS!r})\nimport train\n"
+        "import multiprocessing, sys\nimport train\n"
         f"if __name__ == '__main__':\n    multiprocessing.set_start_method({start!r})\n    sys.exit(train.cli())\n"
     )
     cmd = [sys.executable, str(script), "--config", cfg, *QUIET, "-j", "2"]
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, env=helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     lines = []
     for line in proc.stdout:  # wait until both workers delivered a batch, then signal the process group
@@ -150,7 +153,7 @@ def test_signal_to_the_process_group_stops_without_traceback(tmp_path, data_root
     assert proc.returncode == code, "".join(lines) + out + err
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in err and "worker" not in err
     assert f"stopped by {sig.name} at " in out and "--resume " + os.path.abspath(tmp_path / "out") in out
-    ckpt = checkpoint.load_training_checkpoint(str(tmp_path / "out" / "checkpoint.pth"))
+    ckpt = training_checkpoint.load_training_checkpoint(str(tmp_path / "out" / "checkpoint.pth"))
     assert ckpt["state"]["iteration"] >= 2
 
 
@@ -165,6 +168,7 @@ class _SignalsItself(torch.utils.data.Dataset):
         return torch.tensor(i)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ignore", [True, False], ids=["with-init", "torch-default"])
 def test_spawned_loader_workers_survive_the_stop_signals(ignore):
     from torch.utils.data import DataLoader
@@ -180,6 +184,7 @@ def test_spawned_loader_workers_survive_the_stop_signals(ignore):
             list(loader)
 
 
+@pytest.mark.slow
 def test_checkpoint_every_iters_writes_at_the_period(tmp_path, data_root, monkeypatch):
     real = engine.train_step
     calls = {"n": 0}
@@ -194,7 +199,7 @@ def test_checkpoint_every_iters_writes_at_the_period(tmp_path, data_root, monkey
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.main(["--config", cfg, *QUIET, "--checkpoint-every-iters", "2"])
-    ckpt = checkpoint.load_training_checkpoint(str(tmp_path / "out" / "checkpoint.pth"))
+    ckpt = training_checkpoint.load_training_checkpoint(str(tmp_path / "out" / "checkpoint.pth"))
     assert ckpt["in_epoch"]["iteration"] == 2 and ckpt["state"]["iteration"] == 2  # at most 2 iterations lost
     assert ckpt["model_settings"]["anchor_sizes"] == [[12], [24], [48], [96]]
 
@@ -205,6 +210,7 @@ def test_checkpoint_every_iters_is_validated(tmp_path, data_root):
         train.main(["--config", cfg, "--checkpoint-every-iters", "0"])
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_refuses_another_batch_size(tmp_path, data_root, monkeypatch):
     _signal_at(monkeypatch, 0)
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=3)
@@ -218,10 +224,9 @@ def test_resume_mid_epoch_refuses_another_batch_size(tmp_path, data_root, monkey
 # -- 2 ranks ---------------------------------------------------------------------------------------
 _RANK_SCRIPT = """
 import os, signal, sys
-sys.path.insert(0, {refs!r})
 import engine, train
 
-real, steps = engine.train_step, {{"n": 0}}
+real, steps = engine.train_step, {"n": 0}
 
 def step(ctx, images, targets):
     if int(os.environ["RANK"]) == 1 and steps["n"] == 1:
@@ -231,16 +236,17 @@ def step(ctx, images, targets):
 
 engine.train_step = step
 code = train.cli()
-print(f"rank {{os.environ['RANK']}}: {{steps['n']}} steps, exit {{code}}", flush=True)
+print(f"rank {os.environ['RANK']}: {steps['n']} steps, exit {code}", flush=True)
 sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_signal_on_one_rank_stops_every_rank_with_one_checkpoint(tmp_path, data_root):
     script = tmp_path / "run_ranks.py"
-    script.write_text(textwrap.dedent(_RANK_SCRIPT.format(refs=helpers.REFS)))
+    script.write_text(textwrap.dedent(_RANK_SCRIPT))
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=4, batch_size=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = helpers.child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(cmd + ["--config", cfg, *QUIET], env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout
@@ -248,7 +254,7 @@ def test_signal_on_one_rank_stops_every_rank_with_one_checkpoint(tmp_path, data_
     # Rank 1 got the signal during step 1; every rank finished that step and stopped there.
     assert "rank 0: 2 steps, exit 138" in out and "rank 1: 2 steps, exit 138" in out, out[-3000:] + proc.stderr[-3000:]
     assert out.count("stopped by SIGUSR1 at epoch 0, iteration 2/4") == 1  # rank 0 alone speaks
-    ckpt = checkpoint.load_training_checkpoint(str(tmp_path / "out" / "checkpoint.pth"))
+    ckpt = training_checkpoint.load_training_checkpoint(str(tmp_path / "out" / "checkpoint.pth"))
     assert ckpt["in_epoch"]["iteration"] == 2 and len(ckpt["rng"]["torch"]) == 2  # both ranks' RNG states
     assert sorted(os.listdir(tmp_path / "out")).count("checkpoint.pth") == 1
     assert not any(n.startswith("model_") for n in os.listdir(tmp_path / "out"))
@@ -268,6 +274,7 @@ def _anchor_config(tmp_path, data_root, **model):
     return path
 
 
+@pytest.mark.slow
 def test_trained_anchors_come_back_with_weights_and_test_only(tmp_path, data_root, capsys):
     cfg = _anchor_config(tmp_path, data_root, anchor_sizes=ANCHORS)
     assert train.main(["--config", cfg, *QUIET]) == 0
@@ -285,10 +292,11 @@ def test_trained_anchors_come_back_with_weights_and_test_only(tmp_path, data_roo
         for key in ("bbox_AP", "segm_AP", "dets_per_image", "max_score", "score_p90"):
             assert ev[key] == trained[key], (flag, key)
         assert f"{flag} {weights}: anchors from the checkpoint: sizes {ANCHORS}" in capsys.readouterr().out
-    net, _ = models.build_model("maskrcnn_tiny", 5, weights=weights)
+    net, _ = models.build_model(name="maskrcnn_tiny", num_classes=5, weights=weights)
     assert net.rpn.anchor_generator.sizes == tuple(tuple(s) for s in ANCHORS)
 
 
+@pytest.mark.slow
 def test_explicit_values_over_a_checkpoint_are_named_or_refused(tmp_path, data_root, capsys):
     cfg = _anchor_config(tmp_path, data_root, anchor_sizes=ANCHORS)
     assert train.main(["--config", cfg, *QUIET]) == 0
@@ -418,22 +426,23 @@ def test_weights_of_another_model_fail_before_the_data(tmp_path, data_root):
     cfg = _missing_data_config(tmp_path, data_root)
     named = tmp_path / "faster.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "config": {"model": {"name": "fasterrcnn_resnet50_fpn"}}}, named)
-    with pytest.raises(train.ModelError, match=f"--weights {named} holds a fasterrcnn_resnet50_fpn model, not"):
+    with pytest.raises(models.ModelError, match=f"--weights {named} holds a fasterrcnn_resnet50_fpn model, not"):
         train.main(["--config", cfg, "--weights", str(named)])
     from helpers import tiny_model
 
     bare = tmp_path / "bare.pth"
     torch.save(tiny_model("faster").state_dict(), bare)
-    with pytest.raises(train.ModelError, match=f"--weights {bare} is not a maskrcnn_tiny state_dict"):
+    with pytest.raises(models.ModelError, match=f"--weights {bare} is not a maskrcnn_tiny state_dict"):
         train.main(["--config", cfg, "--weights", str(bare)])
     assert not (tmp_path / "out").exists()  # stopped before the run made its output folder
-    with pytest.raises(train.DataError):  # the same config does reach the (missing) data without --weights
+    with pytest.raises(checks.DataError):  # the same config does reach the (missing) data without --weights
         train.main(["--config", cfg])
 
 
 def test_weights_of_a_folder(tmp_path, data_root):
     cfg = _missing_data_config(tmp_path, data_root)
-    with pytest.raises(train.ModelError, match=f"--weights {tmp_path} is a folder, not a checkpoint file"):
+    # One check (tv_lossfix.checkpoint.check_checkpoint_file) behind both entry points, named by each.
+    with pytest.raises(train.CheckpointError, match=f"^--weights: {tmp_path} is a folder, not a checkpoint file$"):
         train.main(["--config", cfg, "--weights", str(tmp_path)])
-    with pytest.raises(tv_lossfix.checkpoint.CheckpointError, match="is a folder, not a checkpoint file"):
+    with pytest.raises(tv_lossfix.checkpoint.CheckpointError, match=f"^weights: {tmp_path} is a folder, not a"):
         tv_lossfix.fasterrcnn_resnet50_fpn(weights=str(tmp_path))

@@ -4,13 +4,13 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 import tv_lossfix
 from tv_lossfix import LossConfig, LossConfigError
 from tv_lossfix.sampling import TORCHVISION_KWARGS, hard_examples, num_negatives, sample_with_neg_cap
 
-from helpers import make_targets, patched_copy, run_losses, tiny_model
+from helpers import make_targets, patched_copy, run_losses, sampling_settings, tiny_model
 
 SAMPLING = {
     "rpn_head": {"pos_iou_thr": 0.6, "neg_iou_thr": 0.2, "num": 128, "pos_fraction": 0.25, "neg_pos_ub": 3},
@@ -37,25 +37,8 @@ TORCHVISION_VALUES = {
 }
 
 
-def settings(model):
-    """(matcher high, low, low-quality, sampler num, fraction, neg_pos_ub) of both heads."""
-    out = {}
-    for name, head in (("rpn_head", model.rpn), ("roi_head", model.roi_heads)):
-        m, s = head.proposal_matcher, head.fg_bg_sampler
-        assert type(m) is Matcher and type(s) is BalancedPositiveNegativeSampler  # stock objects: TorchScript
-        out[name] = {
-            "pos_iou_thr": m.high_threshold,
-            "neg_iou_thr": m.low_threshold,
-            "low_quality": m.allow_low_quality_matches,
-            "num": s.batch_size_per_image,
-            "pos_fraction": s.positive_fraction,
-            "neg_pos_ub": getattr(head, "neg_pos_ub", -1.0),
-        }
-    return out
-
-
 def expected(cfg):
-    """What settings() reads after ``cfg``: torchvision keeps low-quality matches in the RPN only."""
+    """What sampling_settings() reads after ``cfg``: torchvision keeps low-quality matches in the RPN only."""
     out = {}
     for sec, low_quality in (("rpn_head", True), ("roi_head", False)):
         c = dict(cfg[sec])
@@ -153,11 +136,11 @@ def test_threshold_order_and_head_only_keys():
 # -- patch_model and builders -----------------------------------------------------------------------
 def test_patch_model_sets_matcher_sampler_and_cap():
     model = tiny_model("faster", loss_cfg=SAMPLING)
-    assert settings(model) == expected(SAMPLING)
+    assert sampling_settings(model) == expected(SAMPLING)
     assert model.roi_heads.sampler == "ohem"
     again = tv_lossfix.patch_model(model, {"roi_head": {"num": 32}})  # None keeps what the model has now
-    assert settings(again)["roi_head"]["num"] == 32
-    assert settings(again)["roi_head"]["pos_iou_thr"] == 0.6 and again.roi_heads.sampler == "random"
+    assert sampling_settings(again)["roi_head"]["num"] == 32
+    assert sampling_settings(again)["roi_head"]["pos_iou_thr"] == 0.6 and again.roi_heads.sampler == "random"
 
 
 def test_none_keeps_the_models_own_objects():
@@ -172,7 +155,7 @@ def test_none_keeps_the_models_own_objects():
     assert ours.rpn.proposal_matcher is rpn_m and ours.rpn.fg_bg_sampler is rpn_s
     assert ours.roi_heads.proposal_matcher is roi_m and ours.roi_heads.fg_bg_sampler is roi_s
     # tiny_model is built with 64 samples per image for both heads: a fine-tuner's value is kept.
-    assert settings(ours)["rpn_head"]["num"] == 64 and settings(ours)["roi_head"]["num"] == 64
+    assert sampling_settings(ours)["rpn_head"]["num"] == 64 and sampling_settings(ours)["roi_head"]["num"] == 64
 
 
 def test_only_one_threshold_is_checked_against_the_models():
@@ -230,7 +213,7 @@ def test_builder_paths_reach_the_heads(path):
         "loss_cfg": {"loss_cfg": BUILDER_CFG},
         "both": {**BUILDER_VALUES, "loss_cfg": BUILDER_CFG},
     }
-    got = settings(_build(**kw[path]))
+    got = sampling_settings(_build(**kw[path]))
     assert got == expected(BUILDER_CFG)
 
 
@@ -419,99 +402,3 @@ def test_scripted_model_with_cap_and_ohem_matches_eager():
     assert set(got) == set(eager)
     for k in eager:
         torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-6, msg=k)
-
-
-# -- the loss-fix guide's sections 3 and 4 --------------------------------------------------------------
-GUIDE_YAML = """
-model:
-  num_classes: 3
-  rpn_head:
-    cls_pos_weight: 1.0
-    loss_cls_weight: 1.0
-    loss_bbox_weight: 1.0
-    pos_iou_thr: 0.7
-    neg_iou_thr: 0.3
-    num_neg_ratio: 3
-    feat_channels: 256
-  roi_head:
-    cls_pos_weight: 1.0
-    loss_cls_weight: 1.0
-    loss_bbox_weight: 1.0
-    loss_mask_weight: 1.0
-    pos_iou_thr: 0.6
-    neg_iou_thr: 0.4
-    pos_ratio: 0.5
-    num_samples: 256
-
-training:
-  gradient_clip:
-    enabled: true
-    max_norm: 35.0
-    norm_type: 2
-"""
-GUIDE_VALUES = {
-    "rpn_head": {"pos_iou_thr": 0.7, "neg_iou_thr": 0.3, "neg_pos_ub": 3, "feat_channels": 256},
-    "roi_head": {"pos_iou_thr": 0.6, "neg_iou_thr": 0.4, "pos_fraction": 0.5, "num": 256},
-}
-
-
-def test_guide_config_loads_in_the_library_and_the_training_script(tmp_path, capsys):
-    import models
-    import train
-    import train_config
-
-    path = tmp_path / "config.yaml"
-    path.write_text(GUIDE_YAML)
-    cfg = LossConfig.from_yaml(path)
-    assert train.main(["--config", str(path), "--print-config"]) == 0
-    printed_cfg = yaml.safe_load(capsys.readouterr().out)
-    for sec, values in GUIDE_VALUES.items():
-        for key, value in values.items():
-            assert getattr(getattr(cfg, sec), key) == value, (sec, key)
-            assert printed_cfg["model"][sec][key] == value, (sec, key)  # canonical keys, no alias
-    assert printed_cfg["model"]["num_classes"] == 3 and printed_cfg["training"]["gradient_clip"]["enabled"] is True
-    run_cfg, loss_cfg, _ = train_config.resolve(["--config", str(path)])
-    assert loss_cfg == cfg
-    model, _ = models.build_model(run_cfg["model"]["name"], run_cfg["model"]["num_classes"], loss_cfg)
-    got = settings(model)
-    for sec, values in GUIDE_VALUES.items():
-        for key, value in values.items():
-            if key != "feat_channels":
-                assert got[sec][key] == value, (sec, key)
-    assert model.rpn.head.cls_logits.in_channels == 256
-    assert model.roi_heads.box_predictor.cls_score.out_features == 3
-
-
-def test_stock_refuses_settings_its_heads_cannot_apply(tmp_path, data_root):
-    import train
-    from helpers import tiny_config
-    from train_config import ConfigError
-
-    cfg = tiny_config(tmp_path, data_root)
-    flags = ["--config", cfg, "--print-config", "--stock"]
-    assert train.main(flags) == 0  # torchvision's defaults: nothing to refuse
-    with pytest.raises(
-        ConfigError,
-        match=r"--stock builds torchvision's own heads, which cannot apply "
-        r"model.sync_avg_factor",
-    ):
-        train.main(flags + ["--sync-avg-factor"])
-    # a YAML key is named the same way
-    import yaml as _yaml
-
-    data = _yaml.safe_load(open(cfg))
-    data["model"]["roi_head"] = {"neg_pos_ub": 3}
-    data["model"]["sync_avg_factor"] = True
-    with open(cfg, "w") as f:
-        _yaml.safe_dump(data, f)
-    with pytest.raises(ConfigError, match=r"model.roi_head.neg_pos_ub, model.sync_avg_factor: drop --stock"):
-        train.main(flags)
-
-
-def test_demo_model_refuses_a_kwarg_and_key_that_disagree():
-    from models import build_model
-
-    with pytest.raises(LossConfigError, match=r"box_batch_size_per_image=64 and loss_cfg roi_head.num=32"):
-        build_model("maskrcnn_tiny", 3, {"roi_head": {"num": 32}}, kwargs={"box_batch_size_per_image": 64})
-    model, _ = build_model("maskrcnn_tiny", 3, {"roi_head": {"num": 64}}, kwargs={"box_batch_size_per_image": 64})
-    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64

@@ -8,11 +8,11 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-import helpers  # noqa: E402  (puts references/ on sys.path)
-import train  # noqa: E402
-from checks import DataError, check_samples, load_coco_checked  # noqa: E402
-from data import CocoDetection, GroupedBatchSampler, SeededRandomSampler, aspect_ratio_groups  # noqa: E402
-from shapes import ShapesSpec, ensure_shapes  # noqa: E402
+import helpers
+import train
+from checks import DataError, check_samples, load_coco_checked
+from data import CocoDetection, GroupedBatchSampler, SeededRandomSampler, aspect_ratio_groups
+from shapes import ShapesSpec, ensure_shapes
 
 SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
 
@@ -164,6 +164,7 @@ def test_sample_checks(shapes, mode, match):
     assert check_samples(CocoDetection(coco, shapes["train_images"], label_map), num_classes=5) == []
 
 
+@pytest.mark.slow
 def test_coco_json_dataset_with_rle_and_crowd(coco, shapes, tmp_path):
     # What annotation tools export: RLE masks, crowd regions, an unannotated image, other category ids.
     data = copy.deepcopy(coco)

@@ -20,13 +20,14 @@ from PIL import Image
 
 from tv_lossfix import LossConfig, LossConfigError
 
-import checkpoint  # noqa: E402
-import helpers  # puts references/ on sys.path
-import train  # noqa: E402
-import train_config  # noqa: E402
-from checks import DataError, check_samples, load_coco_checked  # noqa: E402
-from data import CocoDetection  # noqa: E402
-from shapes import ShapesSpec, ensure_shapes  # noqa: E402
+import helpers
+import train
+import train_config
+import training_checkpoint
+import writers
+from checks import DataError, check_samples, load_coco_checked
+from data import CocoDetection
+from shapes import ShapesSpec, ensure_shapes
 
 SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
 
@@ -154,9 +155,9 @@ def test_negative_clip_grad_norm_is_an_error_and_zero_is_off(tmp_path, data_root
     with pytest.raises(train_config.ConfigError, match=r"must be >= 0.*got -5"):
         train_config.resolve(["--config", helpers.tiny_config(tmp_path, data_root, clip_grad_norm=-5)])
     off, _, _ = train_config.resolve(["--config", cfg, "--clip-grad-norm", "0"])
-    assert off["training"]["gradient_clip"]["enabled"] is False
+    assert off.training.gradient_clip.enabled is False
     on, _, _ = train_config.resolve(["--config", cfg, "--clip-grad-norm", "7"])
-    assert on["training"]["gradient_clip"] == {"enabled": True, "max_norm": 7.0, "norm_type": 2.0}
+    assert on.training.gradient_clip == train_config.GradientClipConfig(enabled=True, max_norm=7.0, norm_type=2.0)
 
 
 # -- 4., 8. metrics.jsonl is strict JSON with run markers; stale temp files are removed ---------------
@@ -184,6 +185,7 @@ def tiny_run(shapes, tmp_path_factory):
     return {"out": out, "stdout": stdout, "ann": ann, "images": images, "stale": stale, "kept": kept}
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_is_strict_json_with_a_run_id(tiny_run):
     lines = (tiny_run["out"] / "metrics.jsonl").read_text().splitlines()
     recs = [_strict(line) for line in lines]
@@ -193,7 +195,7 @@ def test_metrics_jsonl_is_strict_json_with_a_run_id(tiny_run):
 
 
 def test_non_finite_values_are_written_as_null(tmp_path):
-    log = train.RunLog(str(tmp_path), True)
+    log = writers.EventWriter(str(tmp_path), True)
     log.record(
         {
             "type": "x",
@@ -209,6 +211,7 @@ def test_non_finite_values_are_written_as_null(tmp_path):
     assert rec["np"] is None and rec["ok"] == 0.5 and rec["n"] == 3 and rec["run"] == log.run_id
 
 
+@pytest.mark.slow
 def test_a_resumed_run_marks_where_it_continues(tiny_run):
     out = tiny_run["out"]
     ckpt = str(out / "checkpoint.pth")
@@ -223,6 +226,7 @@ def test_a_resumed_run_marks_where_it_continues(tiny_run):
     assert any(r["type"] == "eval" and r["epoch"] == 1 for r in new)
 
 
+@pytest.mark.slow
 def test_stale_temp_files_are_removed_at_start_and_said(tiny_run):
     out = tiny_run["out"]
     for name in tiny_run["stale"]:
@@ -262,6 +266,7 @@ def _truncate(images, data, image_id):
     return path
 
 
+@pytest.mark.slow
 def test_truncated_png_is_one_line_naming_the_image(shapes, tmp_path):
     data, images = make_set(shapes, tmp_path)
     path = _truncate(images, data, 5)
@@ -297,17 +302,17 @@ def _leftovers(folder):
 
 def test_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
-    checkpoint.atomic_save({"epoch": 0, "w": torch.arange(3)}, path)
+    training_checkpoint.atomic_save({"epoch": 0, "w": torch.arange(3)}, path)
     monkeypatch.setattr(torch, "save", _no_space)
-    with pytest.raises(checkpoint.CheckpointError, match=rf"^could not write {path}: No space left on device"):
-        checkpoint.atomic_save({"epoch": 1}, path)
+    with pytest.raises(training_checkpoint.CheckpointError, match=rf"^could not write {path}: No space left on device"):
+        training_checkpoint.atomic_save({"epoch": 1}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3)) and not _leftovers(tmp_path)
     text = str(tmp_path / "config.yaml")
-    checkpoint.atomic_write_text("a: 1\n", text)
+    training_checkpoint.atomic_write_text("a: 1\n", text)
     monkeypatch.setattr(os, "fsync", _no_space)
-    with pytest.raises(checkpoint.CheckpointError, match=rf"^could not write {text}: No space left on device"):
-        checkpoint.atomic_write_text("a: 2\n", text)
+    with pytest.raises(training_checkpoint.CheckpointError, match=rf"^could not write {text}: No space left on device"):
+        training_checkpoint.atomic_write_text("a: 2\n", text)
     monkeypatch.undo()
     assert open(text).read() == "a: 1\n" and not _leftovers(tmp_path)
 
@@ -318,13 +323,14 @@ def test_real_enospc_inside_torch_save_is_one_line(tmp_path, monkeypatch):
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, open("/dev/full", "wb")))
     path = str(tmp_path / "model_0.pth")
-    with pytest.raises(checkpoint.CheckpointError) as info:
-        checkpoint.atomic_save({"w": torch.zeros(1000)}, path)
+    with pytest.raises(training_checkpoint.CheckpointError) as info:
+        training_checkpoint.atomic_save({"w": torch.zeros(1000)}, path)
     assert str(info.value).startswith(f"could not write {path}: ") and "\n" not in str(info.value)
     assert "No space left on device" in str(info.value)  # the OS reason, not torch's "unexpected pos"
     assert not _leftovers(tmp_path) and not os.path.exists(path)
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_ends_in_one_line(shapes, tmp_path, monkeypatch):
     data, images = make_set(shapes, tmp_path)
     out = tmp_path / "out"
@@ -352,6 +358,7 @@ def test_non_utf8_yaml_is_one_line_naming_the_file(tmp_path):
         LossConfig.from_yaml(bad)
 
 
+@pytest.mark.slow
 def test_class_weight_of_the_wrong_length_is_one_line(shapes, tmp_path):
     data, images = make_set(shapes, tmp_path)
     cfg = tmp_path / "cw.yaml"

@@ -13,7 +13,6 @@ from tv_lossfix import class_weights_from_counts
 
 import analyze_data as A
 import diagnostics as D
-import helpers  # noqa: F401  (puts references/ on sys.path)
 import models
 import train
 import train_config
@@ -39,6 +38,7 @@ def _shapes_counts(data_root):
 
 
 # -- model.roi_head.class_weight: auto ----------------------------------------------------------------
+@pytest.mark.slow
 def test_auto_class_weight_is_resolved_recorded_and_kept_on_resume(tmp_path, data_root, capsys):
     cfg = _config(tmp_path, data_root, {"roi_head": {"class_weight": "auto"}})
     assert train.main(["--config", cfg, "--no-data-report"]) == 0
@@ -88,7 +88,7 @@ def test_auto_class_weight_method_keys_are_checked(tmp_path):
         return train_config.resolve(["--config", str(p)])
 
     cfg, loss, _ = resolve("model:\n  roi_head:\n    class_weight: auto\n  class_weight_method: inverse_sqrt\n")
-    assert cfg["model"]["roi_head"]["class_weight"] == "auto" and loss.roi_head.class_weight is None
+    assert cfg.model.roi_head["class_weight"] == "auto" and loss.roi_head.class_weight is None
     assert "class_weight: auto" in train_config.dump(cfg, loss)  # --print-config shows the marker
     with pytest.raises(train_config.ConfigError, match=r"model.class_weight_method \('inverse_sqrt'\) applies only"):
         resolve("model:\n  class_weight_method: inverse_sqrt\n")
@@ -123,30 +123,36 @@ def test_wrong_length_class_weight_fails_before_any_data_is_read(tmp_path, capsy
 
 # -- class-agnostic box regression and masks -----------------------------------------------------------
 def test_class_agnostic_keys_reach_the_model_through_build_model():
-    model, replaced = models.build_model(
-        "maskrcnn_tiny", 5, None, class_agnostic_bbox=True, class_agnostic_mask=True, kwargs={"image_size": 64}
+    model, report = models.build_model(
+        name="maskrcnn_tiny",
+        num_classes=5,
+        class_agnostic_bbox=True,
+        class_agnostic_mask=True,
+        kwargs={"image_size": 64},
     )
     assert model.roi_heads.box_predictor.bbox_pred.out_features == 4
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 1
     assert model.roi_heads.box_predictor.cls_score.out_features == 5  # scores stay per class
-    assert replaced == [
+    assert report.replaced == (
         "roi_heads.box_predictor.bbox_pred (20 -> 4 outputs: class-agnostic, one box for every class)",
         "roi_heads.mask_predictor.mask_fcn_logits (5 -> 1 channel: class-agnostic; mask_predictor.conv5_mask kept)",
-    ]
+    )
     model.eval()
     with torch.no_grad():
         out = model([torch.rand(3, 64, 64)])[0]
     assert out["masks"].shape[1:] == (1, 64, 64)  # torchvision's output format
     faster, _ = models.build_model(
-        "fasterrcnn_mobilenet_v3_large_320_fpn", 3, None, class_agnostic_bbox=True, kwargs={"min_size": 64}
+        name="fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3, class_agnostic_bbox=True, kwargs={"min_size": 64}
     )
     assert faster.roi_heads.box_predictor.bbox_pred.out_features == 4
-    with pytest.raises(models.ModelError, match="class_agnostic_mask: --model fasterrcnn_resnet50_fpn has no mask"):
-        models.build_model("fasterrcnn_resnet50_fpn", 3, None, class_agnostic_mask=True)
-    with pytest.raises(models.ModelError, match="need tv_lossfix's heads .*: drop --stock"):
-        models.build_model("maskrcnn_tiny", 3, None, stock=True, class_agnostic_bbox=True)
+    no_mask = "class_agnostic_mask: --model fasterrcnn_resnet50_fpn has no mask"
+    with pytest.raises(train_config.ConfigError, match=no_mask):
+        models.build_model(name="fasterrcnn_resnet50_fpn", num_classes=3, class_agnostic_mask=True)
+    with pytest.raises(train_config.ConfigError, match="need tv_lossfix's heads .*: drop --stock"):
+        models.build_model(name="maskrcnn_tiny", num_classes=3, stock=True, class_agnostic_bbox=True)
 
 
+@pytest.mark.slow
 def test_class_agnostic_from_a_class_specific_checkpoint_names_the_new_layers(tmp_path, data_root, capsys):
     specific = tmp_path / "specific.pth"
     torch.save(models.maskrcnn_tiny(5).state_dict(), specific)
@@ -164,15 +170,15 @@ def test_class_agnostic_from_a_class_specific_checkpoint_names_the_new_layers(tm
     assert state["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 1
     # The class-agnostic checkpoint loads into a class-agnostic model as it is (nothing re-initialised) ...
     ckpt = str(tmp_path / "out" / "checkpoint.pth")
-    model, replaced = models.build_model("maskrcnn_tiny", 5, None, ckpt, **{k: True for k in agnostic})
-    assert replaced == [] and torch.equal(
+    model, report = models.build_model(name="maskrcnn_tiny", num_classes=5, weights=ckpt, **agnostic)
+    assert report.replaced == () and torch.equal(
         model.roi_heads.box_predictor.bbox_pred.weight, state["roi_heads.box_predictor.bbox_pred.weight"]
     )
     # ... and is refused, in one line, by a class-specific one.
     with pytest.raises(
         models.ModelError, match="class-agnostic box regression predictor: set model.class_agnostic_bbox"
     ):
-        models.build_model("maskrcnn_tiny", 5, None, ckpt)
+        models.build_model(name="maskrcnn_tiny", num_classes=5, weights=ckpt)
 
 
 # -- the imbalance line of the data report ---------------------------------------------------------------
@@ -214,11 +220,10 @@ def test_the_imbalance_line_prints_the_cure_as_yaml():
     assert pasted["model"]["roi_head"]["class_weight"] == pytest.approx(weights, abs=5e-4)
     assert pasted["data"]["repeat_factor_threshold"] == pytest.approx(threshold)
     # What the config already sets is not suggested again.
-    cfg = train_config.defaults()
-    cfg["model"]["roi_head"] = {"class_weight": "auto"}
+    cfg = train_config.defaults().replace({"model.roi_head": {"class_weight": "auto"}})
     again = A.data_report(None, model, dataset=data, cfg=cfg)
     assert "class_weight:" not in again.text() and f"repeat_factor_threshold: {threshold:g}" in again.text()
-    cfg["data"]["repeat_factor_threshold"] = threshold
+    cfg = cfg.replace({"data.repeat_factor_threshold": threshold})
     line = next(w for w in A.data_report(None, model, dataset=data, cfg=cfg).warnings if "imbalance" in w)
     already = "model.roi_head.class_weight and data.repeat_factor_threshold already set"
     assert line.endswith(f"{already}: watch the rare classes' rows in the per-class table")
@@ -233,8 +238,7 @@ def _collapsed_class():
 
 
 def test_the_per_class_collapse_warning_prints_the_cure_with_values():
-    cfg = train_config.defaults()
-    cfg["model"]["roi_head"] = {"cls_pos_weight": 2.0}
+    cfg = train_config.defaults().replace({"model.roi_head": {"cls_pos_weight": 2.0}})
     cure = D.rare_class_cure([88, 44, 10], 0.5, cfg)
     weights = [round(w, 3) for w in class_weights_from_counts([88, 44, 10])]
     w = D.collapse_warnings([], _collapsed_class(), {}, cfg, 2.0, cure=cure)
@@ -244,11 +248,11 @@ def test_the_per_class_collapse_warning_prints_the_cure_with_values():
     # the under-confident cause names the same values
     assert any(line.startswith("  likely cause: every score is under") and cure_line in line for line in w)
     # never what is already set
-    cfg["model"]["roi_head"]["class_weight"] = [1.0, 0.5, 1.0, 1.5]
+    cfg = cfg.replace({"model.roi_head": {"cls_pos_weight": 2.0, "class_weight": [1.0, 0.5, 1.0, 1.5]}})
     w = D.collapse_warnings([], _collapsed_class(), {}, cfg, 2.0, cure=D.rare_class_cure([88, 44, 10], 0.5, cfg))
     assert w[1] == "  cure for rare classes: data.repeat_factor_threshold: 0.5"
     assert not any("model.roi_head.class_weight:" in line for line in w)
-    cfg["data"]["repeat_factor_threshold"] = 0.5
+    cfg = cfg.replace({"data.repeat_factor_threshold": 0.5})
     w = D.collapse_warnings([], _collapsed_class(), {}, cfg, 2.0, cure=D.rare_class_cure([88, 44, 10], 0.5, cfg))
     assert w[1].startswith("  model.roi_head.class_weight and data.repeat_factor_threshold already set: raise")
     assert not any("class_weight: [" in line or "threshold: 0.5" in line for line in w)

@@ -17,6 +17,7 @@ from tv_lossfix.checkpoint import CheckpointError, model_state_dict, read_checkp
 from tv_lossfix.model_settings import model_settings
 
 import distributed
+from train_config import TrainConfig, flatten
 
 FORMAT = "tv_lossfix-train-1"
 
@@ -165,7 +166,7 @@ def save_training_checkpoint(
     warmup,
     scaler,
     state,
-    cfg: Dict[str, Any],
+    cfg: TrainConfig,
     loss_cfg,
     device: torch.device,
     class_names: Optional[List[str]] = None,
@@ -189,7 +190,7 @@ def save_training_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": epoch,  # torchvision's key: the last finished epoch
         "state": state.state_dict(),
-        "config": json.loads(json.dumps(cfg)),
+        "config": json.loads(json.dumps(cfg.to_dict())),  # plain types: loads under weights_only=True
         "loss_cfg": loss_cfg.to_dict(),
         "rng": {"torch": rng_all, "cuda": cuda_all, "python": _py_state_to_list(random.getstate())},
         # What shapes the model beyond its weights (anchors, sizes, thresholds): --weights restores it.
@@ -231,22 +232,11 @@ APPLIED_HOW = {
 _IGNORED_IN_DIFF = {"training.resume", "training.start_epoch", "training.test_only"}
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        path = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and k not in ("kwargs", "shapes", "rpn_head", "roi_head"):
-            out.update(_flatten(v, path))
-        else:
-            out[path] = v
-    return out
-
-
-def reconcile(saved_cfg: Optional[Dict[str, Any]], cfg: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+def reconcile(saved_cfg: Optional[Dict[str, Any]], cfg: TrainConfig) -> Tuple[List[str], List[str]]:
     """Compare the checkpoint's config with this run's: returns (applied lines, refused lines)."""
     if not saved_cfg:
         return [], []
-    old, new = _flatten(saved_cfg), _flatten(cfg)
+    old, new = flatten(saved_cfg), flatten(cfg.to_dict())
     applied, refused = [], []
     for path in sorted(set(old) | set(new)):
         if path in _IGNORED_IN_DIFF or old.get(path) == new.get(path):
@@ -259,21 +249,21 @@ def reconcile(saved_cfg: Optional[Dict[str, Any]], cfg: Dict[str, Any]) -> Tuple
     return applied, refused
 
 
-def apply_to_optimizer(optimizer, lr_scheduler, saved_cfg: Dict[str, Any], cfg: Dict[str, Any]) -> None:
+def apply_to_optimizer(optimizer, lr_scheduler, saved_cfg: Dict[str, Any], cfg: TrainConfig) -> None:
     """Put the settings APPLIED_HOW promises into the restored optimizer and scheduler."""
-    t, old = cfg["training"], saved_cfg.get("training", {})
+    t, old = cfg.training, flatten(saved_cfg)
     for g in optimizer.param_groups:
-        if t["lr"] != old.get("lr", t["lr"]):
+        if t.lr != old.get("training.lr", t.lr):
             factor = g["lr"] / g.get("initial_lr", g["lr"])  # where the schedule (and warmup) stands
-            g["initial_lr"] = t["lr"]
-            g["lr"] = t["lr"] * factor
-        if "momentum" in g and t["momentum"] != old.get("momentum", t["momentum"]):
-            g["momentum"] = t["momentum"]
-        if t["weight_decay"] != old.get("weight_decay", t["weight_decay"]):
-            g["weight_decay"] = t["weight_decay"]
+            g["initial_lr"] = t.lr
+            g["lr"] = t.lr * factor
+        if "momentum" in g and t.momentum != old.get("training.momentum", t.momentum):
+            g["momentum"] = t.momentum
+        if t.weight_decay != old.get("training.weight_decay", t.weight_decay):
+            g["weight_decay"] = t.weight_decay
     lr_scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     if hasattr(lr_scheduler, "milestones"):
-        lr_scheduler.milestones = collections.Counter(t["lr_steps"])
-        lr_scheduler.gamma = t["lr_gamma"]
+        lr_scheduler.milestones = collections.Counter(t.lr_steps)
+        lr_scheduler.gamma = t.lr_gamma
     if hasattr(lr_scheduler, "T_max"):
-        lr_scheduler.T_max = t["epochs"]
+        lr_scheduler.T_max = t.epochs

@@ -1,5 +1,5 @@
-"""The data and anchor report: coverage against brute force, its warnings and advice, anchors from
-YAML, the lr check before step 1, and the gallery's choice of images."""
+"""The data and anchor report: coverage against brute force and the model's own anchors, its warnings
+and advice, anchors from YAML."""
 
 import numpy as np
 import pytest
@@ -69,15 +69,10 @@ def _coco(sizes, image_hw=(96, 128), n_images=6, seed=0):
 def test_coverage_uses_the_models_real_anchors(name):
     """Against torchvision's own AnchorGenerator on the real feature maps of the padded input."""
     model, _ = models.build_model(
-        name,
-        4,
-        None,
-        None,
-        None,
-        None,
-        None,
-        True,
-        {"min_size": 96, "max_size": 128} if name != "maskrcnn_tiny" else {},
+        name=name,
+        num_classes=4,
+        stock=True,
+        kwargs={"min_size": 96, "max_size": 128} if name != "maskrcnn_tiny" else {},
     )
     model.eval()
     data = _coco([8, 20, 40, 70])
@@ -86,9 +81,17 @@ def test_coverage_uses_the_models_real_anchors(name):
     ours = A.coverage(xyxy, padded, geo)
     ph, pw = (int(v) for v in padded[0])
     assert (padded == padded[0]).all()
+    # The boxes and the padded size are the model's own: its transform on image 1 (the first 4 boxes).
+    image_size, max_size = model.transform.min_size[-1], model.transform.max_size
+    boxes = torch.tensor([a["bbox"] for a in data["annotations"] if a["image_id"] == 1], dtype=torch.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    with torch.no_grad():
+        batch, targets = model.transform([torch.zeros(3, 96, 128)], [{"boxes": boxes, "labels": torch.ones(4).long()}])
+    assert tuple(batch.image_sizes[0]) == A.resized_size(96, 128, image_size, max_size)[:2]
+    assert tuple(batch.tensors.shape[-2:]) == (ph, pw)
+    np.testing.assert_allclose(xyxy[:4], targets[0]["boxes"].numpy(), rtol=1e-5)
     with torch.no_grad():
         feats = list(model.backbone(torch.zeros(1, 3, ph, pw)).values())
-        image_size = model.transform.min_size[-1]  # noqa: F841
         anchors = model.rpn.anchor_generator(ImageList(torch.zeros(1, 3, ph, pw), [(ph, pw)]), feats)[0]
     theirs = box_iou(torch.from_numpy(xyxy).float(), anchors).max(1).values.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
@@ -104,7 +107,7 @@ def test_resize_matches_the_models_transform():
 
 
 def test_report_flags_tiny_objects_and_its_advice_raises_coverage():
-    model, _ = models.build_model("maskrcnn_tiny", 4, None, None, None, None, None, True, {"image_size": 128})
+    model, _ = models.build_model(name="maskrcnn_tiny", num_classes=4, stock=True, kwargs={"image_size": 128})
     data = _coco([5, 6, 7, 30], image_hw=(128, 128), n_images=20)
     report = A.data_report(None, model, dataset=data)
     text = report.text()
@@ -147,6 +150,7 @@ def test_anchor_settings_are_validated_against_the_feature_maps():
     assert model.rpn.head.cls_logits.out_channels == 6 and "re-initialised (3 -> 6" in changed[1]
 
 
+@pytest.mark.slow
 def test_anchors_from_yaml_train_and_reach_the_report(tmp_path, capsys, data_root):
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=1)
     data = yaml.safe_load(open(cfg))
@@ -164,40 +168,3 @@ def test_anchors_from_yaml_train_and_reach_the_report(tmp_path, capsys, data_roo
     p.write_text(yaml.safe_dump(data))
     with pytest.raises(models.ModelError, match="has 2 lists but the backbone gives 4 feature maps"):
         train.main(["--config", str(p)])
-
-
-def test_lr_check_before_step_one_and_auto_scale(tmp_path, capsys, data_root):
-    cfg = tiny_config(tmp_path, data_root, iters_per_epoch=1, lr=0.02, warmup_iters=0)
-    assert train.main(["--config", cfg, "--no-data-report"]) == 0
-    out = capsys.readouterr().out
-    warning = "WARNING: lr 0.02 is 8.0x the linear-scaling rule for 2 images per step"
-    assert warning in out and out.index(warning) < out.index("epoch 0 [")
-    assert records(tmp_path / "out", "lr_check")[0]["linear_scaling_lr"] == 0.0025
-    assert train.main(["--config", cfg, "--no-data-report", "--auto-scale-lr"]) == 0
-    out = capsys.readouterr().out
-    assert "lr 0.02 is for 16 images per step; 2 per step here -> lr 0.0025" in out and "WARNING: lr" not in out
-    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["training"]["lr"] == 0.0025
-
-
-def test_per_class_table_each_evaluation(tmp_path, capsys, data_root):
-    cfg = tiny_config(tmp_path, data_root, iters_per_epoch=1, epochs=2)
-    assert train.main(["--config", cfg, "--no-data-report"]) == 0
-    assert capsys.readouterr().out.count("recall@0.05") == 2
-    evals = records(tmp_path / "out", "eval")
-    assert len(evals) == 2 and set(evals[0]["per_class"]) == {"square", "circle", "triangle", "star"}
-    assert {"gt", "dets_per_image", "recall", "bbox_AP", "bbox_AP50", "segm_AP"} <= set(evals[0]["per_class"]["star"])
-
-
-def test_gallery_shows_the_missed_rare_objects_first():
-    from visualize import _miss_score
-
-    def gt(labels, boxes):
-        return {"labels": torch.tensor(labels), "boxes": torch.tensor(boxes, dtype=torch.float32)}
-
-    nothing = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4), "scores": torch.zeros(0)}
-    found = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.0, 0, 10, 10]]), "scores": torch.tensor([0.9])}
-    rarity = {1: 1 / 50, 2: 1 / 2}
-    common_missed = _miss_score(gt([1], [[0, 0, 10, 10]]), nothing, 0.05, rarity)
-    rare_missed = _miss_score(gt([2], [[0, 0, 10, 10]]), nothing, 0.05, rarity)
-    common_found = _miss_score(gt([1], [[0, 0, 10, 10]]), found, 0.05, rarity)
-    assert rare_missed > common_missed > common_found == 0.0

@@ -41,6 +41,7 @@ def test_help_is_its_own_and_shows_plot(capsys):
     assert "references/train.py's" in out  # says where the other flags come from
 
 
+@pytest.mark.slow
 def test_the_training_annotations_alone_suffice(train_json, capsys):
     # No --train-images, --val-ann, --val-images: the report reads only the training JSON.
     assert A.main(["--dataset", "coco_json", "--train-ann", train_json, "--model", "maskrcnn_tiny"]) == 0
@@ -99,6 +100,7 @@ def test_bad_plot_paths_are_one_line_before_any_data_is_read(tmp_path, plot, mes
     assert sorted(os.listdir(tmp_path)) == ["cfg.yaml"]  # nothing written, no folder.png
 
 
+@pytest.mark.slow
 def test_plot_is_written_where_said_with_a_legend_of_the_classes(tmp_path, data_root, train_json, capsys, monkeypatch):
     figures = []
     real = A.report_figure
@@ -130,6 +132,7 @@ def test_many_classes_keep_the_frequent_ones_and_merge_the_tail():
     assert sum(int(m.sum()) for _, m in groups) == len(cats)
 
 
+@pytest.mark.slow
 def test_the_command_prints_one_line_not_a_traceback(tmp_path):
     script = os.path.join(REFS, "analyze_data.py")
     out = subprocess.run(

@@ -1,16 +1,21 @@
 """The CUDA check's CPU parts, so the GPU run is never the first run of its code."""
 
+import importlib.util
 import json
 import os
-import sys
 import warnings
+
+import pytest
 
 import helpers
 
-sys.path.insert(0, os.path.join(helpers.REFS, "benchmarks"))
-import gpu_check  # noqa: E402
+# benchmarks/ is a folder of scripts, not on pytest's pythonpath: load the one tested by its path.
+_spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(helpers.REFS, "benchmarks", "gpu_check.py"))
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_cpu_parts_and_writes_the_summary(tmp_path):
     out = tmp_path / "gc"
     code = gpu_check.main(["--device", "cpu", "--tiny", "--model", "maskrcnn_tiny", "--out", str(out)])
@@ -27,7 +32,7 @@ def test_sync_attribution_by_source_line():
     def warn(path, line):
         return warnings.WarningMessage("called a synchronizing CUDA operation", UserWarning, path, line)
 
-    ours = os.path.join(os.path.dirname(helpers.REFS), "tv_lossfix", "rpn.py")
+    ours = os.path.join(helpers.ROOT, "tv_lossfix", "rpn.py")
     theirs = "/x/site-packages/torchvision/models/detection/rpn.py"
     counts = gpu_check._attribute(
         [warn(ours, 1), warn(ours, 1), warn(theirs, 315), warnings.WarningMessage("other", UserWarning, theirs, 1)]

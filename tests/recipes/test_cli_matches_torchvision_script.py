@@ -10,13 +10,18 @@ import pytest
 import torch
 import yaml
 
-import checkpoint  # noqa: E402
-import distributed  # noqa: E402
-import helpers  # noqa: F401  (puts references/ on sys.path)
-import models  # noqa: E402
-import train  # noqa: E402
-import train_config  # noqa: E402
-from helpers import TINY_SHAPES, records, tiny_config  # noqa: E402
+from tv_lossfix.checkpoint import CheckpointNotFoundError
+
+import distributed
+import models
+import run_context
+import run_data
+import run_model
+import train
+import train_config
+import training_checkpoint
+import writers
+from helpers import TINY_SHAPES, records, tiny_config
 
 # torchvision's README commands for its two-stage models, and the v2 weights' recipes and checks.
 TORCHVISION_COMMANDS = [
@@ -72,11 +77,11 @@ def test_torchvision_spellings_and_casing():
     cfg, _, _ = train_config.resolve(
         shlex.split("--opt SGD_Nesterov --lr-scheduler CosineAnnealingLR --backend TV_Tensor --use-v2 --start_epoch 3")
     )
-    t = cfg["training"]
-    assert (t["opt"], t["lr_scheduler"], t["start_epoch"]) == ("sgd_nesterov", "cosineannealinglr", 3)
-    assert cfg["data"]["backend"] == "tv_tensor" and cfg["data"]["use_v2"]
+    t = cfg.training
+    assert (t.opt, t.lr_scheduler, t.start_epoch) == ("sgd_nesterov", "cosineannealinglr", 3)
+    assert cfg.data.backend == "tv_tensor" and cfg.data.use_v2
     cfg, _, _ = train_config.resolve(["--start-epoch", "2", "--backend", "pil"])  # our kebab-case alias
-    assert cfg["training"]["start_epoch"] == 2
+    assert cfg.training.start_epoch == 2
     with pytest.raises(train_config.ConfigError, match="--backend tv_tensor needs --use-v2"):
         train_config.resolve(["--backend", "tv_tensor"])
     with pytest.raises(train_config.ConfigError, match="--use-copypaste works with --data-augmentation lsj only"):
@@ -94,8 +99,8 @@ def test_help_shows_real_defaults_once(capsys):
 
 def test_sgd_nesterov_is_built(tmp_path):
     cfg, loss, _ = train_config.resolve(["--opt", "sgd_nesterov", "--lr", "0.01"])
-    run = train.Run(cfg, loss, torch.device("cpu"), 0, train.RunLog("", False), "")
-    opt, _, _, _ = train.build_optimization(run, torch.nn.Linear(2, 2), 10)
+    run = run_context.Run(cfg, loss, torch.device("cpu"), 0, writers.EventWriter("", False), "")
+    opt, _, _, _ = run_model.build_optimization(run, torch.nn.Linear(2, 2), 10)
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["nesterov"]
 
 
@@ -122,18 +127,18 @@ def test_slurm_without_rendezvous_says_what_to_set(monkeypatch):
 # -- 4. torchvision's rules --------------------------------------------------------------------------
 def test_coco_with_keypoint_model_names_coco_kp():
     with pytest.raises(train_config.ConfigError, match="use --dataset coco_kp"):
-        train.check_before_data(train_config.resolve(["--model", "keypointrcnn_resnet50_fpn"])[0])
+        train_config.resolve(["--model", "keypointrcnn_resnet50_fpn"])
 
 
 def test_num_classes_defaults_as_torchvision():
-    for dataset, n in (("coco", 91), ("coco_kp", 2)):
-        cfg = train_config.resolve(["--dataset", dataset])[0]
-        assert train._num_classes(cfg, {1: 1}) == n
+    for dataset, model, n in (("coco", "maskrcnn_resnet50_fpn", 91), ("coco_kp", "keypointrcnn_resnet50_fpn", 2)):
+        cfg = train_config.resolve(["--dataset", dataset, "--model", model])[0]
+        assert run_data._num_classes(cfg, {1: 1}) == n
     cfg = train_config.resolve(["--dataset", "shapes"])[0]
-    assert train._num_classes(cfg, {7: 1, 9: 2, 11: 3}) == 4
+    assert run_data._num_classes(cfg, {7: 1, 9: 2, 11: 3}) == 4
     cfg = train_config.resolve(["--dataset", "coco", "--num-classes", "5"])[0]
     with pytest.raises(train_config.ConfigError, match="labels up to 90"):
-        train._num_classes(cfg, {90: 90})
+        run_data._num_classes(cfg, {90: 90})
 
 
 def _tiny_checkpoint(path, num_classes=5):
@@ -145,19 +150,20 @@ def _tiny_checkpoint(path, num_classes=5):
 
 def test_weights_checkpoint_for_maskrcnn_tiny_with_other_num_classes(tmp_path):
     src = _tiny_checkpoint(tmp_path / "tiny5.pth", 5)
-    model, replaced = models.build_model("maskrcnn_tiny", 3, None, str(tmp_path / "tiny5.pth"))
+    model, report = models.build_model(name="maskrcnn_tiny", num_classes=3, weights=str(tmp_path / "tiny5.pth"))
     assert model.roi_heads.box_predictor.cls_score.out_features == 3
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
-    assert replaced == [
+    assert report.replaced == (
         "roi_heads.box_predictor (5 -> 3 classes)",
-        "roi_heads.mask_predictor.mask_fcn_logits (mask_predictor.conv5_mask kept)",
-    ]
+        "roi_heads.mask_predictor.mask_fcn_logits (5 -> 3 classes; mask_predictor.conv5_mask kept)",
+    )
     torch.testing.assert_close(model.backbone.body.stem[0].weight, src.backbone.body.stem[0].weight)
     torch.testing.assert_close(
         model.roi_heads.mask_predictor.conv5_mask.weight, src.roi_heads.mask_predictor.conv5_mask.weight
     )
 
 
+@pytest.mark.slow
 def test_fine_tune_run_says_which_layers_were_replaced(tmp_path, capsys, data_root):
     _tiny_checkpoint(tmp_path / "tiny5.pth", 7)
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=1)
@@ -166,6 +172,7 @@ def test_fine_tune_run_says_which_layers_were_replaced(tmp_path, capsys, data_ro
 
 
 # -- 5. resume never ignores a flag --------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_applies_lr_refuses_model_and_keeps_config(tmp_path, capsys, data_root):
     cfg = tiny_config(tmp_path, data_root, epochs=2, iters_per_epoch=2)
     assert train.main(["--config", cfg, "--epochs", "1"]) == 0
@@ -181,25 +188,35 @@ def test_resume_applies_lr_refuses_model_and_keeps_config(tmp_path, capsys, data
     assert resumed["training"]["lr"] == 0.001
     lrs = [r["lr"] for r in records(out, "train") if r["epoch"] == 1]
     assert lrs and all(abs(lr - 0.001) < 1e-12 for lr in lrs)  # warmup was over: the new lr is what ran
-    with pytest.raises(checkpoint.CheckpointError, match="training.seed: 0 -> 3 refused"):
+    with pytest.raises(training_checkpoint.CheckpointError, match="training.seed: 0 -> 3 refused"):
         train.main(["--config", cfg, "--resume", ckpt, "--seed", "3"])
-    with pytest.raises(checkpoint.CheckpointError, match="holds a maskrcnn_tiny model, not --model fasterrcnn"):
+    with pytest.raises(
+        training_checkpoint.CheckpointError, match="holds a maskrcnn_tiny model, not --model fasterrcnn"
+    ):
         train.main(["--config", cfg, "--resume", ckpt, "--model", "fasterrcnn_resnet50_fpn", "--test-only"])
 
 
-def test_saved_config_records_what_ran(tmp_path, data_root):
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "gpu",
+    [False, pytest.param(True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+    ids=["without-cuda", "with-cuda"],
+)
+def test_saved_config_records_what_ran(tmp_path, data_root, monkeypatch, capsys, gpu):
+    """--device cuda --amp asked: the saved config says what ran (the CPU in float32 without a GPU)."""
+    if not gpu:  # also on a CUDA machine: the fallback is what a CPU-only machine runs
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=1)
-    assert (
-        train.main(
-            ["--config", cfg, "--device", "cuda", "--amp"] if not torch.cuda.is_available() else ["--config", cfg]
-        )
-        == 0
-    )
+    assert train.main(["--config", cfg, "--device", "cuda", "--amp", "--no-data-report"]) == 0
+    said = capsys.readouterr().out
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
-    if not torch.cuda.is_available():
-        assert saved["training"]["device"] == "cpu" and saved["training"]["amp"] is False
+    assert (saved["training"]["device"], saved["training"]["amp"]) == (("cuda", True) if gpu else ("cpu", False))
+    assert ("CUDA is not available: running on the CPU" in said) is not gpu
+    assert ("--amp needs CUDA" in said) is not gpu
+    assert saved["distributed"]["world_size"] == 1 and saved["data"]["shapes"].items() >= TINY_SHAPES.items()
 
 
+@pytest.mark.slow
 def test_output_dir_empty_saves_nothing(tmp_path, data_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=1, plots=True, gallery_images=1)
@@ -213,7 +230,7 @@ def test_yaml_numbers_and_duplicate_keys(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("training:\n  lr: 1e-3\n  weight_decay: 5e-5\n")
     cfg = train_config.resolve(["--config", str(p)])[0]
-    assert cfg["training"]["lr"] == 0.001 and cfg["training"]["weight_decay"] == 5e-05
+    assert cfg.training.lr == 0.001 and cfg.training.weight_decay == 5e-05
     p.write_text("training:\n  lr: 0.01\n  batch_size: 2\n  lr: 0.02\n")
     with pytest.raises(train_config.ConfigError, match="key 'lr' appears twice.*lines 2 and 4"):
         train_config.resolve(["--config", str(p)])
@@ -231,7 +248,11 @@ def test_yaml_numbers_and_duplicate_keys(tmp_path):
         ),
         (["--weights-backbone", "ResNet50_Weights.IMAGENET9K"], models.ModelError, "ResNet50_Weights.IMAGENET1K_V2"),
         (["--device", "gpu"], train_config.ConfigError, "--device 'gpu' is not a torch device"),
-        (["--weights", "nowhere/model.pth"], models.ModelError, "checkpoint not found: nowhere/model.pth"),
+        (
+            ["--weights", "nowhere/model.pth"],
+            CheckpointNotFoundError,
+            "^--weights: checkpoint not found: nowhere/model.pth$",
+        ),
     ],
 )
 def test_errors_before_data(argv, error, match):
@@ -273,31 +294,32 @@ def test_torchvision_reference_checkpoint_loads_safely(tmp_path):
     args = argparse.Namespace(model="maskrcnn_tiny", lr=0.02, epochs=26, weights=None)
     path = tmp_path / "tv.pth"
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "args": args, "epoch": 3}, path)
-    ckpt = checkpoint.load_training_checkpoint(str(path))
-    assert ckpt["args"].model == "maskrcnn_tiny" and checkpoint.checkpoint_model_name(ckpt) == "maskrcnn_tiny"
-    built, replaced = models.build_model("maskrcnn_tiny", 5, None, str(path))
-    assert replaced == [] and built.roi_heads.box_predictor.cls_score.out_features == 5
+    ckpt = training_checkpoint.load_training_checkpoint(str(path))
+    assert ckpt["args"].model == "maskrcnn_tiny" and training_checkpoint.checkpoint_model_name(ckpt) == "maskrcnn_tiny"
+    built, report = models.build_model(name="maskrcnn_tiny", num_classes=5, weights=str(path))
+    assert report.replaced == () and built.roi_heads.box_predictor.cls_score.out_features == 5
 
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned",))
 
     torch.save({"model": model.state_dict(), "payload": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(checkpoint.CheckpointError, match="cannot read"):
-        checkpoint.load_training_checkpoint(str(tmp_path / "evil.pth"))
+    with pytest.raises(training_checkpoint.CheckpointError, match="cannot read"):
+        training_checkpoint.load_training_checkpoint(str(tmp_path / "evil.pth"))
 
 
 # -- 1. augmentation: the model's input follows the policy ----------------------------------------------
+@pytest.mark.slow
 def test_lsj_sets_the_input_size_and_the_model_does_not_resize_back(tmp_path, monkeypatch, data_root):
     seen = []
-    real = train.build_model
+    real = run_model.build_model
 
     def build(*a, **k):
         model, replaced = real(*a, **k)
         model.backbone.register_forward_pre_hook(lambda m, inp: seen.append(tuple(inp[0].shape[-2:])))
         return model, replaced
 
-    monkeypatch.setattr(train, "build_model", build)
+    monkeypatch.setattr(run_model, "build_model", build)
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=2, plots=False)
     assert train.main(["--config", cfg, "--data-augmentation", "lsj", "--use-copypaste", "--no-data-report"]) == 0
     # tiny_config's model resizes to 64 px; lsj_size is 64 there too, so use another size.
@@ -321,6 +343,7 @@ def test_keypoint_models_refuse_policies_that_would_not_move_keypoints():
     DetectionPresetTrain("hflip", with_keypoints=True)
 
 
+@pytest.mark.slow
 def test_banner_prints_only_changed_loss_settings(tmp_path, capsys, data_root):
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=1)
     assert train.main(["--config", cfg, "--no-data-report"]) == 0
@@ -331,6 +354,3 @@ def test_banner_prints_only_changed_loss_settings(tmp_path, capsys, data_root):
     p.write_text(yaml.safe_dump(data))
     assert train.main(["--config", str(p), "--no-data-report"]) == 0
     assert "losses: roi_head.cls_pos_weight=2.0;" in capsys.readouterr().out
-
-
-assert TINY_SHAPES  # the shapes settings shared with test_train

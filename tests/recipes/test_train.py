@@ -1,5 +1,6 @@
 """references/train.py end to end on tiny data: runs, resume, DDP, config precedence, NaN policy."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,13 +9,15 @@ import pytest
 import torch
 import yaml
 
-import checkpoint  # noqa: E402
-import helpers  # noqa: F401,E402  (puts references/ on sys.path)
-import train  # noqa: E402
-import train_config  # noqa: E402
-from helpers import records, tiny_config  # noqa: E402
+import helpers
+import run_model
+import train
+import train_config
+import training_checkpoint
+from helpers import records, tiny_config
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_everything(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, plots=True, gallery_images=2)
     assert train.main(["--config", cfg, "--clip-grad-norm", "10", "--use-copypaste", "--data-augmentation", "lsj"]) == 0
@@ -43,6 +46,7 @@ def test_end_to_end_run_writes_everything(tmp_path, data_root):
     assert ckpt["epoch"] == 0 and ckpt["config"]["training"]["batch_size"] == 2
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path, data_root):
     straight = tmp_path / "a"
     straight.mkdir()
@@ -64,7 +68,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, data_root):
 def test_bad_resume_checkpoints(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root)
     trunc = tmp_path / "trunc.pth"
-    torch.save({"format": checkpoint.FORMAT, "model": {"w": torch.zeros(1000)}}, trunc)
+    torch.save({"format": training_checkpoint.FORMAT, "model": {"w": torch.zeros(1000)}}, trunc)
     trunc.write_bytes(trunc.read_bytes()[:200])
     with pytest.raises(train.CheckpointError, match="cannot read .*trunc.pth"):
         train.main(["--config", cfg, "--resume", str(trunc)])
@@ -81,21 +85,21 @@ def test_yaml_then_flags_precedence(tmp_path, data_root):
     cfg, loss, _ = train_config.resolve(
         ["--config", cfg_path, "--lr", "0.5", "-b", "3", "--loss-preset", "mmdetection"]
     )
-    assert cfg["training"]["lr"] == 0.5 and cfg["training"]["batch_size"] == 3  # flags win
-    assert cfg["training"]["epochs"] == 1  # from the YAML
-    assert cfg["training"]["momentum"] == 0.9  # built-in default (torchvision's)
+    assert cfg.training.lr == 0.5 and cfg.training.batch_size == 3  # flags win
+    assert cfg.training.epochs == 1  # from the YAML
+    assert cfg.training.momentum == 0.9  # built-in default (torchvision's)
     assert loss.rpn_head.bbox_loss == "l1"
     cfg, _, _ = train_config.resolve([])  # torchvision's defaults
-    assert (cfg["training"]["lr"], cfg["training"]["epochs"], cfg["training"]["lr_steps"], cfg["model"]["name"]) == (
+    assert (cfg.training.lr, cfg.training.epochs, cfg.training.lr_steps, cfg.model.name) == (
         0.02,
         26,
         [16, 22],
         "maskrcnn_resnet50_fpn",
     )
-    assert cfg["data"]["data_path"] == train_config.TORCHVISION_COCO_PATH
-    assert cfg["data"]["bad_annotations"] == "drop"  # COCO 2017 has degenerate boxes; reported, not fatal
+    assert cfg.data.data_path == train_config.TORCHVISION_COCO_PATH
+    assert cfg.data.bad_annotations == "drop"  # COCO 2017 has degenerate boxes; reported, not fatal
     cfg, _, _ = train_config.resolve(["--config", cfg_path])
-    assert cfg["data"]["bad_annotations"] == "stop"  # your own data: stop and list the problems
+    assert cfg.data.bad_annotations == "stop"  # your own data: stop and list the problems
 
 
 @pytest.mark.parametrize(
@@ -141,14 +145,14 @@ def test_guide_config_schema_is_accepted(tmp_path):
         "training:\n  gradient_clip:\n    enabled: true\n    max_norm: 35.0\n    norm_type: 2\n"
     )
     cfg, loss, _ = train_config.resolve(["--config", str(p)])
-    assert loss.roi_head.cls_pos_weight == 2.0 and cfg["training"]["gradient_clip"]["enabled"]
+    assert loss.roi_head.cls_pos_weight == 2.0 and cfg.training.gradient_clip.enabled
     cfg, _, _ = train_config.resolve(["--config", str(p), "--clip-grad-norm", "0"])
-    assert not cfg["training"]["gradient_clip"]["enabled"]
+    assert not cfg.training.gradient_clip.enabled
 
 
 def _nan_model(monkeypatch, bad_iters, term="loss_classifier"):
     """Wrap the built model so that chosen training iterations return a NaN loss term."""
-    real = train.build_model
+    real = run_model.build_model
 
     def build(*a, **k):
         model, replaced = real(*a, **k)
@@ -166,9 +170,10 @@ def _nan_model(monkeypatch, bad_iters, term="loss_classifier"):
         model.forward = patched
         return model, replaced
 
-    monkeypatch.setattr(train, "build_model", build)
+    monkeypatch.setattr(run_model, "build_model", build)
 
 
+@pytest.mark.slow
 def test_nan_policy_stop_names_term_and_iteration(tmp_path, data_root, monkeypatch, capsys):
     _nan_model(monkeypatch, {2})
     cfg = tiny_config(tmp_path, data_root)
@@ -183,6 +188,7 @@ def test_nan_policy_stop_names_term_and_iteration(tmp_path, data_root, monkeypat
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_keeps_weights_finite(tmp_path, data_root, monkeypatch):
     _nan_model(monkeypatch, {1, 2}, term="loss_box_reg")
     cfg = tiny_config(tmp_path, data_root)
@@ -195,6 +201,7 @@ def test_nan_policy_skip_keeps_weights_finite(tmp_path, data_root, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_stops_after_consecutive_skips(tmp_path, data_root, monkeypatch):
     _nan_model(monkeypatch, {"all"})
     cfg = tiny_config(tmp_path, data_root)
@@ -203,6 +210,7 @@ def test_nan_policy_skip_stops_after_consecutive_skips(tmp_path, data_root, monk
     assert "3 consecutive steps skipped" in stopped["reason"] and "loss_classifier" in stopped["reason"]
 
 
+@pytest.mark.slow
 def test_test_only_evaluates_a_checkpoint(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root)
     assert train.main(["--config", cfg]) == 0
@@ -213,26 +221,57 @@ def test_test_only_evaluates_a_checkpoint(tmp_path, data_root):
     assert "bbox_AP" in ev and "segm_AP" in ev
 
 
+@pytest.mark.slow
 def test_stock_flag_builds_torchvision_model(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root)
     assert train.main(["--config", cfg, "--stock", "--iters-per-epoch", "2"]) == 0
     assert "roi/fg_prob" not in records(tmp_path / "out", "train")[-1]
 
 
-def test_two_process_gloo_run(tmp_path, data_root):
-    cfg = tiny_config(tmp_path, data_root, iters_per_epoch=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        os.path.join(helpers.REFS, "train.py"),
-        "--config",
-        cfg,
-        "--sync-avg-factor",
-    ]
+# Run as torchrun's entry point: records every rank's tv_lossfix.training_stats (only rank 0 writes
+# metrics.jsonl), then runs train.py as its own command line would.
+_STATS_SPY = """
+import json, os, runpy, sys
+
+import tv_lossfix
+
+real = tv_lossfix.training_stats
+
+
+def spy(model):
+    stats = real(model)
+    with open(os.path.join(os.environ["STATS_DIR"], "rank" + os.environ["RANK"] + ".jsonl"), "a") as f:
+        f.write(json.dumps({k: float(v) for k, v in stats.items()}) + "\\n")
+    return stats
+
+
+tv_lossfix.training_stats = spy
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _own_normalizers(stats, images):
+    """What a rank divides by without the sync: its sampled count (cls) and its positives (bbox, "positive")."""
+    out = {}
+    for head in ("rpn", "roi"):
+        pos, neg = stats[f"{head}/pos_per_image"] * images, stats[f"{head}/neg_per_image"] * images
+        out[f"{head}/cls_avg_factor"], out[f"{head}/bbox_avg_factor"] = pos + neg, pos
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_averages_the_normalizers_over_ranks(tmp_path, data_root):
+    data = yaml.safe_load(open(tiny_config(tmp_path, data_root, iters_per_epoch=2)))
+    data["model"]["rpn_head"] = {"bbox_avg_factor": "positive"}  # a count that differs between ranks
+    data["model"]["roi_head"] = {"bbox_avg_factor": "positive"}
+    cfg = tmp_path / "positive.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    spy = tmp_path / "spy.py"
+    spy.write_text(_STATS_SPY)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(spy)]
+    cmd += [os.path.join(helpers.REFS, "train.py"), "--config", str(cfg), "--sync-avg-factor"]
+    env = helpers.child_env(STATS_DIR=str(tmp_path))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
@@ -240,7 +279,17 @@ def test_two_process_gloo_run(tmp_path, data_root):
     assert len(records(tmp_path / "out", "eval")) == 1  # rank 0 alone writes
     train_recs = [r for r in recs if r["type"] == "train"]
     assert len(train_recs) == 2 and train_recs[-1]["img_per_s"] > 0
-    # Normalizers averaged over ranks (sync_avg_factor): what each rank divides by is a mean count.
-    assert train_recs[-1]["rpn/cls_avg_factor"] > 0
+    ranks = [[json.loads(line) for line in open(tmp_path / f"rank{r}.jsonl")] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    differ = False
+    for logged, mine, other in zip(train_recs, *ranks):
+        assert logged == {**logged, **mine}  # rank 0's statistics are what metrics.jsonl records
+        own = [_own_normalizers(s, images=2) for s in (mine, other)]
+        for key in own[0]:
+            # sync_avg_factor: every rank divides by max(mean over ranks of its own count, 1).
+            expected = max((own[0][key] + own[1][key]) / 2, 1.0)
+            assert mine[key] == other[key] == pytest.approx(expected), key
+            differ |= own[0][key] != own[1][key]
+    assert differ  # the ranks' own counts differ somewhere: the mean is not rank 0's own count
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["model"]["sync_avg_factor"] is True

@@ -1,12 +1,13 @@
 """Clipping order under AMP (with a scaler that really scales), and sync_avg_factor over 2 ranks."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-import engine  # noqa: E402
-import helpers  # noqa: F401,E402  (puts references/ on sys.path)
-import train_config  # noqa: E402
-from helpers import make_targets, on_gloo_ranks, tiny_model  # noqa: E402
+import engine
+import train_config
+from helpers import make_targets, on_gloo_ranks, tiny_model
 
 
 class RecordingScaler:
@@ -36,21 +37,18 @@ class RecordingScaler:
 
 
 def _one_epoch(scaler, max_norm):
-    cfg, _ = train_config.finalize(train_config.defaults())
-    cfg["training"]["gradient_clip"].update(enabled=max_norm is not None, max_norm=max_norm or 35.0)
-    cfg["training"]["print_freq"] = 1
+    clip_on = {"enabled": max_norm is not None, "max_norm": max_norm or 35.0}
+    changes = {f"training.gradient_clip.{k}": v for k, v in clip_on.items()}
+    cfg = train_config.defaults().replace({**changes, "training.print_freq": 1})
     model = tiny_model("mask", loss_cfg={})
     images, targets = make_targets("mask", [(64, 64), (64, 64)])
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves weights as they were
     logged = []
-    clip = cfg["training"]["gradient_clip"]
-    ctx = engine.StepContext(
-        model, opt, torch.device("cpu"), scaler, clip["max_norm"] if clip["enabled"] else float("inf")
-    )
+    clip = cfg.training.gradient_clip
+    ctx = engine.StepContext(model, opt, torch.device("cpu"), scaler, clip.max_norm if clip.enabled else float("inf"))
+    writer = SimpleNamespace(say=lambda s: None, record=logged.append)  # the records only
     torch.manual_seed(0)
-    engine.train_one_epoch(
-        ctx, [(images, targets)], 0, engine.TrainState(), cfg["training"], None, logged.append, lambda s: None
-    )
+    engine.train_one_epoch(ctx, [(images, targets)], 0, engine.TrainState(), cfg.training, writer)
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return logged[-1]["grad_norm"], grads.norm().item()
 

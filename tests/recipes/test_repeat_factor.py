@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-import helpers  # noqa: F401  (puts references/ on sys.path)
+import run_data
 import train
 import train_config
 from analyze_data import data_report, repeat_factor_advice
@@ -186,6 +186,7 @@ def test_report_advice_on_a_coco_dict():
 
 
 # -- the training script --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_run_with_repeat_factor_sampling(tmp_path, data_root, capsys):
     from checks import load_coco_checked
 
@@ -198,7 +199,7 @@ def test_train_run_with_repeat_factor_sampling(tmp_path, data_root, capsys):
     printed = capsys.readouterr().out
     assert "repeat-factor sampling, data.repeat_factor_threshold 0.9 (sqrt(t / f))" in printed
     # The same factors, by the formula, from the training annotations.
-    files = train.dataset_files(yaml.safe_load((out / "config.yaml").read_text()))
+    files = run_data.dataset_files(train_config.resolve(["--config", str(out / "config.yaml")])[0])
     coco, *_ = load_coco_checked(files["train_ann"], files["train_images"], "train", "stop", True)
     factors, per_class = repeat_factors(image_classes(coco.dataset["annotations"], sorted(coco.imgs)), 0.9)
     names = {c: coco.cats[c]["name"] for c in per_class}
@@ -216,6 +217,7 @@ def test_train_run_with_repeat_factor_sampling(tmp_path, data_root, capsys):
     assert f"2 epoch(s) x ~{want[0]} iterations" in printed
 
 
+@pytest.mark.slow
 def test_train_run_with_aspect_ratio_groups(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=3)
     assert train.main(["--config", cfg, "--repeat-factor-threshold", "0.5", "--aspect-ratio-group-factor", "3"]) == 0

@@ -1,5 +1,4 @@
-"""tv_lossfix at the edges: non-finite values, one way to read configs, any predictor, zero weights,
-the DDP normalizer."""
+"""tv_lossfix at the edges: non-finite values, any predictor, zero weights, the DDP normalizer."""
 
 import copy
 import math
@@ -14,7 +13,7 @@ import tv_lossfix
 from tv_lossfix import LossConfig, LossConfigError
 from tv_lossfix import losses as L
 
-from helpers import make_targets, on_gloo_ranks, run_losses, tiny_model
+from helpers import ROOT, make_targets, on_gloo_ranks, run_losses, tiny_model
 
 
 def _stock_box_loss(pred, target, is_pos, kind):
@@ -98,31 +97,6 @@ def test_rpn_with_inf_in_a_negative_anchor_matches_stock():
     torch.testing.assert_close(ours[0], theirs[0])
 
 
-# -- one loader ------------------------------------------------------------------------------------
-def test_training_config_loss_keys_read_one_way(tmp_path):
-    import helpers  # noqa: F401
-    import train_config
-
-    text = "model:\n  name: maskrcnn_tiny\n  loss_preset: mmdetection\n  roi_head:\n    cls_pos_weight: 2\n"
-    p = tmp_path / "train.yaml"
-    p.write_text(text + "training:\n  lr: 1e-3\n")
-    lib = LossConfig.from_yaml(p)
-    assert lib.rpn_head.bbox_loss == "l1" and lib.rpn_head.cls_avg_factor == "sampled_per_image"
-    assert lib.roi_head.cls_pos_weight == 2.0 and lib.roi_head.bbox_loss == "l1"
-    assert train_config.resolve(["--config", str(p)])[1] == lib  # the training script reads the same
-    p.write_text("model:\n  roi_heads:\n    cls_pos_weight: 2\n")
-    with pytest.raises(LossConfigError, match="unknown key 'model.roi_heads'; did you mean 'model.roi_head'"):
-        LossConfig.from_yaml(p)
-    with pytest.raises(train_config.ConfigError, match="unknown key 'model.roi_heads'; did you mean 'model.roi_head'"):
-        train_config.resolve(["--config", str(p)])
-    p.write_text("model:\n  preset: positive\n  loss_preset: mmdetection\n")
-    with pytest.raises(LossConfigError, match="both name a preset"):
-        LossConfig.from_yaml(p)
-    p.write_text("rpn_head:\n  loss_cls_weight: 1e-1\n  loss_cls_weight: 2\n")
-    with pytest.raises(LossConfigError, match="appears twice"):
-        LossConfig.from_yaml(p)
-
-
 # -- class_weight and any predictor ------------------------------------------------------------------
 def test_class_weight_checked_at_forward_against_the_logits():
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
@@ -196,7 +170,7 @@ def test_sync_avg_factor_is_max_of_mean_count_and_one():
 
 
 def test_pyproject_floor_is_what_ci_tests():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     text = open(os.path.join(root, "pyproject.toml")).read()
     ci = open(os.path.join(root, ".ci", "run")).read()
     for pin in ("torch>=2.4", "torchvision>=0.19"):

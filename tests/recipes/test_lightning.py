@@ -79,6 +79,7 @@ def _setup(tmp_path, data_root, *flags, **training):
     return args, cfg, LT.build_module(cfg, loss_cfg, data), data
 
 
+@pytest.mark.slow
 def test_trainer_clips_after_backward_and_module_logs_without_host_reads(tmp_path, data_root):
     args, cfg, module, data = _setup(tmp_path, data_root, "--gradient-clip-val", str(LIMIT))
     counts = []
@@ -95,7 +96,7 @@ def test_trainer_clips_after_backward_and_module_logs_without_host_reads(tmp_pat
     assert probe.post == pytest.approx([LIMIT] * 3, rel=1e-4)  # and the Trainer clipped to the limit
     assert counts == [(0, 0)] * 6  # 3 steps x (losses + statistics, grad norm): nothing read back
     # train.py's warmup: LinearLR from lr x 0.001 over warmup_iters=2 steps, stepped per iteration.
-    lr = cfg["training"]["lr"]
+    lr = cfg.training.lr
     assert probe.lrs == pytest.approx([lr * 0.001, lr * (0.001 + 0.999 / 2), lr])
 
     metrics = trainer.callback_metrics
@@ -119,6 +120,7 @@ def test_trainer_clips_after_backward_and_module_logs_without_host_reads(tmp_pat
     assert float(metrics[f"val/{name}/gt"]) == gt[name]
 
 
+@pytest.mark.slow
 def test_without_gradient_clip_val_nothing_is_clipped(tmp_path, data_root):
     # The contrast that shows the probe above would catch a Trainer that does not clip.
     args, cfg, module, data = _setup(tmp_path, data_root, "--gradient-clip-val", "0")
@@ -130,6 +132,7 @@ def test_without_gradient_clip_val_nothing_is_clipped(tmp_path, data_root):
     assert probe.post == pytest.approx(probe.pre, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_under_16_mixed_the_logged_norm_is_unscaled_and_the_clip_applies_to_it(tmp_path, data_root):
     # What precision="16-mixed" builds on CUDA (autocast + GradScaler), here with torch's CPU GradScaler.
     from lightning.pytorch.plugins.precision import MixedPrecision

@@ -1,0 +1,278 @@
+"""The run's data: dataset files, the checked COCO splits, datasets, samplers and loaders, and the
+class counts behind ``model.roi_head.class_weight: auto`` and the rare-class advice."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import distributed
+from checks import DataError, check_samples, load_coco_checked
+from data import (
+    CocoDetection,
+    DetectionPresetTrain,
+    GroupedBatchSampler,
+    RepeatFactorSampler,
+    SeededRandomSampler,
+    aspect_ratio_groups,
+    collate,
+    copy_paste_collate,
+    image_classes,
+    repeat_factors,
+    suggest_repeat_threshold,
+)
+from diagnostics import rare_class_cure
+from run_context import Run
+from train_config import ConfigError, TrainConfig, dump, flatten, shapes_spec
+from training_checkpoint import CheckpointError, atomic_write_text
+
+
+@dataclass
+class Data:
+    coco_val: Any
+    val_set: Any
+    val_loader: Any
+    label_to_cat: Dict[int, int]
+    names: List[str]
+    num_classes: int
+    gt_per_image: float
+    train_set: Any = None
+    train_loader: Any = None
+    base_sampler: Any = None
+    train_counts: Optional[List[int]] = None  # training objects per foreground label (training_counts)
+    rare_cure: Optional[Dict[str, Any]] = None  # the rare-class levers the warnings print (rare_class_cure)
+
+
+def dataset_files(cfg: TrainConfig) -> Dict[str, Any]:
+    d = cfg.data
+    if d.dataset == "shapes":
+        from shapes import ensure_shapes
+
+        spec = shapes_spec(d)
+        if distributed.is_main():  # one writer; the other ranks wait for the files
+            ensure_shapes(d.data_path, spec)
+        distributed.barrier()
+        return {**ensure_shapes(d.data_path, spec), "label_mode": "contiguous"}
+    if d.dataset in ("coco", "coco_kp"):
+        prefix = "person_keypoints" if d.dataset == "coco_kp" else "instances"
+        root = d.data_path
+        return {
+            "train_ann": os.path.join(root, "annotations", f"{prefix}_train2017.json"),
+            "train_images": os.path.join(root, "train2017"),
+            "val_ann": os.path.join(root, "annotations", f"{prefix}_val2017.json"),
+            "val_images": os.path.join(root, "val2017"),
+            "label_mode": "category_id",  # COCO's 91 ids, as torchvision's pretrained weights
+        }
+    keys = ("train_ann", "train_images", "val_ann", "val_images")
+    return {k: getattr(d, k) for k in keys} | {"label_mode": "contiguous"}
+
+
+def _num_classes(cfg: TrainConfig, label_map: Dict[int, int]) -> int:
+    given, dataset = cfg.model.num_classes, cfg.data.dataset
+    # torchvision's get_dataset: 91 for coco, 2 for coco_kp; elsewhere from the categories.
+    n = given or {"coco": 91, "coco_kp": 2}.get(dataset) or (max(label_map.values()) + 1)
+    if max(label_map.values()) >= n:
+        raise ConfigError(
+            f"model.num_classes={n} but the data has labels up to {max(label_map.values())} "
+            f"(num_classes counts the background: use {max(label_map.values()) + 1})"
+        )
+    return n
+
+
+def build_data(run: Run) -> Data:
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    cfg, m, d = run.cfg, run.cfg.model, run.cfg.data
+    files = dataset_files(cfg)
+    masks, kps = "maskrcnn" in m.name, "keypoint" in m.name
+    coco_val, label_map, names, report = load_coco_checked(
+        files["val_ann"], files["val_images"], "val", d.bad_annotations, masks, files["label_mode"]
+    )
+    run.writer.say(report.summary())
+    run.writer.record({"type": "data", **report.to_dict()})
+    num_classes = _num_classes(cfg, label_map)
+    run.cfg = run.cfg.replace({"model.num_classes": num_classes})  # what the checkpoints record
+    val_set = CocoDetection(coco_val, files["val_images"], label_map, None, d.backend, masks, kps)
+    sampler = DistributedSampler(val_set, shuffle=False) if distributed.is_dist() else None
+    data = Data(
+        coco_val,
+        val_set,
+        DataLoader(val_set, batch_size=1, sampler=sampler, num_workers=d.workers, collate_fn=collate),
+        {v: k for k, v in label_map.items()},
+        names,
+        num_classes,
+        sum(1 for a in coco_val.dataset["annotations"] if not a.get("iscrowd", 0)) / max(len(val_set), 1),
+    )
+    if not cfg.training.test_only:
+        _build_train_data(run, data, files, label_map, masks, kps)
+    return data
+
+
+def _build_train_data(run: Run, data: Data, files, label_map, masks: bool, kps: bool) -> None:
+    from torch.utils.data import BatchSampler, DataLoader
+
+    d, t = run.cfg.data, run.cfg.training
+    coco, train_map, _, report = load_coco_checked(
+        files["train_ann"], files["train_images"], "train", d.bad_annotations, masks, files["label_mode"]
+    )
+    if train_map != label_map:
+        raise DataError(f"train and val define different categories: {sorted(train_map)} vs {sorted(label_map)}")
+    run.writer.say(report.summary())
+    run.writer.record({"type": "data", **report.to_dict()})
+    plain = CocoDetection(coco, files["train_images"], label_map, None, d.backend, masks, kps)
+    problems = check_samples(plain, data.num_classes, d.check_samples)
+    if problems:
+        raise DataError("decoded training samples have problems:\n  " + "\n  ".join(problems[:25]))
+    try:
+        preset = DetectionPresetTrain(d.augmentation, d.lsj_size, kps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    data.train_set = CocoDetection(coco, files["train_images"], label_map, preset, d.backend, masks, kps)
+    data.base_sampler = _base_sampler(run, data.train_set)
+    if d.aspect_ratio_group_factor >= 0:
+        groups = aspect_ratio_groups(data.train_set.aspect_ratios(), d.aspect_ratio_group_factor)
+        batches = GroupedBatchSampler(data.base_sampler, groups, t.batch_size)
+    else:
+        batches = BatchSampler(data.base_sampler, t.batch_size, drop_last=True)
+    data.train_loader = DataLoader(
+        data.train_set,
+        batch_sampler=batches,
+        num_workers=d.workers,
+        collate_fn=copy_paste_collate if d.use_copypaste else collate,
+    )
+
+
+def _base_sampler(run: Run, train_set):
+    """The per-image order each epoch: repeat-factor sampling, else a seeded shuffle (split by rank)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    seed = run.cfg.training.seed
+    if run.cfg.data.repeat_factor_threshold is not None:
+        return _repeat_factor_sampler(run, train_set, seed)
+    if distributed.is_dist():
+        return DistributedSampler(train_set, shuffle=True, seed=seed)
+    return SeededRandomSampler(len(train_set), seed)
+
+
+def _repeat_factor_sampler(run: Run, train_set, seed: int) -> RepeatFactorSampler:
+    d, coco = run.cfg.data, train_set.coco
+    classes = image_classes(coco.dataset["annotations"], train_set.ids)
+    factors, per_class = repeat_factors(classes, d.repeat_factor_threshold, d.repeat_sqrt)
+    sampler = RepeatFactorSampler(factors, seed, distributed.rank(), distributed.world())
+    names = {c: coco.cats[c].get("name", str(c)) if c in coco.cats else str(c) for c in per_class}
+    ranked = sorted(per_class, key=lambda c: -per_class[c])
+    repeated = [c for c in ranked if per_class[c] > 1]
+    shown = ", ".join(f"{names[c]} x{per_class[c]:.2f}" for c in repeated[:5]) or "no class is rare enough to repeat"
+    shown += f" (+{len(repeated) - 5} more)" if len(repeated) > 5 else ""
+    rule = "sqrt(t / f)" if d.repeat_sqrt else "t / f"
+    run.writer.say(
+        f"repeat-factor sampling, data.repeat_factor_threshold {d.repeat_factor_threshold:g} ({rule}): "
+        f"{shown}; {sampler.expected:.1f} images per epoch expected (epoch 0 draws {sampler.epoch_total}) "
+        f"vs {len(train_set)} in the dataset"
+    )
+    run.writer.record(
+        {
+            "type": "repeat_factors",
+            "threshold": d.repeat_factor_threshold,
+            "sqrt": d.repeat_sqrt,
+            "class_factors": {names[c]: per_class[c] for c in ranked},
+            "images": len(train_set),
+            "expected_images_per_epoch": sampler.expected,
+            "epoch0_images": sampler.epoch_total,
+            "epoch0_images_per_rank": len(sampler),
+        }
+    )
+    return sampler
+
+
+def training_counts(data: Data) -> List[int]:
+    """Objects per foreground label 1..K of the training set as it trains (non-crowd, after the data checks)."""
+    if data.train_counts is None:
+        label_of = {c: label for label, c in data.label_to_cat.items()}
+        ids, counts = set(data.train_set.ids), [0] * (data.num_classes - 1)
+        for a in data.train_set.coco.dataset["annotations"]:
+            label = label_of.get(a["category_id"])
+            if label is not None and a["image_id"] in ids and not a.get("iscrowd", 0):
+                counts[label - 1] += 1
+        data.train_counts = counts
+    return data.train_counts
+
+
+def _checkpoint_class_weight(ckpt: Optional[Dict[str, Any]]) -> Optional[List[float]]:
+    if not ckpt:
+        return None
+    roi = flatten(ckpt.get("config")).get("model.roi_head") or {}
+    weights = roi.get("class_weight", ((ckpt.get("loss_cfg") or {}).get("roi_head") or {}).get("class_weight"))
+    return [float(w) for w in weights] if isinstance(weights, (list, tuple)) else None
+
+
+def resolve_class_weight(run: Run, data: Data) -> None:
+    """model.roi_head.class_weight: auto becomes tv_lossfix.class_weights_from_counts of the training
+    counts (on --resume, the checkpoint's list), in a new LossConfig, config.yaml and the checkpoints."""
+    m = run.cfg.model
+    if m.roi_head.get("class_weight") != "auto":
+        return
+    if data.train_set is None:
+        run.writer.say(
+            "model.roi_head.class_weight: auto is not resolved under --test-only: evaluation computes no loss"
+        )
+        return
+    from tv_lossfix import class_weights_from_counts
+
+    method = m.class_weight_method or "effective_number"
+    beta = m.class_weight_beta  # None: the library's default (0.999), read by effective_number only
+    how = method + (f" (beta {0.999 if beta is None else beta:g})" if method == "effective_number" else "")
+    counts = training_counts(data)
+    if not any(counts):
+        raise DataError("model.roi_head.class_weight: auto: the training annotations hold no object to count")
+    fresh = class_weights_from_counts(counts, method, beta)
+    weights, saved = fresh, _checkpoint_class_weight(run.resume_ckpt)
+    if saved is not None:
+        if len(saved) != data.num_classes:
+            raise CheckpointError(
+                f"--resume: the checkpoint's model.roi_head.class_weight has {len(saved)} entries, "
+                f"the model {data.num_classes} classes"
+            )
+        weights = saved
+        same = max(abs(a - b) for a, b in zip(saved, fresh)) < 1e-9
+        run.writer.say(
+            f"model.roi_head.class_weight: auto on --resume keeps the checkpoint's list {_rounded(saved)}"
+            + ("" if same else f" (the training data gives {_rounded(fresh)} by {how}: give that list to use it)")
+        )
+    else:
+        run.writer.say(
+            f"model.roi_head.class_weight: auto -> {_rounded(fresh)} ({how} of the training objects per class "
+            f"{counts}; exact values in config.yaml)"
+        )
+    # Folded into the list, as auto_scale_lr into lr.
+    changes = {"model.roi_head": {**m.roi_head, "class_weight": list(weights)}}
+    run.cfg = run.cfg.replace({**changes, "model.class_weight_method": None, "model.class_weight_beta": None})
+    roi = dataclasses.replace(run.loss_cfg.roi_head, class_weight=tuple(weights))  # a new, validated config
+    run.loss_cfg = run.loss_cfg.replace(roi_head=roi)
+    run.writer.record(
+        {
+            "type": "class_weight",
+            "class_weight": list(weights),
+            "counts": counts,
+            "method": method,
+            "beta": beta if method == "effective_number" else None,
+            "from": "checkpoint" if saved is not None else "training data",
+        }
+    )
+    if run.out_dir and distributed.is_main():
+        atomic_write_text(dump(run.cfg, run.loss_cfg), run.config_path)
+
+
+def _rounded(weights: List[float]) -> List[float]:
+    return [round(w, 4) for w in weights]
+
+
+def rare_cure(run: Run, data: Data) -> Optional[Dict[str, Any]]:
+    """The rare-class levers with values for the collapse warnings (computed once)."""
+    if data.rare_cure is None and data.train_set is not None:
+        classes = image_classes(data.train_set.coco.dataset["annotations"], data.train_set.ids)
+        data.rare_cure = rare_class_cure(training_counts(data), suggest_repeat_threshold(classes), run.cfg)
+    return data.rare_cure

@@ -1,0 +1,29 @@
+"""references/train_config.py reads the loss keys of a training YAML exactly as the library's
+LossConfig.from_yaml does: one loader, the same errors."""
+
+import pytest
+
+from tv_lossfix import LossConfig, LossConfigError
+
+import train_config
+
+
+def test_training_config_loss_keys_read_one_way(tmp_path):
+    text = "model:\n  name: maskrcnn_tiny\n  loss_preset: mmdetection\n  roi_head:\n    cls_pos_weight: 2\n"
+    p = tmp_path / "train.yaml"
+    p.write_text(text + "training:\n  lr: 1e-3\n")
+    lib = LossConfig.from_yaml(p)
+    assert lib.rpn_head.bbox_loss == "l1" and lib.rpn_head.cls_avg_factor == "sampled_per_image"
+    assert lib.roi_head.cls_pos_weight == 2.0 and lib.roi_head.bbox_loss == "l1"
+    assert train_config.resolve(["--config", str(p)])[1] == lib  # the training script reads the same
+    p.write_text("model:\n  roi_heads:\n    cls_pos_weight: 2\n")
+    with pytest.raises(LossConfigError, match="unknown key 'model.roi_heads'; did you mean 'model.roi_head'"):
+        LossConfig.from_yaml(p)
+    with pytest.raises(train_config.ConfigError, match="unknown key 'model.roi_heads'; did you mean 'model.roi_head'"):
+        train_config.resolve(["--config", str(p)])
+    p.write_text("model:\n  preset: positive\n  loss_preset: mmdetection\n")
+    with pytest.raises(LossConfigError, match="both name a preset"):
+        LossConfig.from_yaml(p)
+    p.write_text("rpn_head:\n  loss_cls_weight: 1e-1\n  loss_cls_weight: 2\n")
+    with pytest.raises(LossConfigError, match="appears twice"):
+        LossConfig.from_yaml(p)
