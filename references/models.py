@@ -186,6 +186,16 @@ def check_weights_model(name: str, weights: Optional[str]) -> None:
 
 
 # -- anchors ----------------------------------------------------------------------------------------
+def check_anchors(name: str, sizes: Optional[Sequence[Sequence[float]]], ratios) -> None:
+    """model.anchor_sizes / aspect_ratios against ``name``'s feature maps before any data is read: set on
+    the model built on the meta device (no memory, no weights); a mismatch is set_anchors' ModelError."""
+    if sizes is None and ratios is None:
+        return
+    with torch.device("meta"):
+        model = EXTRA_MODELS[name](2) if name in EXTRA_MODELS else getattr(tvdet, name)(weights=None)
+    set_anchors(model, sizes, ratios)
+
+
 def set_anchors(
     model: nn.Module, sizes: Optional[Sequence[Sequence[float]]], ratios: Optional[Sequence[Sequence[float]]]
 ) -> List[str]:

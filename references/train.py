@@ -37,6 +37,7 @@ from errors import USER_ERRORS  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from hooks import default_hooks  # noqa: E402
 from models import (  # noqa: E402
+    check_anchors,
     check_model_name,
     check_weights_model,
     check_weights_path,
@@ -78,6 +79,7 @@ def check_before_data(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     weights, the --resume checkpoint) before any data is read; returns the --resume checkpoint (read once)."""
     m, t = cfg.model, cfg.training
     check_model_name(m.name)
+    check_anchors(m.name, m.anchor_sizes, m.aspect_ratios)  # against the backbone's feature maps
     _check_output_dir(t.output_dir)
     check_weights_path(m.weights)
     check_weights_model(m.name, m.weights)  # another model's checkpoint fails here, not after the data

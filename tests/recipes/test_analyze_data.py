@@ -168,3 +168,4 @@ def test_anchors_from_yaml_train_and_reach_the_report(tmp_path, capsys, data_roo
     p.write_text(yaml.safe_dump(data))
     with pytest.raises(models.ModelError, match="has 2 lists but the backbone gives 4 feature maps"):
         train.main(["--config", str(p)])
+    assert "images," not in capsys.readouterr().out  # refused before any data was read
