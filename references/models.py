@@ -169,11 +169,7 @@ def check_weights_model(name: str, weights: Optional[str]) -> None:
     if saved is not None:
         return
     state = model_state_dict(ckpt, weights, "--weights")
-    with torch.device("meta"):  # no memory, no weights: only the key names are wanted
-        if name in EXTRA_MODELS:
-            expected = EXTRA_MODELS[name](2).state_dict()
-        else:
-            expected = getattr(tvdet, name)(weights=None, weights_backbone=None).state_dict()
+    expected = _meta_model(name).state_dict()  # only the key names are wanted
     drop = ("num_batches_tracked",)  # BatchNorm2d has it, FrozenBatchNorm2d (pretrained bodies) not
     have = {k for k in state if not k.endswith(drop)}
     want = {k for k in expected if not k.endswith(drop)}
@@ -191,9 +187,15 @@ def check_anchors(name: str, sizes: Optional[Sequence[Sequence[float]]], ratios)
     the model built on the meta device (no memory, no weights); a mismatch is set_anchors' ModelError."""
     if sizes is None and ratios is None:
         return
+    set_anchors(_meta_model(name), sizes, ratios)
+
+
+def _meta_model(name: str) -> nn.Module:
+    """``name``'s architecture on the meta device: no memory, no weights, nothing downloaded."""
     with torch.device("meta"):
-        model = EXTRA_MODELS[name](2) if name in EXTRA_MODELS else getattr(tvdet, name)(weights=None)
-    set_anchors(model, sizes, ratios)
+        if name in EXTRA_MODELS:
+            return EXTRA_MODELS[name](2)
+        return getattr(tvdet, name)(weights=None, weights_backbone=None)
 
 
 def set_anchors(
