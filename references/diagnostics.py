@@ -150,10 +150,13 @@ def linear_scaling_lr(images_per_step: int) -> float:
     return REFERENCE_LR * images_per_step / REFERENCE_BATCH
 
 
-def lr_warning(lr: float, images_per_step: int, warmup_iters: int) -> Optional[str]:
-    """A warning when lr exceeds the linear-scaling rule by more than 2x with no warmup."""
+def lr_warning(lr: float, images_per_step: int, warmup_iters: int, opt: str = "sgd") -> Optional[str]:
+    """A warning when an SGD lr exceeds the linear-scaling rule by more than 2x with no warmup.
+
+    The rule (0.02 for 16 images) is SGD's: an AdamW lr of 1e-3 or 1e-4 is in another range, so
+    no SGD figure is suggested for it."""
     ref = linear_scaling_lr(images_per_step)
-    if warmup_iters > 0 or lr <= 2 * ref:
+    if not opt.startswith("sgd") or warmup_iters > 0 or lr <= 2 * ref:
         return None
     return (
         f"lr {lr:g} is {lr / ref:.1f}x the linear-scaling rule for {images_per_step} images per step "
@@ -298,7 +301,7 @@ def _cause_lr(current, train, cfg) -> Optional[str]:
     t = cfg.training
     ips = t.batch_size * int(train.get("world_size", 1))
     ref = linear_scaling_lr(ips)
-    if t.lr <= 2 * ref:
+    if not t.opt.startswith("sgd") or t.lr <= 2 * ref:  # the rule is SGD's (lr_warning)
         return None
     return (
         f"lr {t.lr:g} is {t.lr / ref:.1f}x the linear-scaling rule for {ips} images per step "

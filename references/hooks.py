@@ -80,7 +80,7 @@ def report_before_step_one(run, data, model) -> None:
     """The lr check and the data / anchor report, before the first step (Lightning's loop calls it too)."""
     t = run.cfg.training
     images = t.batch_size * distributed.world()
-    warning = lr_warning(t.lr, images, t.warmup_iters)
+    warning = lr_warning(t.lr, images, t.warmup_iters, t.opt)
     if warning:
         run.writer.say("WARNING: " + warning)
     run.writer.record(
@@ -88,7 +88,7 @@ def report_before_step_one(run, data, model) -> None:
             "type": "lr_check",
             "lr": t.lr,
             "images_per_step": images,
-            "linear_scaling_lr": linear_scaling_lr(images),
+            "linear_scaling_lr": linear_scaling_lr(images) if t.opt.startswith("sgd") else None,
             "warning": warning,
         }
     )

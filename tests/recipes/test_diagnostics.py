@@ -131,12 +131,20 @@ def test_per_class_collapse_names_the_class_and_its_past_ap50():
     assert not any("common" in line for line in w)
 
 
+def test_collapse_cause_lr_is_sgds_rule_only():
+    cfg = _cfg(lr=0.08, batch=1)
+    assert "64.0x the linear-scaling rule" in D._cause_lr(None, {}, cfg)
+    assert D._cause_lr(None, {}, cfg.replace({"training.opt": "adamw"})) is None
+
+
 def test_lr_warning_before_step_one():
     assert D.lr_warning(0.02, 16, 0) is None  # exactly the rule
     assert D.lr_warning(0.02, 4, 1000) is None  # 4x the rule, but warmed up
     w = D.lr_warning(0.02, 4, 0)
     assert "lr 0.02 is 4.0x the linear-scaling rule for 4 images per step" in w and "0.005" in w
     assert D.lr_warning(0.011, 4, 0) is not None and D.lr_warning(0.0099, 4, 0) is None  # > 2x triggers
+    assert D.lr_warning(0.02, 4, 0, "sgd_nesterov") is not None
+    assert D.lr_warning(0.02, 4, 0, "adamw") is None  # SGD's rule says nothing of an AdamW lr
 
 
 def test_matched_gt_is_greedy_by_score_one_each():
