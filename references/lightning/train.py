@@ -215,6 +215,17 @@ def build_trainer(args, cfg: TrainConfig, say=print, **overrides) -> pl.Trainer:
         raise ConfigError(f"lightning.Trainer: {str(e).splitlines()[0]}") from None
 
 
+def fit(trainer: pl.Trainer, module, data, eval_every: int, say=print) -> None:
+    """``trainer.fit``, then one validation after the last epoch unless check_val_every_n_epoch just
+    ran it: references/train.py evaluates every N epochs *and after the last*, Lightning only every N."""
+    trainer.fit(module, data.train_loader, data.val_loader)
+    epochs = trainer.current_epoch  # epochs completed
+    if trainer.interrupted or not epochs or epochs % eval_every == 0 or not trainer.limit_val_batches:
+        return
+    say(f"Lightning: validating after the last epoch ({epochs}; training.eval_every {eval_every}), as train.py does")
+    trainer.validate(module, data.val_loader, verbose=False)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parsed = parse(argv)
     if parsed is None:  # --print-config
@@ -236,7 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.writer.say(
         f"Lightning: precision {args.precision}, gradient clipping {f'max_norm {clip:g}' if clip else 'off'}"
     )
-    trainer.fit(module, data.train_loader, data.val_loader)
+    fit(trainer, module, data, t.eval_every, run.writer.say)
     return 0
 
 

@@ -120,6 +120,37 @@ def test_trainer_clips_after_backward_and_module_logs_without_host_reads(tmp_pat
     assert float(metrics[f"val/{name}/gt"]) == gt[name]
 
 
+class CountValidations(pl.Callback):
+    def __init__(self):
+        self.epochs = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.epochs.append(trainer.current_epoch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_epochs, eval_every, expected", [(2, 3, [2]), (2, 2, [1]), (3, 2, [1, 3])])
+def test_cli_fit_validates_after_the_last_epoch_as_train_py(tmp_path, data_root, max_epochs, eval_every, expected):
+    # train.py: every eval_every epochs and after the last; check_val_every_n_epoch alone skips the last.
+    args, cfg, module, data = _setup(tmp_path, data_root, eval_every=eval_every)
+    count = CountValidations()
+    trainer = LT.build_trainer(
+        args,
+        cfg,
+        callbacks=[count],
+        max_epochs=max_epochs,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        **QUIET,
+    )
+    said = []
+    LT.fit(trainer, module, data, eval_every, said.append)
+    assert count.epochs == expected
+    assert len(said) == (max_epochs % eval_every != 0)
+
+
 @pytest.mark.slow
 def test_without_gradient_clip_val_nothing_is_clipped(tmp_path, data_root):
     # The contrast that shows the probe above would catch a Trainer that does not clip.
