@@ -7,8 +7,10 @@ r"""How much the demo's final AP moves with the seed: the demo config, trained o
 Each seed trains ``references/configs/shapes.yaml`` in its own process (``--seed S --output-dir
 OUT/seed_S --no-plots``; the dataset keeps its own ``data.shapes.seed``, so every seed sees the same
 images) and the final evaluation record of its ``metrics.jsonl`` is read back. Prints a markdown
-table (seed, bbox AP, segm AP, detections/image, wall time) and mean ± std (sample std, n - 1).
-Wall times depend on the machine and on whatever else runs on it; AP does not depend on load.
+table (seed, bbox AP, segm AP, detections/image, wall time) with mean ± std (sample std, n - 1),
+then each class's bbox AP per seed and its mean ± std, under a line naming the machine.
+Wall times depend on the machine and on whatever else runs on it; AP does not depend on load, but
+its last digits depend on the CPU (its kernels round differently), as they do on the seed.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
+
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFS = os.path.dirname(HERE)
@@ -41,6 +46,10 @@ def final_eval(metrics_path: str) -> Dict[str, float]:
     return last
 
 
+def per_class_ap(rec: Dict) -> Dict[str, float]:
+    return {c: v["bbox_AP"] for c, v in rec.get("per_class", {}).items()}
+
+
 def train_seed(seed: int, out: str, epochs: Optional[int], extra: List[str], config: str) -> Dict[str, float]:
     """Train one seed in a fresh process; returns its final AP, detections/image and wall time.
 
@@ -58,6 +67,8 @@ def train_seed(seed: int, out: str, epochs: Optional[int], extra: List[str], con
             saved = json.load(f)
         if saved.get("cmd") == cmd and saved.get("config_text") == config_text:
             print(f"seed {seed}: reusing {cache}", flush=True)
+            if "per_class_bbox_AP" not in saved:  # saved before the per-class table was printed
+                saved["per_class_bbox_AP"] = per_class_ap(final_eval(os.path.join(out_dir, "metrics.jsonl")))
             return saved
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(metrics):
@@ -75,6 +86,7 @@ def train_seed(seed: int, out: str, epochs: Optional[int], extra: List[str], con
         "bbox_AP": rec["bbox_AP"],
         "segm_AP": rec.get("segm_AP", float("nan")),
         "dets_per_image": rec["dets_per_image"],
+        "per_class_bbox_AP": per_class_ap(rec),
         "wall_s": wall,
         "cmd": cmd,
         "config_text": config_text,
@@ -99,7 +111,26 @@ def table(rows: List[Dict[str, float]]) -> str:
     cols = [([r[c] for r in rows], digits) for c, digits in COLUMNS.items()]
     lines.append("| mean ± std | " + " | ".join(mean_std(v, n) for v, n in cols) + " |")
     lines.append("| max - min | " + " | ".join(f"{max(v) - min(v):.{n}f}" for v, n in cols) + " |")
+    per_class = [r.get("per_class_bbox_AP", {}) for r in rows]
+    classes = [c for c in per_class[0] if all(c in p for p in per_class)]
+    if classes:  # a class the seeds agree on overall may still move alone
+        lines += ["", "| class | bbox AP per seed | mean ± std |", "|---|---|---|"]
+        for c in classes:
+            v = [p[c] for p in per_class]
+            lines.append(f"| {c} | {', '.join(f'{x:.3f}' for x in v)} | {mean_std(v, 3)} |")
     return "\n".join(lines)
+
+
+def machine(extra: List[str]) -> str:
+    """The CPU model and core count, for the wall times (they depend on it; AP only in its last digits)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = extra[extra.index("--num-threads") + 1] if "--num-threads" in extra[:-1] else torch.get_num_threads()
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} torch threads"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -112,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     rows = [train_seed(s, args.out, args.epochs, args.extra, args.config) for s in args.seeds]
-    text = table(rows)
+    text = f"machine: {machine(args.extra)}\n\n" + table(rows)
     print(text)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(text + "\n")
