@@ -43,7 +43,8 @@ def plot_curves(metrics_path: str, out_dir: str) -> List[str]:
 
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval"]
+    # An epoch that --eval-every skipped has an "eval" record with its training summary only.
+    evals = [r for r in records if r.get("type") == "eval" and "dets_per_image" in r]
     written = []
     if train:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))

@@ -47,6 +47,18 @@ def test_end_to_end_run_writes_everything(tmp_path, data_root):
 
 
 @pytest.mark.slow
+def test_eval_every_evaluates_every_n_epochs_and_after_the_last_and_plots_those(tmp_path, data_root):
+    # The demo evaluates every 3 epochs: the skipped epochs' records hold their training summary only,
+    # and the end-of-run plots must draw the evaluated epochs (they raised KeyError on the others).
+    cfg = tiny_config(tmp_path, data_root, epochs=3, iters_per_epoch=1, eval_every=2, plots=True)
+    assert train.main(["--config", cfg]) == 0
+    out = tmp_path / "out"
+    assert [r["epoch"] for r in records(out, "eval") if "bbox_AP" in r] == [1, 2]
+    assert [r["epoch"] for r in records(out, "eval")] == [0, 1, 2]  # every epoch's training summary
+    assert (out / "eval_curves.png").exists() and (out / "training_curves.png").exists()
+
+
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path, data_root):
     straight = tmp_path / "a"
     straight.mkdir()
