@@ -146,17 +146,18 @@ def per_class_table(per_class: Dict[str, Dict[str, float]], thresh: float) -> st
 
 
 # -- the learning rate ------------------------------------------------------------------------------
-def linear_scaling_lr(images_per_step: int) -> float:
+def linear_scaling_lr(images_per_step: int, opt: str = "sgd") -> Optional[float]:
+    """The lr of the linear-scaling rule, or None for an optimizer it does not hold for: the rule (0.02
+    for 16 images) is SGD's, and an AdamW lr of 1e-3 or 1e-4 is in another range."""
+    if not opt.startswith("sgd"):
+        return None
     return REFERENCE_LR * images_per_step / REFERENCE_BATCH
 
 
 def lr_warning(lr: float, images_per_step: int, warmup_iters: int, opt: str = "sgd") -> Optional[str]:
-    """A warning when an SGD lr exceeds the linear-scaling rule by more than 2x with no warmup.
-
-    The rule (0.02 for 16 images) is SGD's: an AdamW lr of 1e-3 or 1e-4 is in another range, so
-    no SGD figure is suggested for it."""
-    ref = linear_scaling_lr(images_per_step)
-    if not opt.startswith("sgd") or warmup_iters > 0 or lr <= 2 * ref:
+    """A warning when an SGD lr exceeds the linear-scaling rule by more than 2x with no warmup."""
+    ref = linear_scaling_lr(images_per_step, opt)
+    if ref is None or warmup_iters > 0 or lr <= 2 * ref:
         return None
     return (
         f"lr {lr:g} is {lr / ref:.1f}x the linear-scaling rule for {images_per_step} images per step "
@@ -300,8 +301,8 @@ def _cause_skipped(current, train, cfg) -> Optional[str]:
 def _cause_lr(current, train, cfg) -> Optional[str]:
     t = cfg.training
     ips = t.batch_size * int(train.get("world_size", 1))
-    ref = linear_scaling_lr(ips)
-    if not t.opt.startswith("sgd") or t.lr <= 2 * ref:  # the rule is SGD's (lr_warning)
+    ref = linear_scaling_lr(ips, t.opt)
+    if ref is None or t.lr <= 2 * ref:
         return None
     return (
         f"lr {t.lr:g} is {t.lr / ref:.1f}x the linear-scaling rule for {ips} images per step "

@@ -88,7 +88,7 @@ def report_before_step_one(run, data, model) -> None:
             "type": "lr_check",
             "lr": t.lr,
             "images_per_step": images,
-            "linear_scaling_lr": linear_scaling_lr(images) if t.opt.startswith("sgd") else None,
+            "linear_scaling_lr": linear_scaling_lr(images, t.opt),
             "warning": warning,
         }
     )

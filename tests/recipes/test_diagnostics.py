@@ -145,6 +145,7 @@ def test_lr_warning_before_step_one():
     assert D.lr_warning(0.011, 4, 0) is not None and D.lr_warning(0.0099, 4, 0) is None  # > 2x triggers
     assert D.lr_warning(0.02, 4, 0, "sgd_nesterov") is not None
     assert D.lr_warning(0.02, 4, 0, "adamw") is None  # SGD's rule says nothing of an AdamW lr
+    assert D.linear_scaling_lr(4, "sgd_nesterov") == 0.005 and D.linear_scaling_lr(4, "adamw") is None
 
 
 def test_matched_gt_is_greedy_by_score_one_each():
