@@ -93,7 +93,20 @@ def check_before_data(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     saved = checkpoint_model_name(ckpt)
     if saved is not None and saved != m.name:
         raise CheckpointError(f"--resume {t.resume} holds a {saved} model, not --model {m.name}")
+    _check_epochs_left(cfg, ckpt)
     return ckpt
+
+
+def _check_epochs_left(cfg: TrainConfig, ckpt: Dict[str, Any]) -> None:
+    """A --resume that would train nothing (the checkpoint already reached --epochs) fails, not exits 0."""
+    t, done = cfg.training, ckpt.get("epoch")
+    if t.test_only or not isinstance(done, int) or isinstance(ckpt.get("in_epoch"), dict):
+        return
+    if t.epochs <= done + 1:
+        raise CheckpointError(
+            f"--epochs {t.epochs}: --resume {t.resume} has trained epochs 0..{done} already, so nothing is left "
+            f"to train: give --epochs {done + 2} or more (the total, as torchvision counts it)"
+        )
 
 
 def setup(argv: Optional[List[str]]) -> Optional[Run]:
@@ -220,10 +233,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if run.cfg.training.test_only:
             return evaluate_only(run, model, net, data)
         t = run.cfg.training
-        optimizer, lr_scheduler, warmup, state = build_optimization(run, net, iters_per_epoch(data.train_loader, t))
+        iters = iters_per_epoch(data.train_loader, t)
+        optimizer, lr_scheduler, warmup, state = build_optimization(run, net, iters)
         scaler = torch.amp.GradScaler("cuda") if t.amp and run.device.type == "cuda" else None
         if run.resume_ckpt is not None:
-            resume(run, net, optimizer, lr_scheduler, warmup, scaler, state)
+            resume(run, net, optimizer, lr_scheduler, warmup, scaler, state, iters)
         trainer = Trainer(run, model, net, data, optimizer, lr_scheduler, warmup, scaler, state, default_hooks())
         return trainer.train()
     finally:

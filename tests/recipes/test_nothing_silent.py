@@ -1,0 +1,152 @@
+"""Round 2 of "nothing silently wrong": resumes from torchvision's checkpoints, evaluation keys, reused
+output folders, RLE masks, sampler settings, the Lightning CLI's keys and the numeric ranges. Each test
+makes the bad input and asserts the line that names it and what the output folder holds."""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import helpers
+import train
+from shapes import ShapesSpec, ensure_shapes
+
+SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return ensure_shapes(str(tmp_path_factory.mktemp("silent_data")), SPEC)
+
+
+def make_set(shapes, root):
+    """A private copy of the 6-image set: (annotation dict, image folder)."""
+    images = os.path.join(str(root), "images")
+    shutil.copytree(shapes["train_images"], images)
+    with open(shapes["train_ann"]) as f:
+        return json.load(f), images
+
+
+def write_json(root, data, name="ann.json"):
+    path = os.path.join(str(root), name)
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def argv(ann, images, out, *extra):
+    return helpers.coco_json_argv(ann, images, out, "--check-samples", "2", "--no-data-report", *extra)
+
+
+def cli(args):
+    """train.cli as the command line runs it: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train.cli(args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_line_error(rc, err, pattern):
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def files(out):
+    return sorted(os.listdir(out)) if os.path.isdir(out) else []
+
+
+@pytest.fixture(scope="module")
+def first_run(shapes, tmp_path_factory):
+    """One finished epoch of maskrcnn_tiny (its checkpoint is resumed below)."""
+    root = tmp_path_factory.mktemp("first_run")
+    data, images = make_set(shapes, root)
+    ann = write_json(root, data)
+    out = root / "out"
+    rc, _, err = cli(argv(ann, images, out, "--norm-weight-decay", "0"))
+    assert rc == 0, err
+    return {"root": root, "ann": ann, "images": images, "out": out}
+
+
+def _torchvision_checkpoint(first_run, lr=0.02):
+    """checkpoint.pth as torchvision's references/detection/train.py saves it: model, optimizer,
+    lr_scheduler, args, epoch; the optimizer at lr 0.02, as its args say."""
+    ck = torch.load(first_run["out"] / "checkpoint.pth", weights_only=True)
+    opt = ck["optimizer"]
+    for g in opt["param_groups"]:
+        g["lr"] = g["initial_lr"] = lr
+    sched = dict(ck["lr_scheduler"], base_lrs=[lr] * len(opt["param_groups"]))
+    args = argparse.Namespace(
+        model="maskrcnn_tiny", lr=lr, momentum=0.9, weight_decay=1e-4, norm_weight_decay=0.0, epochs=26,
+        lr_steps=[16, 22], lr_gamma=0.1, opt="sgd", lr_scheduler="multisteplr", batch_size=2, dataset="coco",
+    )  # fmt: skip
+    path = first_run["root"] / "torchvision_checkpoint.pth"
+    torch.save({"model": ck["model"], "optimizer": opt, "lr_scheduler": sched, "args": args, "epoch": 0}, path)
+    return str(path)
+
+
+# -- 1. --resume of torchvision's own checkpoint ---------------------------------------------------------
+@pytest.mark.slow
+def test_resume_of_a_torchvision_checkpoint_applies_the_lr_and_skips_warmup(first_run, tmp_path):
+    path = _torchvision_checkpoint(first_run)
+    out = tmp_path / "resumed"
+    extra = ("--lr", "0.005", "--epochs", "2", "--resume", path, "--norm-weight-decay", "0", "--iters-per-epoch", "3")
+    rc, stdout, err = cli(argv(first_run["ann"], first_run["images"], out, *extra))
+    assert rc == 0, err
+    assert re.search(r"resume: training\.lr: 0\.02 -> 0\.005 applied", stdout), stdout
+    assert re.search(r"resume: training\.epochs: 26 -> 2 applied", stdout)
+    assert "torchvision reference checkpoint" in stdout and "1 epoch(s) done counted as 3 iterations" in stdout
+    lrs = [r["lr"] for r in helpers.records(out, "train")]
+    assert lrs == pytest.approx([0.005] * 3)  # no warmup over the restored lr (it gave 6.68, 13.34, 20.0)
+    assert {"checkpoint.pth", "model_1.pth", "config.resume-epoch1.yaml"} <= set(files(out))
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ck["epoch"] == 1 and ck["config"]["training"]["lr"] == 0.005
+    assert ck["optimizer"]["param_groups"][0]["initial_lr"] == 0.005
+
+
+@pytest.mark.slow
+def test_resume_of_a_torchvision_checkpoint_refuses_what_cannot_take_effect(first_run, tmp_path):
+    path = _torchvision_checkpoint(first_run)
+    out = tmp_path / "refused"
+    extra = ("--epochs", "2", "--resume", path, "--opt", "adamw")
+    rc, _, err = cli(argv(first_run["ann"], first_run["images"], out, *extra))
+    assert rc == 1 and "training.opt: 'sgd' -> 'adamw' refused" in err and "Traceback" not in err
+    assert not any(f.endswith(".pth") for f in files(out))
+
+
+# -- 5. --wd on resume under --norm-weight-decay ---------------------------------------------------------
+@pytest.mark.slow
+def test_resume_with_a_new_wd_leaves_the_normalization_group_alone(first_run, tmp_path):
+    out = tmp_path / "wd"
+    ckpt = str(first_run["out"] / "checkpoint.pth")
+    extra = ("--epochs", "2", "--resume", ckpt, "--wd", "0.001", "--norm-weight-decay", "0")
+    rc, stdout, err = cli(argv(first_run["ann"], first_run["images"], out, *extra))
+    assert rc == 0, err
+    assert "training.weight_decay: 0.0001 -> 0.001 applied" in stdout
+    groups = torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.001, 0.0]
+    out2 = tmp_path / "nwd"
+    extra = ("--epochs", "2", "--resume", ckpt, "--norm-weight-decay", "0.01")
+    rc, stdout, err = cli(argv(first_run["ann"], first_run["images"], out2, *extra))
+    assert rc == 0, err
+    assert "training.norm_weight_decay: 0.0 -> 0.01 applied" in stdout
+    groups = torch.load(out2 / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0001, 0.01]
+    rc, _, err = cli(argv(first_run["ann"], first_run["images"], tmp_path / "x", "--epochs", "2", "--resume", ckpt))
+    assert rc == 1 and "training.norm_weight_decay: 0.0 -> None refused" in err
+
+
+# -- also weak: a resume or start epoch that would train nothing ------------------------------------------
+def test_resume_with_no_epoch_left_fails_before_the_data(first_run, tmp_path):
+    ckpt = str(first_run["out"] / "checkpoint.pth")
+    out = tmp_path / "none_left"
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", ckpt, "--norm-weight-decay", "0"))
+    one_line_error(rc, err, r"--epochs 1: --resume .*checkpoint\.pth has trained epochs 0\.\.0 .*--epochs 2")
+    assert files(out) == []
