@@ -346,6 +346,54 @@ def _check_annotations(data, images, bad_images, categories, need_masks, report:
     return kept, with_anns
 
 
+def _merged_rle(seg: Any, h: int, w: int):
+    """One pycocotools RLE of a (checked) segmentation: polygons, RLE or uncompressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    if isinstance(seg.get("counts"), list):
+        return mask_utils.frPyObjects(seg, h, w)
+    return {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
+
+
+def _fill_evaluation_keys(kept: List[Dict[str, Any]], images, split: str, report: "AnnotationReport") -> None:
+    """COCO evaluation reads every annotation's ``area`` (its area ranges) and ``iscrowd``: fill those a
+    file leaves out as pycocotools' loadRes fills results, area from the mask (else the box's w x h),
+    iscrowd 0, and say so. A present value that is no number is a DataError naming the annotation."""
+    from pycocotools import mask as mask_utils
+
+    from_mask, from_box, crowd = [], [], []
+    for a in kept:
+        if "iscrowd" not in a:
+            a["iscrowd"] = 0
+            crowd.append(a.get("id"))
+        elif a["iscrowd"] not in (0, 1) or isinstance(a["iscrowd"], float):
+            where = f"{split}: annotation {a.get('id')} (image {a['image_id']})"
+            raise DataError(f"{where}: iscrowd {a['iscrowd']!r} is not 0 or 1")
+        if "area" in a:
+            if not isinstance(a["area"], (int, float)) or isinstance(a["area"], bool) or not math.isfinite(a["area"]):
+                raise DataError(
+                    f"{split}: annotation {a.get('id')} (image {a['image_id']}): area {a['area']!r} is not a number"
+                )
+            continue
+        seg, img = a.get("segmentation"), images[a["image_id"]]
+        if seg and _segmentation_problem(seg, img["width"], img["height"]) is None:
+            a["area"] = float(mask_utils.area(_merged_rle(seg, img["height"], img["width"])))
+            from_mask.append(a.get("id"))
+        else:
+            a["area"] = float(a["bbox"][2] * a["bbox"][3])
+            from_box.append(a.get("id"))
+    if from_mask or from_box:
+        filled = from_mask + from_box
+        report.notes.append(
+            f"{split}: {len(filled)} annotation(s) without 'area' (ids {_ids(filled)}): filled as pycocotools "
+            f"does for results, {len(from_mask)} from the mask, {len(from_box)} from the box w x h"
+        )
+    if crowd:
+        report.notes.append(f"{split}: {len(crowd)} annotation(s) without 'iscrowd' (ids {_ids(crowd)}): set to 0")
+
+
 def load_coco_checked(
     ann_file: str,
     image_dir: str,
@@ -379,6 +427,7 @@ def load_coco_checked(
             f"Fix them, or pass --bad-annotations drop (data.bad_annotations: drop) to train without them."
         )
     report.problems = problems
+    _fill_evaluation_keys(kept, images, split, report)
     report.dropped_images = len(bad_images)
     data = dict(data, images=[i for k, i in images.items() if k not in bad_images], annotations=kept)
     report.images = len(data["images"])

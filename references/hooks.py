@@ -156,12 +156,16 @@ class Checkpointer(HookBase):
         if result.stop or (every and tr.state.iteration % every == 0):
             self.save(tr.epoch - 1, {"epoch": tr.epoch, "iteration": done, "meter": tr.meter.state_dict()})
 
+    saved_epoch = None  # the last epoch whose end-of-epoch checkpoint was written
+
     def after_epoch(self, epoch: int, stats: Dict[str, float]) -> None:
         self.save(epoch)
 
     def save(self, epoch: int, in_epoch=None) -> None:
         """The checkpoint after ``epoch`` (plus ``in_epoch``: how far the next one got)."""
         tr, run = self.trainer, self.trainer.run
+        if in_epoch is None:
+            self.saved_epoch = epoch
         save_training_checkpoint(
             run.out_dir,
             epoch,

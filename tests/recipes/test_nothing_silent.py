@@ -150,3 +150,61 @@ def test_resume_with_no_epoch_left_fails_before_the_data(first_run, tmp_path):
     rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", ckpt, "--norm-weight-decay", "0"))
     one_line_error(rc, err, r"--epochs 1: --resume .*checkpoint\.pth has trained epochs 0\.\.0 .*--epochs 2")
     assert files(out) == []
+
+
+# -- 2. annotations without area / iscrowd; the epoch's checkpoint does not wait for evaluation ----------
+def test_missing_area_and_iscrowd_are_filled_as_pycocotools_does(shapes, tmp_path):
+    from checks import load_coco_checked
+    from data import decode_segmentation
+
+    data, images = make_set(shapes, tmp_path)
+    original = {a["id"]: a["area"] for a in data["annotations"]}
+    for a in data["annotations"]:
+        del a["area"], a["iscrowd"]
+    data["annotations"][0]["segmentation"] = []  # no mask: area from the box
+    data["annotations"][0]["area_box"] = data["annotations"][0]["bbox"][2] * data["annotations"][0]["bbox"][3]
+    coco, _, _, report = load_coco_checked(write_json(tmp_path, data), images, "val", "stop", need_masks=False)
+    anns = coco.dataset["annotations"]
+    assert all(a["iscrowd"] == 0 for a in anns)
+    first = anns[0]
+    assert first["area"] == first["area_box"]
+    size = {i["id"]: (i["height"], i["width"]) for i in data["images"]}
+    for a in anns[1:]:  # the mask's pixel count (the generator's own area is the polygon's, near it)
+        assert a["area"] == decode_segmentation(a["segmentation"], *size[a["image_id"]]).sum()
+        assert a["area"] == pytest.approx(original[a["id"]], rel=0.1)
+    n = len(anns)
+    assert f"{n} annotation(s) without 'area'" in report.summary()
+    assert f"{n - 1} from the mask, 1 from the box" in report.summary()
+    assert f"{n} annotation(s) without 'iscrowd'" in report.summary()
+    data["annotations"][1]["area"] = "big"
+    with pytest.raises(Exception, match=f"annotation {data['annotations'][1]['id']} .*area 'big' is not a number"):
+        load_coco_checked(write_json(tmp_path, data), images, "val", "stop", need_masks=False)
+
+
+@pytest.mark.slow
+def test_a_set_without_area_trains_evaluates_and_saves(shapes, tmp_path):
+    data, images = make_set(shapes, tmp_path)
+    for a in data["annotations"]:
+        del a["area"], a["iscrowd"]
+    out = tmp_path / "out"
+    rc, stdout, err = cli(argv(write_json(tmp_path, data), images, out))
+    assert rc == 0, err
+    assert "without 'area'" in stdout and "without 'iscrowd'" in stdout
+    assert [r["epoch"] for r in helpers.records(out, "eval") if "bbox_AP" in r] == [0]
+    assert {"checkpoint.pth", "model_0.pth"} <= set(files(out))
+
+
+@pytest.mark.slow
+def test_the_epoch_checkpoint_is_written_when_evaluation_fails(shapes, tmp_path, monkeypatch):
+    import hooks
+
+    def broken(*a, **k):
+        raise KeyError("area")
+
+    monkeypatch.setattr(hooks, "evaluate", broken)
+    data, images = make_set(shapes, tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(KeyError):
+        cli(argv(write_json(tmp_path, data), images, out))
+    assert {"checkpoint.pth", "model_0.pth"} <= set(files(out))
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
