@@ -23,7 +23,7 @@ import os
 import random
 import re
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,10 +51,14 @@ from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402
 from trainer import Trainer, iters_per_epoch  # noqa: E402
 from training_checkpoint import (  # noqa: E402
     CheckpointError,
+    acquire_lock,
     atomic_write_text,
     checkpoint_model_name,
     load_training_checkpoint,
+    release_lock,
+    remove_run_files,
     remove_stale_temp_files,
+    run_files,
 )
 from writers import EventWriter  # noqa: E402
 
@@ -74,6 +78,19 @@ def _check_output_dir(out_dir: str) -> None:
         raise ConfigError(f"--output-dir {out_dir!r}: {parent} is not writable")
 
 
+def _check_output_reuse(t) -> None:
+    """A new run in a folder holding another run's checkpoint would mix the two runs' files."""
+    ckpts, _ = run_files(t.output_dir)
+    if not ckpts or t.resume or t.overwrite:
+        return
+    shown = ", ".join(ckpts[:3]) + (f", ... ({len(ckpts)} checkpoints)" if len(ckpts) > 3 else "")
+    raise ConfigError(
+        f"--output-dir {t.output_dir} holds another run's checkpoint(s) ({shown}): pass --resume "
+        f"{os.path.join(t.output_dir, 'checkpoint.pth')} to continue that run, --overwrite to replace its files, "
+        f"or another --output-dir"
+    )
+
+
 def check_before_data(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     """The checks of a validated config against this machine and its files (model name, output folder,
     weights, the --resume checkpoint) before any data is read; returns the --resume checkpoint (read once)."""
@@ -81,6 +98,7 @@ def check_before_data(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     check_model_name(m.name)
     check_anchors(m.name, m.anchor_sizes, m.aspect_ratios)  # against the backbone's feature maps
     _check_output_dir(t.output_dir)
+    _check_output_reuse(t)
     check_weights_path(m.weights)
     check_weights_model(m.name, m.weights)  # another model's checkpoint fails here, not after the data
     # A bad name fails here, listing the valid ones; weights not yet downloaded are fetched now, so
@@ -126,12 +144,19 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
     if device.type == "cuda" and info.launcher != "none":
         device = torch.device("cuda", info.local_rank)
     out_dir = t.output_dir
-    stale = _prepare_output_dir(out_dir) if out_dir and distributed.is_main() else []
+    lock, said = None, []
+    if out_dir and distributed.is_main():
+        lock, said = _prepare_output_dir(out_dir, t.overwrite and not t.resume, cfg.model.weights)
     distributed.barrier()
-    run = Run(cfg, loss_cfg, device, info.rank, EventWriter(out_dir, distributed.is_main()), out_dir, ckpt)
+    try:
+        run = Run(cfg, loss_cfg, device, info.rank, EventWriter(out_dir, distributed.is_main()), out_dir, ckpt)
+    except BaseException:
+        release_lock(lock)
+        raise
+    run.lock = lock
     run.writer.record(start_record(t.resume, ckpt))
-    if stale:
-        run.writer.say(f"removed {len(stale)} temp file(s) an interrupted run left in {out_dir}: {', '.join(stale)}")
+    for line in said:
+        run.writer.say(line)
     if cuda_missing:
         run.writer.say("CUDA is not available: running on the CPU")
     _record_what_runs(run)
@@ -143,13 +168,28 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
     return run
 
 
-def _prepare_output_dir(out_dir: str) -> List[str]:
-    """Create --output-dir; remove the temp files of atomic writes a killed run left (their names)."""
+def _prepare_output_dir(out_dir: str, overwrite: bool, weights: Optional[str] = None) -> Tuple[str, List[str]]:
+    """Create --output-dir and lock it; remove the temp files of atomic writes a killed run left, and
+    with --overwrite the previous run's files. Returns (the lock file, the lines to say)."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--output-dir {out_dir!r}: cannot create it: {e.strerror or e}") from None
-    return remove_stale_temp_files(out_dir)
+    try:
+        lock, stale_lock = acquire_lock(out_dir)
+    except OSError as e:
+        raise CheckpointError(f"--output-dir {out_dir}: cannot write its lock file: {e.strerror or e}") from None
+    said = [stale_lock] if stale_lock else []
+    stale = remove_stale_temp_files(out_dir)
+    if stale:
+        said.append(f"removed {len(stale)} temp file(s) an interrupted run left in {out_dir}: {', '.join(stale)}")
+    _, old = run_files(out_dir)
+    kept = os.path.realpath(weights) if weights else None  # --weights out/model_3.pth stays to be read
+    old = [n for n in old if os.path.realpath(os.path.join(out_dir, n)) != kept]
+    if overwrite and old:
+        remove_run_files(out_dir, old)
+        said.append(f"--overwrite: removed the previous run's {', '.join(old)} from {out_dir}")
+    return lock, said
 
 
 def start_record(resume_path: str, ckpt: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -242,6 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return trainer.train()
     finally:
         run.writer.close()
+        release_lock(run.lock)
         distributed.cleanup()
 
 

@@ -94,6 +94,12 @@ class TrainingConfig:
     print_freq: int = setting(20, "--print-freq", help="print a log line every N iterations")
     output_dir: str = setting(".", "--output-dir", help="where checkpoints, metrics and plots go ('': save nothing)")
     resume: str = setting("", "--resume", help="checkpoint to resume from")
+    overwrite: bool = setting(
+        False,
+        "--overwrite",
+        help="start a new run in an --output-dir holding another run's checkpoint: that run's files are removed "
+        "first (without it, such a folder is refused unless --resume)",
+    )
     start_epoch: int = setting(0, "--start_epoch", "--start-epoch", help="start epoch")
     sync_bn: bool = setting(False, "--sync-bn", help="use SyncBatchNorm (CUDA)")
     test_only: bool = setting(False, "--test-only", help="only evaluate the model")

@@ -94,6 +94,82 @@ def remove_stale_temp_files(out_dir: str) -> List[str]:
     return removed
 
 
+# -- the output folder: another run's files, and the lock of the run writing there ------------------------
+LOCK_NAME = ".tv_lossfix.lock"
+_RUN_FILE = re.compile(
+    r"^(?:checkpoint\.pth|model_\d+\.pth|config\.yaml|config\.resume-[\w-]+\.yaml|metrics\.jsonl"
+    r"|training_curves\.png|eval_curves\.png|gallery\.png)$"
+)
+_CHECKPOINT_FILE = re.compile(r"^(?:checkpoint|model_\d+)\.pth$")
+
+
+def run_files(out_dir: str) -> Tuple[List[str], List[str]]:
+    """(the checkpoints, every file) a training run of this recipe wrote in ``out_dir``, by name."""
+    names = sorted(os.listdir(out_dir)) if out_dir and os.path.isdir(out_dir) else []
+    ours = [n for n in names if _RUN_FILE.match(n) and os.path.isfile(os.path.join(out_dir, n))]
+    ckpts = sorted((n for n in ours if _CHECKPOINT_FILE.match(n)), key=_epoch_order)
+    return ckpts, ours + (["tensorboard"] if "tensorboard" in names else [])
+
+
+def _epoch_order(name: str) -> Tuple[int, str]:
+    m = re.match(r"model_(\d+)", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def remove_run_files(out_dir: str, names: List[str]) -> None:
+    import shutil
+
+    for name in names:
+        path = os.path.join(out_dir, name)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def acquire_lock(out_dir: str) -> Tuple[str, Optional[str]]:
+    """Lock ``out_dir`` for this process: (the lock file, a line about a stale lock removed, or None).
+
+    The lock file holds the writer's pid and host; a lock of a live process on this host (or of any
+    process on another host, whose life cannot be checked here) fails in one line naming it."""
+    import socket
+
+    path, host, stale = os.path.join(out_dir, LOCK_NAME), socket.gethostname(), None
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    owner = json.load(f)
+                pid, owner_host = int(owner["pid"]), str(owner["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, owner_host = -1, host  # unreadable: a run killed while writing it
+            if owner_host != host or _pid_alive(pid):
+                where = f"process {pid} on {owner_host}" if owner_host != host else f"process {pid}"
+                raise CheckpointError(
+                    f"--output-dir {out_dir} is in use by {where} (lock file {path}): wait for that run, "
+                    f"or give another --output-dir (delete the lock file only if that run is gone)"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            stale = f"removed the lock of process {pid}, which is no longer running, from {out_dir}"
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"pid": os.getpid(), "host": host}, f)
+        return path, stale
+    raise CheckpointError(f"--output-dir {out_dir}: could not take the lock file {path}: another run took it")
+
+
+def release_lock(path: Optional[str]) -> None:
+    """Remove the lock file ``path`` if it is this process's."""
+    if not path:
+        return
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(path, encoding="utf-8") as f:
+            if int(json.load(f)["pid"]) != os.getpid():
+                return
+        os.remove(path)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0 or pid == os.getpid():  # ours: called before this run writes, so an earlier run's
         return False

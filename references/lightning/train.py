@@ -64,6 +64,7 @@ HINTS = {
     "max_consecutive_skips": ": Lightning has no NaN policy",
     "test_only": ": use Trainer.validate(module, val_loader)",
     "sync_bn": ": this CLI trains on one device (Trainer(sync_batchnorm=True) in your own script)",
+    "overwrite": ": Lightning writes each run to a folder of its own (lightning_logs/version_N)",
 }
 
 

@@ -208,3 +208,54 @@ def test_the_epoch_checkpoint_is_written_when_evaluation_fails(shapes, tmp_path,
         cli(argv(write_json(tmp_path, data), images, out))
     assert {"checkpoint.pth", "model_0.pth"} <= set(files(out))
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
+
+
+# -- 4. an output folder of another run; two runs in one folder -------------------------------------------
+def test_a_folder_with_another_runs_checkpoint_is_refused_before_the_data(first_run, tmp_path):
+    out = first_run["out"]
+    before = {n: os.path.getmtime(out / n) for n in files(out)}
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out))
+    one_line_error(rc, err, rf"--output-dir {re.escape(str(out))} holds another run's checkpoint.*checkpoint\.pth.*"
+                   r"--resume .*--overwrite")  # fmt: skip
+    assert {n: os.path.getmtime(out / n) for n in files(out)} == before  # nothing written, nothing removed
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_previous_runs_files_and_says_so(shapes, tmp_path):
+    data, images = make_set(shapes, tmp_path)
+    ann = write_json(tmp_path, data)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model_7.pth", "checkpoint.pth", "config.resume-epoch8.yaml", "notes.txt"):
+        (out / name).write_bytes(b"old run")
+    rc, stdout, err = cli(argv(ann, images, out, "--overwrite"))
+    assert rc == 0, err
+    removed = "checkpoint.pth, config.resume-epoch8.yaml, model_7.pth"
+    assert f"--overwrite: removed the previous run's {removed}" in stdout
+    assert "model_7.pth" not in files(out) and "notes.txt" in files(out)  # not a file of ours: kept
+    assert {"model_0.pth", "checkpoint.pth", "config.yaml"} <= set(files(out))
+    assert ".tv_lossfix.lock" not in files(out)  # released at the end
+
+
+def test_a_second_run_in_a_locked_folder_fails_in_one_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = {"pid": holder.pid, "host": socket.gethostname()}
+        (out / ".tv_lossfix.lock").write_text(json.dumps(owner))
+        rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out))
+        one_line_error(rc, err, rf"--output-dir {re.escape(str(out))} is in use by process {holder.pid} \(lock file")
+        assert files(out) == [".tv_lossfix.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale, removed and said; then the run fails on the missing data.
+    rc, stdout, err = cli(argv("/nonexistent.json", "/nonexistent", out))
+    assert f"removed the lock of process {holder.pid}, which is no longer running" in stdout
+    one_line_error(rc, err, r"annotation file not found: /nonexistent\.json")
+    assert ".tv_lossfix.lock" not in files(out)  # released on the error too
