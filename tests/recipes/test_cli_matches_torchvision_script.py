@@ -189,7 +189,7 @@ def test_resume_applies_lr_refuses_model_and_keeps_config(tmp_path, capsys, data
     lrs = [r["lr"] for r in records(out, "train") if r["epoch"] == 1]
     assert lrs and all(abs(lr - 0.001) < 1e-12 for lr in lrs)  # warmup was over: the new lr is what ran
     with pytest.raises(training_checkpoint.CheckpointError, match="training.seed: 0 -> 3 refused"):
-        train.main(["--config", cfg, "--resume", ckpt, "--seed", "3"])
+        train.main(["--config", cfg, "--resume", ckpt, "--seed", "3", "--epochs", "3"])  # epochs 0, 1 done
     with pytest.raises(
         training_checkpoint.CheckpointError, match="holds a maskrcnn_tiny model, not --model fasterrcnn"
     ):

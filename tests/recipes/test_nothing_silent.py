@@ -259,3 +259,113 @@ def test_a_second_run_in_a_locked_folder_fails_in_one_line(tmp_path):
     assert f"removed the lock of process {holder.pid}, which is no longer running" in stdout
     one_line_error(rc, err, r"annotation file not found: /nonexistent\.json")
     assert ".tv_lossfix.lock" not in files(out)  # released on the error too
+
+
+# -- 3, 10 and every RLE form: checked against the image before any decode ---------------------------------
+def _rle_of_box(x, y, bw, bh, h, w):
+    """An uncompressed COCO RLE (column-major run lengths, background first) of a filled box."""
+    import numpy as np
+
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[y : y + bh, x : x + bw] = 1
+    flat = m.flatten(order="F")
+    counts, current, run = [], 0, 0
+    for v in flat:
+        if v != current:
+            counts.append(run)
+            current, run = v, 0
+        run += 1
+    counts.append(run)
+    return {"size": [h, w], "counts": counts}
+
+
+def _compressed(rle):
+    from pycocotools import mask as mask_utils
+
+    out = mask_utils.frPyObjects(rle, *rle["size"])
+    return {"size": rle["size"], "counts": out["counts"].decode("ascii")}
+
+
+def _one_annotation_set(shapes, tmp_path, seg, bbox=None):
+    data, images = make_set(shapes, tmp_path)
+    img = data["images"][0]
+    a = next(a for a in data["annotations"] if a["image_id"] == img["id"])
+    a["segmentation"] = seg(img["height"], img["width"]) if callable(seg) else seg
+    if bbox is not None:
+        a["bbox"] = bbox
+    return write_json(tmp_path, data), images, a["id"], img["id"]
+
+
+HW = SPEC.image_size**2  # the set's images are square
+
+
+def _counts(*counts):
+    return lambda h, w: {"size": [h, w], "counts": list(counts)}
+
+
+def _cut_string(h, w):
+    text = _compressed({"size": [h, w], "counts": [10, 20, h * w - 30]})["counts"]
+    return {"size": [h, w], "counts": text[:-1]}
+
+
+RLE_CASES = {
+    "counts_sum_short": (_counts(10, 20, HW - 40), rf"RLE counts sum to {HW - 10} pixels, not height x width"),
+    "counts_sum_long": (_counts(10, 20, HW), rf"sum to {HW + 30} pixels"),
+    "negative_run": (_counts(10, -5, HW - 5), r"negative run length \(-5\)"),
+    "float_counts": (_counts(10.0, 20, HW - 30), r"RLE counts hold 10\.0"),
+    "counts_dict": (lambda h, w: {"size": [h, w], "counts": {"a": 1}}, r"RLE counts is a dict"),
+    "compressed_short": (_cut_string, r"compressed RLE counts sum to|not a compressed COCO RLE"),
+    "compressed_bad_char": (lambda h, w: {"size": [h, w], "counts": "0\x7f1"}, r"not a compressed COCO RLE"),
+    "no_counts": (lambda h, w: {"size": [h, w]}, r"RLE segmentation needs 'size' and 'counts'"),
+    "point_pairs": ([[[10, 10], [30, 10], [30, 30], [10, 30]]], r"list of \[x, y\] pairs"),
+    "nested_point_pairs": ([[[10, 10], [30, 10], [30, 30]] * 2], r"list of \[x, y\] pairs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RLE_CASES))
+def test_a_bad_segmentation_is_refused_naming_the_annotation(shapes, tmp_path, case):
+    from checks import DataError, load_coco_checked
+
+    seg, pattern = RLE_CASES[case]
+    ann, images, aid, iid = _one_annotation_set(shapes, tmp_path, seg)
+    with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): .*{pattern}"):
+        load_coco_checked(ann, images, "train", "stop", need_masks=True)
+    if case.startswith(("counts", "negative", "float", "compressed", "no_counts")):  # an RLE: checked for boxes too
+        with pytest.raises(DataError, match=rf"annotation {aid} "):
+            load_coco_checked(ann, images, "train", "stop", need_masks=False)
+    _, _, _, report = load_coco_checked(ann, images, "train", "drop", need_masks=True)
+    assert sum(report.dropped.values()) == 1
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_good_rles_pass_and_an_xyxy_box_is_caught_by_the_rles_extent(shapes, tmp_path, compressed):
+    from checks import DataError, load_coco_checked
+
+    def rle(h, w):
+        r = _rle_of_box(20, 24, 10, 12, h, w)
+        return _compressed(r) if compressed else r
+
+    ann, images, aid, _ = _one_annotation_set(shapes, tmp_path, rle, bbox=[20, 24, 10, 12])
+    coco, _, _, _ = load_coco_checked(ann, images, "train", "stop", need_masks=True)
+    assert aid in coco.anns  # kept: a valid RLE whose extent is the box's
+    # [x1, y1, x2, y2] = [20, 24, 30, 36] also fits the 64 x 64 image as [x, y, w, h]: only the RLE tells.
+    ann, images, aid, iid = _one_annotation_set(shapes, tmp_path / "xyxy", rle, bbox=[20, 24, 30, 36])
+    with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): box \[20, 24, 30, 36\] matches its "
+                       r"segmentation only as \[x1, y1, x2, y2\]"):  # fmt: skip
+        load_coco_checked(ann, images, "train", "stop", need_masks=False)
+
+
+def test_rle_string_counts_reads_what_pycocotools_writes():
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from checks import rle_string_counts
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = (rng.random((37, 23)) < rng.random()).astype(np.uint8)
+        text = mask_utils.encode(np.asfortranarray(m))["counts"].decode("ascii")
+        flat = m.flatten(order="F")
+        runs = [len(list(g)) for _, g in __import__("itertools").groupby(flat)]
+        expected = ([0] + runs) if flat[0] == 1 else runs
+        assert rle_string_counts(text) == expected
