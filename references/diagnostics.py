@@ -352,6 +352,40 @@ def _headline(history, current, gt_per_image) -> Optional[str]:
     return None
 
 
+def _over_detection(history, current, train, cfg, gt_per_image) -> List[str]:
+    """Many more detections than objects, evaluation after evaluation, or with the classifier shown few
+    negatives: the warning and its causes with numbers (an untrained model over-detects too, and falls)."""
+    dets, thresh = current["dets_per_image"], current["score_thresh"]
+    if gt_per_image <= 0 or dets < max(10 * gt_per_image, 20):
+        return []
+    pos, neg = train.get("roi/pos_per_image"), train.get("roi/neg_per_image")
+    few_negatives = pos is not None and neg is not None and neg <= pos
+    previous = next((h["dets_per_image"] for h in reversed(history) if "dets_per_image" in h), None)
+    if not few_negatives and (previous is None or dets < 0.8 * previous):
+        return []
+    causes = []
+    ub = cfg.model.roi_head.get("neg_pos_ub", -1)
+    if few_negatives:
+        lever = (
+            f"model.roi_head.neg_pos_ub {ub:g} caps them: raise it (3 is MMDetection's OHEM value) or set -1"
+            if ub is not None and ub >= 0
+            else "check model.roi_head.num / pos_fraction"
+        )
+        causes.append(
+            f"few negative RoIs per image ({neg:.1f} negatives vs {pos:.1f} positives sampled): the classifier "
+            f"rarely sees background; {lever}"
+        )
+    if thresh < 0.05:
+        causes.append(f"box_score_thresh {thresh:g} keeps low-score boxes: torchvision's default is 0.05")
+    if not causes:
+        causes.append("the classifier does not reject background: train longer, or check the negatives sampled")
+    head = (
+        f"over-detection: {dets:.1f} detections per image above score {thresh:g} for {gt_per_image:.2f} "
+        f"ground-truth objects" + (f" ({previous:.1f} at the last evaluation)" if previous is not None else "")
+    )
+    return [head] + [f"  likely cause: {c}" for c in causes[:MAX_CAUSES]]
+
+
 def _class_warnings(history, current, cure: Optional[Dict[str, Any]] = None) -> List[str]:
     """One line per class at 0 detections, then the rare-class cure with its values (``cure``:
     :func:`rare_class_cure` of the training counts) when one of them is rarer than average."""
@@ -409,19 +443,23 @@ def collapse_warnings(
     """
     if iteration < judge_after:
         return []
+    over = _over_detection(history, current, train, cfg, gt_per_image)
     head = _headline(history, current, gt_per_image)
     classes = _class_warnings(history, current, cure)
     if head is None and not classes:
-        return []
+        return over
     causes = [
         c for c in (f(current, train, cfg, cure) if f in _TAKE_CURE else f(current, train, cfg) for f in CAUSES) if c
     ]
     loss = _cause_loss_rose(current, train, cfg, history)
     causes = ([loss] if loss else []) + causes
+    few = _cause_few_positives(current, train, cfg)
+    if few and train.get("roi/pos_per_image", 4) < 1 and few in causes:  # no positive at all: the cause
+        causes = [few] + [c for c in causes if c != few]
     if not causes:
         causes.append(
             "no loss-side cause stands out: check the data report (class balance, anchor coverage, empty "
             "images) and the score distribution in metrics.jsonl"
         )
     lines = ([head] if head else []) + classes
-    return lines + [f"  likely cause: {c}" for c in causes[:MAX_CAUSES]]
+    return over + lines + [f"  likely cause: {c}" for c in causes[:MAX_CAUSES]]

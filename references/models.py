@@ -7,6 +7,7 @@ The checks here run before any data is read: a wrong model name, weights name, a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 from collections import OrderedDict
@@ -179,6 +180,60 @@ def check_weights_model(name: str, weights: Optional[str]) -> None:
             f"--weights {weights} is not a {name} state_dict: {len(have & want)} of its {len(have)} keys are "
             f"{name}'s ({odd!r} is {'not' if odd in have else 'missing'})"
         )
+
+
+# -- model.kwargs and the sampler, on the model built on the meta device ------------------------------
+def _kwarg_defaults(model_cls: type) -> Dict[str, Any]:
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    out: Dict[str, Any] = {}
+    for fn in (GeneralizedRCNNTransform.__init__, model_cls.__init__):
+        out.update({n: p.default for n, p in inspect.signature(fn).parameters.items()})
+    return out
+
+
+def _number_ok(key: str, value: Any, default: Any) -> bool:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if key == "min_size":  # torchvision takes one size or a tuple to draw from
+        return number(value) or (isinstance(value, (list, tuple)) and bool(value) and all(map(number, value)))
+    return not number(default) or value is None and default is None or number(value)
+
+
+def check_model_kwargs(name: str, kwargs: Dict[str, Any], loss_cfg: Any = None, stock: bool = False) -> None:
+    """model.kwargs and the loss config's sampler before any data is read, in one line each: a keyword
+    the builder does not take (torchvision's silently drop it), a number given as another type, a
+    value the model's constructor refuses, and sampler settings the model's own values make void."""
+    from tv_lossfix.builders import _ARCHS, _check_kwargs
+    from tv_lossfix.sampling import check_sampling
+
+    if name not in MODEL_NAMES:
+        return
+    model_cls = tvdet.MaskRCNN if name in EXTRA_MODELS else _ARCHS[name].model_cls
+    given = {k: v for k, v in kwargs.items() if k != "image_size" or name not in EXTRA_MODELS}
+    try:
+        _check_kwargs(name, model_cls, given)
+    except TypeError as e:
+        raise ModelError(f"model.kwargs: {e}") from None
+    defaults = _kwarg_defaults(model_cls)
+    for key, value in kwargs.items():
+        default = 128 if key == "image_size" else defaults.get(key)
+        if not _number_ok(key, value, default):
+            raise ModelError(f"model.kwargs.{key} must be a number (default {default!r}), got {value!r}")
+    try:
+        with torch.device("meta"):
+            if name in EXTRA_MODELS:
+                model = EXTRA_MODELS[name](2, **kwargs)
+            else:
+                model = getattr(tvdet, name)(weights=None, weights_backbone=None, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ModelError(f"model.kwargs {kwargs}: {name} refuses them: {str(e).splitlines()[0]}") from None
+    if loss_cfg is not None and not stock:
+        cfg = tv_lossfix.LossConfig.coerce(loss_cfg)
+        try:
+            check_sampling(model.rpn, cfg.rpn_head)
+            check_sampling(model.roi_heads, cfg.roi_head)
+        except tv_lossfix.LossConfigError as e:
+            raise ModelError(f"model.{e}") from None
 
 
 # -- anchors ----------------------------------------------------------------------------------------

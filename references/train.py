@@ -38,6 +38,7 @@ from evaluation import evaluate  # noqa: E402
 from hooks import default_hooks  # noqa: E402
 from models import (  # noqa: E402
     check_anchors,
+    check_model_kwargs,
     check_model_name,
     check_weights_model,
     check_weights_path,
@@ -91,11 +92,13 @@ def _check_output_reuse(t) -> None:
     )
 
 
-def check_before_data(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
-    """The checks of a validated config against this machine and its files (model name, output folder,
-    weights, the --resume checkpoint) before any data is read; returns the --resume checkpoint (read once)."""
+def check_before_data(cfg: TrainConfig, loss_cfg=None) -> Optional[Dict[str, Any]]:
+    """The checks of a validated config against this machine and its files (model name, its keywords and
+    sampler, output folder, weights, the --resume checkpoint) before any data is read; returns the
+    --resume checkpoint (read once)."""
     m, t = cfg.model, cfg.training
     check_model_name(m.name)
+    check_model_kwargs(m.name, m.kwargs, loss_cfg, m.stock)
     check_anchors(m.name, m.anchor_sizes, m.aspect_ratios)  # against the backbone's feature maps
     _check_output_dir(t.output_dir)
     _check_output_reuse(t)
@@ -132,7 +135,7 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
     if print_only:
         print(dump(cfg, loss_cfg), end="")
         return None
-    ckpt = check_before_data(cfg)
+    ckpt = check_before_data(cfg, loss_cfg)
     t = cfg.training
     if t.num_threads:
         torch.set_num_threads(t.num_threads)

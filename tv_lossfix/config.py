@@ -101,7 +101,12 @@ def _check_sampling(cfg: Any) -> None:
             raise LossConfigError(f"{s}.{key} must be an integer >= 1, got {value!r}")
     ub = cfg.neg_pos_ub
     if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not math.isfinite(ub) or not (ub == -1 or ub >= 0):
-        raise LossConfigError(f"{s}.neg_pos_ub must be -1 (no cap) or a number >= 0, got {ub!r}")
+        raise LossConfigError(f"{s}.neg_pos_ub must be -1 (no cap) or a number > 0, got {ub!r}")
+    if ub == 0:  # MMDetection allows it; it is never what is meant
+        raise LossConfigError(
+            f"{s}.neg_pos_ub 0 samples no negative: the classifier never sees background and fires everywhere "
+            f"(about box_detections_per_img detections per image); use -1 (no cap) or a ratio > 0 such as 3"
+        )
     if hasattr(cfg, "sampler"):
         _check_choice(f"{s}.sampler", cfg.sampler, ROI_SAMPLERS)
 

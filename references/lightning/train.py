@@ -233,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     args, cfg, loss_cfg = parsed
     check_supported(cfg)
-    recipe.check_before_data(cfg)
+    recipe.check_before_data(cfg, loss_cfg)
     t = cfg.training
     if t.num_threads:
         torch.set_num_threads(t.num_threads)

@@ -369,3 +369,65 @@ def test_rle_string_counts_reads_what_pycocotools_writes():
         runs = [len(list(g)) for _, g in __import__("itertools").groupby(flat)]
         expected = ([0] + runs) if flat[0] == 1 else runs
         assert rle_string_counts(text) == expected
+
+
+# -- 7, 8 and the builder keywords: refused before any data is read ----------------------------------------
+def _yaml(tmp_path, model):
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"model": model}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "model, pattern",
+    [
+        ({"roi_head": {"pos_fraction": 0.001}}, r"model\.roi_head\.pos_fraction: num 128 x pos_fraction 0\.001 leaves "
+         r"int\(\.\.\.\) = 0 positive"),
+        ({"roi_head": {"num": 1}}, r"model\.roi_head\.num: num 1 x pos_fraction 0\.25 leaves int"),
+        ({"rpn_head": {"num": 1}}, r"model\.rpn_head\.num: num 1 x pos_fraction 0\.5 leaves int"),
+        ({"roi_head": {"neg_pos_ub": 0}}, r"roi_head\.neg_pos_ub 0 samples no negative"),
+        ({"kwargs": {"min_sise": 64}}, r"model\.kwargs: maskrcnn_tiny\(\) got an unexpected keyword argument "
+         r"'min_sise'; did you mean 'min_size'"),
+        ({"kwargs": {"min_size": "big"}}, r"model\.kwargs\.min_size must be a number .*got 'big'"),
+        ({"kwargs": {"box_score_thresh": [0.1]}}, r"model\.kwargs\.box_score_thresh must be a number"),
+        ({"name": "fasterrcnn_resnet50_fpn", "kwargs": {"box_nms_tresh": 0.4}},
+         r"model\.kwargs: fasterrcnn_resnet50_fpn\(\) got an unexpected keyword argument 'box_nms_tresh'; did you "
+         r"mean 'box_nms_thresh'"),
+    ],
+)  # fmt: skip
+def test_model_keys_that_cannot_take_effect_fail_before_the_data(tmp_path, model, pattern):
+    out = tmp_path / "out"
+    name = ("--model", model.pop("name")) if "name" in model else ()  # the flag: argv names maskrcnn_tiny
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--config", _yaml(tmp_path, model), *name))
+    one_line_error(rc, err, pattern)
+    assert files(out) == []
+
+
+def test_over_detection_is_diagnosed_with_the_negative_cap():
+    import diagnostics
+    from train_config import defaults
+
+    cfg = defaults().replace({"model.roi_head": {"neg_pos_ub": 0.1}})
+    history = [{"dets_per_image": 100.0}]
+    current = {"dets_per_image": 100.0, "max_score": 0.9, "score_thresh": 0.05, "per_class": {}}
+    train = {"roi/pos_per_image": 5.0, "roi/neg_per_image": 0.0}
+    w = diagnostics.collapse_warnings(history, current, train, cfg, gt_per_image=1.25)
+    assert w[0].startswith("over-detection: 100.0 detections per image above score 0.05 for 1.25 ground-truth")
+    assert "few negative RoIs per image (0.0 negatives vs 5.0 positives" in w[1] and "neg_pos_ub 0.1 caps" in w[1]
+    healthy = {"roi/pos_per_image": 5.0, "roi/neg_per_image": 100.0}
+    falling = {"dets_per_image": 30.0, "max_score": 0.9, "score_thresh": 0.05, "per_class": {}}
+    assert diagnostics.collapse_warnings(history, falling, healthy, cfg, gt_per_image=1.25) == []  # learning
+
+
+def test_no_positive_roi_is_named_first_among_the_causes():
+    import diagnostics
+    from train_config import defaults
+
+    history = [{"dets_per_image": 4.0, "max_score": 0.9, "score_thresh": 0.05, "train_loss": 1.0}]
+    current = {"dets_per_image": 0.0, "max_score": 0.01, "score_thresh": 0.05, "per_class": {}}
+    train = {"loss": 5.0, "roi/pos_per_image": 0.0, "roi/fg_prob": 0.1, "rpn/pos_per_image": 0.5, "world_size": 1}
+    w = diagnostics.collapse_warnings(history, current, train, defaults(), gt_per_image=1.25)
+    causes = [line for line in w if line.startswith("  likely cause")]
+    assert "few positive RoIs per image (0.0 sampled)" in causes[0]
