@@ -593,6 +593,7 @@ def _fill_derived(tree: Dict[str, Any], source: str) -> None:
 # -- every rule across fields, before any data is read -----------------------------------------------
 def validate(cfg: TrainConfig, source: str = "config", reads: Optional[Sequence[str]] = None) -> LossConfig:
     """Check every rule that involves more than one field; returns the loss config the model keys give."""
+    _check_ranges(cfg, source)
     _check_training(cfg.training, source)
     _check_repeat_factors(cfg.data, source)
     _check_data(cfg, source, reads)
@@ -605,19 +606,61 @@ def validate(cfg: TrainConfig, source: str = "config", reads: Optional[Sequence[
     return loss_cfg
 
 
+# The range of every numeric setting: (test, the rule in words, why where it is not plain). null passes
+# where the schema allows it. A value out of range fails here, naming its key and flag, before any data.
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "training.batch_size": _AT_LEAST_1,
+    "training.epochs": _AT_LEAST_1,
+    "training.print_freq": _AT_LEAST_1,
+    "training.eval_every": _AT_LEAST_1,
+    "training.lr": (lambda v: v > 0, "> 0"),
+    "training.momentum": (lambda v: 0 <= v < 1, "in [0, 1) (1 or more never forgets a gradient)"),
+    "training.weight_decay": (lambda v: v >= 0, ">= 0 (a negative decay grows the weights)"),
+    "training.norm_weight_decay": (lambda v: v >= 0, ">= 0 (a negative decay grows the weights)"),
+    "training.lr_step_size": _AT_LEAST_1,
+    "training.lr_gamma": (lambda v: 0 < v <= 1, "in (0, 1]: the lr is multiplied by it at each step (< 0: ascent)"),
+    "training.lr_steps": (lambda v: all(x >= 1 for x in v), "epochs >= 1"),
+    "training.warmup_iters": _AT_LEAST_0,
+    "training.warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]: the first iteration's lr multiplier"),
+    "training.max_consecutive_skips": _AT_LEAST_1,
+    "training.iters_per_epoch": _AT_LEAST_1,
+    "training.judge_after_iters": _AT_LEAST_0,
+    "training.gallery_images": _AT_LEAST_0,
+    "training.num_threads": _AT_LEAST_1,
+    "training.start_epoch": _AT_LEAST_0,
+    "training.gradient_clip.max_norm": (lambda v: v > 0, "> 0"),
+    "training.gradient_clip.norm_type": (lambda v: v >= 1, ">= 1: the p of a p-norm (2: L2; 0 counts, < 1 is no norm)"),
+    "data.workers": _AT_LEAST_0,
+    "data.aspect_ratio_group_factor": (lambda v: v >= -1, ">= -1 (-1: off)"),
+    "data.check_samples": _AT_LEAST_0,
+    "data.lsj_size": (lambda v: v >= 32, ">= 32 (the backbone's largest stride)"),
+    "model.rpn_score_thresh": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "model.trainable_backbone_layers": (lambda v: 0 <= v <= 5, "in 0..5"),
+    "model.num_classes": (lambda v: v >= 2, ">= 2 (the background and one class)"),
+    "distributed.world_size": _AT_LEAST_1,
+}
+
+
+def _check_ranges(cfg: TrainConfig, source: str) -> None:
+    for path, (ok, rule) in RANGES.items():
+        v = cfg.get(path)
+        if v is not None and not ok(v):
+            raise ConfigError(f"{_where(BY_PATH[path], source)} must be {rule}, got {v!r}")
+
+
 def _check_training(t: TrainingConfig, source: str) -> None:
-    if t.gradient_clip.max_norm <= 0:
-        raise ConfigError(f"{source}: training.gradient_clip.max_norm must be > 0")
-    for key in ("batch_size", "epochs", "print_freq", "eval_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"{source}: training.{key} must be >= 1, got {getattr(t, key)}")
+    if t.start_epoch >= t.epochs and not t.test_only and not t.resume:
+        raise ConfigError(
+            f"{source}: training.start_epoch (--start-epoch) {t.start_epoch} is not below training.epochs "
+            f"(--epochs) {t.epochs}: no epoch would be trained"
+        )
     if t.checkpoint_every_iters is not None and t.checkpoint_every_iters < 1:
         raise ConfigError(
             f"{source}: training.checkpoint_every_iters (--checkpoint-every-iters) must be >= 1 or null, "
             f"got {t.checkpoint_every_iters}"
         )
-    if t.lr <= 0:
-        raise ConfigError(f"{source}: training.lr must be > 0, got {t.lr}")
     try:
         import torch
 

@@ -431,3 +431,85 @@ def test_no_positive_roi_is_named_first_among_the_causes():
     w = diagnostics.collapse_warnings(history, current, train, defaults(), gt_per_image=1.25)
     causes = [line for line in w if line.startswith("  likely cause")]
     assert "few positive RoIs per image (0.0 sampled)" in causes[0]
+
+
+# -- 9 and every numeric setting's range: one line naming the key and its flag, before any data -----------
+BAD_VALUES = {
+    "training.batch_size": 0,
+    "training.epochs": 0,
+    "training.print_freq": 0,
+    "training.eval_every": 0,
+    "training.lr": -0.01,
+    "training.momentum": -0.9,
+    "training.weight_decay": -1e-4,
+    "training.norm_weight_decay": -1.0,
+    "training.lr_step_size": 0,
+    "training.lr_gamma": -1.0,
+    "training.lr_steps": [0, 3],
+    "training.warmup_iters": -1,
+    "training.warmup_factor": 0.0,
+    "training.max_consecutive_skips": 0,
+    "training.iters_per_epoch": 0,
+    "training.judge_after_iters": -1,
+    "training.gallery_images": -1,
+    "training.num_threads": 0,
+    "training.start_epoch": -1,
+    "training.gradient_clip.max_norm": 0.0,
+    "training.gradient_clip.norm_type": 0.0,
+    "data.workers": -1,
+    "data.aspect_ratio_group_factor": -2,
+    "data.check_samples": -1,
+    "data.lsj_size": 0,
+    "model.rpn_score_thresh": 1.5,
+    "model.trainable_backbone_layers": 6,
+    "model.num_classes": 1,
+    "distributed.world_size": 0,
+}
+
+
+def test_every_numeric_setting_has_a_range():
+    import train_config
+
+    numeric = {o.path for o in train_config.OPTIONS if o.kind in (int, float, list)}
+    unchecked = (
+        numeric
+        - set(train_config.RANGES)
+        - {
+            "training.seed",  # any integer seeds torch and random
+            "training.clip_grad_norm",  # its own rule (0: off), in _fill_derived
+            "training.checkpoint_every_iters",  # its own rule (>= 1 or null), in _check_training
+            "data.repeat_factor_threshold",  # its own rule (> 0), in _check_repeat_factors
+            "model.class_weight_beta",  # its own rule ([0, 1)), in _check_class_weight_keys
+        }
+    )
+    assert unchecked == set()
+    assert set(BAD_VALUES) == set(train_config.RANGES)
+
+
+@pytest.mark.parametrize("path", sorted(BAD_VALUES))
+def test_a_numeric_setting_out_of_range_fails_in_one_line(tmp_path, path):
+    import yaml
+
+    import train_config
+
+    tree: dict = {}
+    node = tree
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = BAD_VALUES[path]
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "out"
+    rc, _, err = cli(["--config", str(cfg), "--output-dir", str(out), "--device", "cpu", "--data-path", "/nonexistent"])
+    flag = train_config.BY_PATH[path].flags
+    named = re.escape(path) + (rf" \({re.escape(flag[0])}\)" if flag else "")
+    one_line_error(rc, err, rf"{named} must be .*got {re.escape(repr(BAD_VALUES[path]))}")
+    assert files(out) == []
+
+
+def test_start_epoch_past_epochs_fails_before_the_data(tmp_path):
+    out = tmp_path / "out"
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--start-epoch", "3", "--epochs", "2"))
+    one_line_error(rc, err, r"training.start_epoch \(--start-epoch\) 3 is not below training.epochs \(--epochs\) 2")
+    assert files(out) == []
