@@ -513,3 +513,88 @@ def test_start_epoch_past_epochs_fails_before_the_data(tmp_path):
     rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--start-epoch", "3", "--epochs", "2"))
     one_line_error(rc, err, r"training.start_epoch \(--start-epoch\) 3 is not below training.epochs \(--epochs\) 2")
     assert files(out) == []
+
+
+# -- 6. the Lightning CLI honours or refuses every key ------------------------------------------------------
+def _lightning_cli():
+    import importlib.util
+
+    pytest.importorskip("lightning.pytorch")
+    spec = importlib.util.spec_from_file_location(
+        "lightning_train", os.path.join(helpers.REFS, "lightning", "train.py")
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def _another_value(o):
+    if o.kind is bool:
+        return not o.default
+    if o.kind in (int, float):
+        return (o.default or 0) + 1
+    if o.kind is str:
+        return next((c for c in o.choices if c != o.default), None) if o.choices else "x"
+    return None
+
+
+def test_lightning_honours_or_refuses_every_key():
+    import dataclasses
+
+    import train_config
+
+    LT = _lightning_cli()
+    # model: and data: keys are all honoured (--stock alone refused), through the recipe's own code.
+    assert LT.USED_MODEL_KEYS == {f.name for f in dataclasses.fields(train_config.ModelConfig)} - {"stock"}
+    assert LT.USED_DATA_KEYS == {f.name for f in dataclasses.fields(train_config.DataConfig)}
+    base, refused = train_config.defaults(), []
+    for o in train_config.OPTIONS:
+        section, key = o.path.split(".")[:2]
+        if section not in ("training", "distributed") or key in LT.USED_TRAINING_KEYS:
+            continue
+        value = _another_value(o)
+        if value is None or value == LT.OFF_VALUES.get(key, object()):
+            continue
+        with pytest.raises(train_config.ConfigError, match=re.escape(f"{section}.{key} = ")):
+            LT.check_supported(base.replace({o.path: value}))
+        refused.append(o.path)
+    assert {"training.amp", "training.overwrite", "training.nan_policy", "distributed.world_size"} <= set(refused)
+
+
+@pytest.mark.slow
+def test_lightning_builds_class_agnostic_heads_and_resolves_class_weight_auto(tmp_path, data_root):
+    import yaml
+
+    import models
+
+    LT = _lightning_cli()
+    cfg_path = helpers.tiny_config(tmp_path, data_root)
+    cfg = yaml.safe_load(open(cfg_path))
+    cfg["model"].update(class_agnostic_bbox=True, class_agnostic_mask=True, roi_head={"class_weight": "auto"})
+    (tmp_path / "agnostic.yaml").write_text(yaml.safe_dump(cfg))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        args, resolved, loss_cfg = LT.parse(["--config", str(tmp_path / "agnostic.yaml"), "--max-epochs", "1"])
+        LT.check_supported(resolved)
+        run, data = LT.build_data(resolved, loss_cfg)
+        module = LT.build_module(run.cfg, run.loss_cfg, data)
+    assert "model.roi_head.class_weight: auto ->" in out.getvalue()
+    weights = tv_lossfix_loss_cfg(module.model).roi_head.class_weight
+    assert weights is not None and len(weights) == data.num_classes
+    heads = module.model.roi_heads
+    assert heads.box_predictor.bbox_pred.out_features == 4 and heads.mask_predictor.mask_fcn_logits.out_channels == 1
+    assert module.hparams["class_agnostic_bbox"] and module.hparams["class_agnostic_mask"]
+    # Its own checkpoint loads back as class-agnostic (and is refused, naming the key, without it).
+    path = tmp_path / "agnostic.pth"
+    torch.save(module.model.state_dict(), path)
+    built, _ = models.build_model(name="maskrcnn_tiny", num_classes=data.num_classes, weights=str(path),
+                                  class_agnostic_bbox=True, class_agnostic_mask=True)  # fmt: skip
+    assert built.roi_heads.box_predictor.bbox_pred.out_features == 4
+    with pytest.raises(models.ModelError, match="set model.class_agnostic_bbox: true"):
+        models.build_model(name="maskrcnn_tiny", num_classes=data.num_classes, weights=str(path))
+
+
+def tv_lossfix_loss_cfg(model):
+    import tv_lossfix
+
+    return tv_lossfix.get_loss_cfg(model)
