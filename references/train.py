@@ -23,7 +23,7 @@ import os
 import random
 import re
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,53 +45,23 @@ from models import (  # noqa: E402
     ensure_weights_file,
     resolve_weights,
 )
+from output_dir import check_epochs_left, check_output_dir, prepare_output_dir  # noqa: E402
 from run_context import Run  # noqa: E402
 from run_data import Data, build_data, resolve_class_weight  # noqa: E402
 from run_model import build_model_for, build_optimization, resume  # noqa: E402
-from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402
+from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402, F401 (ConfigError: train.ConfigError)
 from trainer import Trainer, iters_per_epoch  # noqa: E402
 from training_checkpoint import (  # noqa: E402
     CheckpointError,
-    acquire_lock,
     atomic_write_text,
     checkpoint_model_name,
     load_training_checkpoint,
     release_lock,
-    remove_run_files,
-    remove_stale_temp_files,
-    run_files,
 )
 from writers import EventWriter  # noqa: E402
 
 
 # -- 1. checks against the machine and the files, before any data (train_config.validate did the rest) --
-def _check_output_dir(out_dir: str) -> None:
-    if not out_dir:
-        return
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--output-dir {out_dir!r} is a file, not a folder")
-    parent = os.path.abspath(out_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--output-dir {out_dir!r}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output-dir {out_dir!r}: {parent} is not writable")
-
-
-def _check_output_reuse(t) -> None:
-    """A new run in a folder holding another run's checkpoint would mix the two runs' files."""
-    ckpts, _ = run_files(t.output_dir)
-    if not ckpts or t.resume or t.overwrite:
-        return
-    shown = ", ".join(ckpts[:3]) + (f", ... ({len(ckpts)} checkpoints)" if len(ckpts) > 3 else "")
-    raise ConfigError(
-        f"--output-dir {t.output_dir} holds another run's checkpoint(s) ({shown}): pass --resume "
-        f"{os.path.join(t.output_dir, 'checkpoint.pth')} to continue that run, --overwrite to replace its files, "
-        f"or another --output-dir"
-    )
-
-
 def check_before_data(cfg: TrainConfig, loss_cfg=None) -> Optional[Dict[str, Any]]:
     """The checks of a validated config against this machine and its files (model name, its keywords and
     sampler, output folder, weights, the --resume checkpoint) before any data is read; returns the
@@ -100,8 +70,7 @@ def check_before_data(cfg: TrainConfig, loss_cfg=None) -> Optional[Dict[str, Any
     check_model_name(m.name)
     check_model_kwargs(m.name, m.kwargs, loss_cfg, m.stock)
     check_anchors(m.name, m.anchor_sizes, m.aspect_ratios)  # against the backbone's feature maps
-    _check_output_dir(t.output_dir)
-    _check_output_reuse(t)
+    check_output_dir(t)  # a file, not writable, or holding another run's checkpoint
     check_weights_path(m.weights)
     check_weights_model(m.name, m.weights)  # another model's checkpoint fails here, not after the data
     # A bad name fails here, listing the valid ones; weights not yet downloaded are fetched now, so
@@ -114,20 +83,8 @@ def check_before_data(cfg: TrainConfig, loss_cfg=None) -> Optional[Dict[str, Any
     saved = checkpoint_model_name(ckpt)
     if saved is not None and saved != m.name:
         raise CheckpointError(f"--resume {t.resume} holds a {saved} model, not --model {m.name}")
-    _check_epochs_left(cfg, ckpt)
+    check_epochs_left(cfg, ckpt)
     return ckpt
-
-
-def _check_epochs_left(cfg: TrainConfig, ckpt: Dict[str, Any]) -> None:
-    """A --resume that would train nothing (the checkpoint already reached --epochs) fails, not exits 0."""
-    t, done = cfg.training, ckpt.get("epoch")
-    if t.test_only or not isinstance(done, int) or isinstance(ckpt.get("in_epoch"), dict):
-        return
-    if t.epochs <= done + 1:
-        raise CheckpointError(
-            f"--epochs {t.epochs}: --resume {t.resume} has trained epochs 0..{done} already, so nothing is left "
-            f"to train: give --epochs {done + 2} or more (the total, as torchvision counts it)"
-        )
 
 
 def setup(argv: Optional[List[str]]) -> Optional[Run]:
@@ -149,7 +106,7 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
     out_dir = t.output_dir
     lock, said = None, []
     if out_dir and distributed.is_main():
-        lock, said = _prepare_output_dir(out_dir, t.overwrite and not t.resume, cfg.model.weights)
+        lock, said = prepare_output_dir(out_dir, t.overwrite and not t.resume, cfg.model.weights)
     distributed.barrier()
     try:
         run = Run(cfg, loss_cfg, device, info.rank, EventWriter(out_dir, distributed.is_main()), out_dir, ckpt)
@@ -169,30 +126,6 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
     return run
-
-
-def _prepare_output_dir(out_dir: str, overwrite: bool, weights: Optional[str] = None) -> Tuple[str, List[str]]:
-    """Create --output-dir and lock it; remove the temp files of atomic writes a killed run left, and
-    with --overwrite the previous run's files. Returns (the lock file, the lines to say)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--output-dir {out_dir!r}: cannot create it: {e.strerror or e}") from None
-    try:
-        lock, stale_lock = acquire_lock(out_dir)
-    except OSError as e:
-        raise CheckpointError(f"--output-dir {out_dir}: cannot write its lock file: {e.strerror or e}") from None
-    said = [stale_lock] if stale_lock else []
-    stale = remove_stale_temp_files(out_dir)
-    if stale:
-        said.append(f"removed {len(stale)} temp file(s) an interrupted run left in {out_dir}: {', '.join(stale)}")
-    _, old = run_files(out_dir)
-    kept = os.path.realpath(weights) if weights else None  # --weights out/model_3.pth stays to be read
-    old = [n for n in old if os.path.realpath(os.path.join(out_dir, n)) != kept]
-    if overwrite and old:
-        remove_run_files(out_dir, old)
-        said.append(f"--overwrite: removed the previous run's {', '.join(old)} from {out_dir}")
-    return lock, said
 
 
 def start_record(resume_path: str, ckpt: Optional[Dict[str, Any]]) -> Dict[str, Any]:
