@@ -265,6 +265,11 @@ def _label_map(data: Dict[str, Any], ann_file: str, split: str, label_mode: str)
 def _image_entry_problem(img: Dict[str, Any]) -> Optional[str]:
     """What no policy can fix in an ``images`` entry: its size, or a file name outside the folder."""
     iid, w, h, name = img.get("id"), img.get("width"), img.get("height"), img.get("file_name")
+    if not isinstance(iid, int) or isinstance(iid, bool):
+        return (
+            f"image {iid!r} ({name}): its id is a {type(iid).__name__}; COCO image ids are integers "
+            f"(pycocotools and the evaluation key images by them): renumber the images and their annotations' image_id"
+        )
     for key, v in (("width", w), ("height", h)):
         if isinstance(v, str):
             return f"image {iid} ({name}): {key} {v!r} is a string; COCO's width and height are integers"

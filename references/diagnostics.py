@@ -173,6 +173,7 @@ def rare_class_cure(
     cfg: Optional[TrainConfig] = None,
     method: str = "effective_number",
     beta: Optional[float] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """The rare-class levers as values to paste, leaving out what ``cfg`` already sets.
 
@@ -212,6 +213,8 @@ def rare_class_cure(
         "class_weight": weights,
         "repeat_factor_threshold": threshold,
         "already": already,
+        # classes (by name, ``names`` in label order) with no training object: no weight or repeat helps them
+        "untrained": [n for n, c in zip(names or (), counts) if c == 0],
         "yaml": yaml_lines,
         "text": "; ".join(parts),
     }
@@ -395,13 +398,20 @@ def _class_warnings(history, current, cure: Optional[Dict[str, Any]] = None) -> 
         if row["gt"] <= 0 or row["dets_per_image"] > 0:
             continue
         msg = f"class {name!r}: 0 detections above {thresh:g} for {int(row['gt'])} ground-truth objects"
+        if cure is not None and name in cure.get("untrained", ()):
+            out.append(
+                msg + ": it has no training objects, so no class weight or repeat factor can teach it; "
+                "annotate it in the training set (or drop it from the validation set)"
+            )
+            continue
         for back, h in enumerate(reversed(history), start=1):
             ap50 = (h.get("per_class") or {}).get(name, {}).get("bbox_AP50")
             if ap50 is not None and math.isfinite(ap50) and ap50 > 0:
                 msg += f"; AP50 was {ap50:.2f} {back} evaluation{'s' if back > 1 else ''} ago"
                 break
         out.append(msg)
-    if out and cure is not None:
+    curable = [line for line in out if "no training objects" not in line]
+    if curable and cure is not None:
         out.append(_cure_line(cure))
     return out
 

@@ -16,7 +16,7 @@ from tv_lossfix.model_settings import anchors_per_location, apply_model_settings
 import distributed
 from data import SIZE_SETTING_POLICIES
 from engine import TrainState
-from models import build_model, set_anchors
+from models import ModelError, build_model, set_anchors
 from run_context import Run
 from run_data import Data
 from train_config import ConfigError, TrainConfig, flatten
@@ -57,6 +57,12 @@ def build_model_for(run: Run, data: Data):
             run.writer.say(f"--weights {m.weights}: {line}")
     # What the builder read from the checkpoint and replaced: the checkpoint is not read again here.
     _compare_class_names(run, report.checkpoint_settings, data.names, f"--weights {m.weights}")
+    if report.replaced and t.test_only and m.weights and run.resume_ckpt is None:
+        raise ModelError(
+            f"--test-only --weights {m.weights}: " + "; ".join(report.replaced) + " for the data's "
+            f"{data.num_classes} classes: evaluation would score freshly initialised layers; evaluate on the "
+            f"classes the checkpoint was trained for"
+        )
     if report.replaced:
         why = f"--weights {m.weights} with num_classes {data.num_classes}" if m.weights else "class-agnostic"
         run.writer.say(f"{why}: replaced " + "; ".join(report.replaced))

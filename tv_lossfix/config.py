@@ -77,6 +77,11 @@ def _canonical_keys(where: str, data: Mapping[str, Any]) -> dict:
     return out
 
 
+# Beyond it the focal factor (1 - p_t)^gamma is under 0.5^10 ~ 1e-3 for an untrained head (p_t ~ 0.5): the
+# loss vanishes. RetinaNet studied gamma in [0, 5].
+MAX_FOCAL_GAMMA = 10.0
+
+
 def _check_number(where: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise LossConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
@@ -225,6 +230,12 @@ def _check_focal_keys(cfg: _HeadLossConfig, losses: Tuple[str, ...], focal_keys:
             )
     if cfg.focal_gamma is not None:
         object.__setattr__(cfg, "focal_gamma", _check_weight(f"{s}.focal_gamma", cfg.focal_gamma))
+        if cfg.focal_gamma > MAX_FOCAL_GAMMA:
+            raise LossConfigError(
+                f"{s}.focal_gamma {cfg.focal_gamma:g} must be <= {MAX_FOCAL_GAMMA:g}: the factor (1 - p_t)^gamma "
+                f"is {0.5**cfg.focal_gamma:.1e} at p_t = 0.5 (an untrained head), so the loss is ~0 and nothing "
+                f"trains (RetinaNet uses 2)"
+            )
 
 
 def _check_alpha(alpha: Any) -> float:

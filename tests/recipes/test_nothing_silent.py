@@ -598,3 +598,118 @@ def tv_lossfix_loss_cfg(model):
     import tv_lossfix
 
     return tv_lossfix.get_loss_cfg(model)
+
+
+# -- the "also weak" list ---------------------------------------------------------------------------------
+def test_a_string_image_id_is_refused_naming_it(shapes, tmp_path):
+    from checks import DataError, load_coco_checked
+
+    data, images = make_set(shapes, tmp_path)
+    old = data["images"][0]["id"]
+    data["images"][0]["id"] = "img-a"
+    for a in data["annotations"]:
+        a["image_id"] = "img-a" if a["image_id"] == old else a["image_id"]
+    with pytest.raises(DataError, match=r"image 'img-a' \(.*\): its id is a str; COCO image ids are integers"):
+        load_coco_checked(write_json(tmp_path, data), images, "train", "drop")
+
+
+def test_analyze_data_names_an_annotation_without_bbox(shapes, tmp_path, capsys):
+    import analyze_data
+
+    data, images = make_set(shapes, tmp_path)
+    a = data["annotations"][2]
+    del a["bbox"]
+    ann = write_json(tmp_path, data)
+    args = ["--dataset", "coco_json", "--train-ann", ann, "--model", "maskrcnn_tiny", "--device", "cpu"]
+    from checks import DataError
+
+    with pytest.raises(DataError, match=rf"annotation {a['id']} \(image {a['image_id']}\): bbox None is not 4 numbers"):
+        analyze_data.main(args)
+
+
+def test_yaml_merge_keys_are_read():
+    from tv_lossfix._yaml import DuplicateKeyError, load_yaml
+
+    text = "base: &b\n  lr: 0.1\n  epochs: 3\ntraining:\n  <<: *b\n  lr: 0.2\n"
+    assert load_yaml(text)["training"] == {"lr": 0.2, "epochs": 3}  # the key beside the merge wins, as YAML says
+    with pytest.raises(DuplicateKeyError, match="key 'lr' appears twice"):
+        load_yaml("training:\n  <<: {epochs: 3}\n  lr: 0.1\n  lr: 0.2\n")
+
+
+@pytest.mark.parametrize("head", ["rpn_head", "roi_head"])
+def test_a_focal_gamma_that_zeroes_the_loss_is_refused(head):
+    from tv_lossfix import LossConfig, LossConfigError
+
+    loss = "focal"
+    with pytest.raises(LossConfigError, match=rf"{head}\.focal_gamma 50 must be <= 10: .*8\.9e-16 at p_t = 0\.5"):
+        LossConfig.from_dict({head: {"cls_loss": loss, "focal_gamma": 50}})
+    assert LossConfig.from_dict({head: {"cls_loss": loss, "focal_gamma": 10}})
+
+
+def test_training_curves_leave_out_what_a_resume_superseded():
+    from visualize import current_records
+
+    first = [{"type": "run", "resumed_from": None, "epoch": None, "iter": 0}]
+    first += [{"type": "train", "iter": i} for i in (1, 2, 3, 4)] + [{"type": "eval", "epoch": e} for e in (0, 1)]
+    resumed = [{"type": "run", "resumed_from": "out/model_0.pth", "epoch": 0, "iter": 2}]
+    resumed += [{"type": "train", "iter": i, "new": True} for i in (3, 4)] + [{"type": "eval", "epoch": 1, "new": True}]
+    kept = current_records(first + resumed)
+    assert [(r["iter"], r.get("new", False)) for r in kept if r["type"] == "train"] == [
+        (1, False), (2, False), (3, True), (4, True)
+    ]  # fmt: skip
+    assert [(r["epoch"], r.get("new", False)) for r in kept if r["type"] == "eval"] == [(0, False), (1, True)]
+
+
+def test_a_class_without_training_objects_is_told_so_not_prescribed_a_weight():
+    import diagnostics
+    from train_config import defaults
+
+    cure = diagnostics.rare_class_cure([40, 0, 5], 0.3, defaults(), names=["a", "ghost", "rare"])
+    assert cure["untrained"] == ["ghost"]
+    rows = {
+        "a": {"gt": 10.0, "dets_per_image": 2.0, "recall": 0.9, "bbox_AP50": 0.8},
+        "ghost": {"gt": 6.0, "dets_per_image": 0.0, "recall": 0.0, "bbox_AP50": 0.0},
+    }
+    current = {"dets_per_image": 2.0, "max_score": 0.9, "score_thresh": 0.05, "per_class": rows}
+    w = diagnostics.collapse_warnings([], current, {}, defaults(), gt_per_image=2.0, cure=cure)
+    assert w[0].startswith("class 'ghost': 0 detections above 0.05 for 6 ground-truth objects: it has no training")
+    assert not any("cure for rare classes" in line or "class_weight" in line for line in w)
+
+
+@pytest.mark.slow
+def test_test_only_refuses_weights_whose_predictors_would_be_replaced(first_run, tmp_path):
+    import models
+
+    model, _ = models.build_model(name="maskrcnn_tiny", num_classes=7)
+    path = tmp_path / "seven_classes.pth"
+    torch.save(model.state_dict(), path)
+    out = tmp_path / "out"
+    args = argv(first_run["ann"], first_run["images"], out, "--test-only", "--weights", str(path))
+    rc, _, err = cli(args)
+    one_line_error(
+        rc, err, rf"--test-only --weights {re.escape(str(path))}: .*box_predictor.* for the data's \d classes"
+    )
+
+
+@pytest.mark.slow
+def test_a_read_only_metrics_file_mid_run_ends_in_one_line(first_run, tmp_path, monkeypatch):
+    import writers
+
+    calls = {"n": 0}
+    real = writers.JsonlWriter.record
+
+    def failing(self, rec):
+        calls["n"] += 1
+        if rec.get("type") == "eval":
+            raise_os = OSError(30, "Read-only file system")
+            with monkeypatch.context() as m:
+                m.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(raise_os))
+                return real(self, rec)
+        return real(self, rec)
+
+    monkeypatch.setattr(writers.JsonlWriter, "record", failing)
+    out = tmp_path / "out"
+    rc, _, err = cli(argv(first_run["ann"], first_run["images"], out))
+    one_line_error(rc, err, rf"could not append to {re.escape(str(out))}/metrics\.jsonl: Read-only file system")
+    assert {"checkpoint.pth", "model_0.pth"} <= set(files(out))  # the epoch was saved all the same
+    assert ".tv_lossfix.lock" not in files(out)
