@@ -199,6 +199,19 @@ def _number_ok(key: str, value: Any, default: Any) -> bool:
     return not number(default) or value is None and default is None or number(value)
 
 
+def _kwarg_range(key: str):
+    """The range of torchvision's numeric builder keywords, by their naming: thresholds, fractions, sizes
+    and counts (a box_score_thresh of 5 or a min_size of 0 would build, and then detect nothing)."""
+    if key.endswith("_thresh"):
+        return (lambda v: 0 <= v <= 1), "in [0, 1]"
+    if key.endswith("_fraction"):
+        return (lambda v: 0 < v <= 1), "in (0, 1]"
+    sizes = ("min_size", "max_size", "image_size")
+    if key in sizes or key.endswith(("_per_img", "_per_image")) or "_top_n_" in key:
+        return (lambda v: v >= 1), ">= 1"
+    return None
+
+
 def check_model_kwargs(name: str, kwargs: Dict[str, Any], loss_cfg: Any = None, stock: bool = False) -> None:
     """model.kwargs and the loss config's sampler before any data is read, in one line each: a keyword
     the builder does not take (torchvision's silently drop it), a number given as another type, a
@@ -219,6 +232,10 @@ def check_model_kwargs(name: str, kwargs: Dict[str, Any], loss_cfg: Any = None, 
         default = 128 if key == "image_size" else defaults.get(key)
         if not _number_ok(key, value, default):
             raise ModelError(f"model.kwargs.{key} must be a number (default {default!r}), got {value!r}")
+        rule = _kwarg_range(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if rule is not None and not all(isinstance(v, (int, float)) and rule[0](v) for v in values):
+            raise ModelError(f"model.kwargs.{key} must be {rule[1]}, got {value!r}")
     try:
         with torch.device("meta"):
             if name in EXTRA_MODELS:

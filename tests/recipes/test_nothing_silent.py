@@ -392,6 +392,9 @@ def _yaml(tmp_path, model):
          r"'min_sise'; did you mean 'min_size'"),
         ({"kwargs": {"min_size": "big"}}, r"model\.kwargs\.min_size must be a number .*got 'big'"),
         ({"kwargs": {"box_score_thresh": [0.1]}}, r"model\.kwargs\.box_score_thresh must be a number"),
+        ({"kwargs": {"box_score_thresh": 5}}, r"model\.kwargs\.box_score_thresh must be in \[0, 1\], got 5"),
+        ({"kwargs": {"min_size": [64, 0]}}, r"model\.kwargs\.min_size must be >= 1, got \[64, 0\]"),
+        ({"kwargs": {"rpn_post_nms_top_n_train": 0}}, r"model\.kwargs\.rpn_post_nms_top_n_train must be >= 1"),
         ({"name": "fasterrcnn_resnet50_fpn", "kwargs": {"box_nms_tresh": 0.4}},
          r"model\.kwargs: fasterrcnn_resnet50_fpn\(\) got an unexpected keyword argument 'box_nms_tresh'; did you "
          r"mean 'box_nms_thresh'"),
