@@ -247,10 +247,20 @@ def _cause_few_positives(current, train, cfg) -> Optional[str]:
     pos = train.get("roi/pos_per_image")
     if pos is None or pos >= 4:
         return None
-    return (
-        f"few positive RoIs per image ({pos:.1f} sampled): the classifier sees mostly background; check the data "
-        f"report's anchor coverage and the boxes/labels"
-    )
+    roi = cfg.model.roi_head
+    if roi.get("num") is not None or roi.get("pos_fraction") is not None:
+        lever = (
+            f"the config's sampler (model.roi_head num {roi.get('num', 'default')}, pos_fraction "
+            f"{roi.get('pos_fraction', 'default')}) caps the positives: raise them"
+        )
+    else:
+        lever = "check the data report's anchor coverage and the boxes/labels"
+    return f"few positive RoIs per image ({pos:.1f} sampled): the classifier sees mostly background; {lever}"
+
+
+def _sampler_set(cfg) -> bool:
+    roi = cfg.model.roi_head
+    return roi.get("num") is not None or roi.get("pos_fraction") is not None
 
 
 def _cause_fg_prob(current, train, cfg) -> Optional[str]:
@@ -464,7 +474,8 @@ def collapse_warnings(
     loss = _cause_loss_rose(current, train, cfg, history)
     causes = ([loss] if loss else []) + causes
     few = _cause_few_positives(current, train, cfg)
-    if few and train.get("roi/pos_per_image", 4) < 1 and few in causes:  # no positive at all: the cause
+    # No positive at all, or a sampler the config narrowed: the cause, not one of several.
+    if few and (train.get("roi/pos_per_image", 4) < 1 or _sampler_set(cfg)) and few in causes:
         causes = [few] + [c for c in causes if c != few]
     if not causes:
         causes.append(

@@ -434,6 +434,11 @@ def test_no_positive_roi_is_named_first_among_the_causes():
     w = diagnostics.collapse_warnings(history, current, train, defaults(), gt_per_image=1.25)
     causes = [line for line in w if line.startswith("  likely cause")]
     assert "few positive RoIs per image (0.0 sampled)" in causes[0]
+    # A sampler the config narrowed is named first too, with its keys, ahead of the lr and the weights.
+    cfg = defaults().replace({"model.roi_head": {"pos_fraction": 0.02}, "training.lr": 0.08})
+    w = diagnostics.collapse_warnings(history, current, {**train, "roi/pos_per_image": 1.5}, cfg, gt_per_image=1.25)
+    causes = [line for line in w if line.startswith("  likely cause")]
+    assert "few positive RoIs per image (1.5 sampled)" in causes[0] and "pos_fraction 0.02" in causes[0]
 
 
 # -- 9 and every numeric setting's range: one line naming the key and its flag, before any data -----------
