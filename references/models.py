@@ -63,7 +63,14 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
 def maskrcnn_tiny(num_classes: int, image_size: int = 128, **kwargs: Any) -> tvdet.MaskRCNN:
     """A stock torchvision ``MaskRCNN`` scaled for CPU: 4-stage conv backbone (stride 4..32)
     with a 64-channel FPN, a 256-d box head and a 2-conv mask head. Same heads, sampling and
-    losses as the ResNet-50 model, about 100x fewer FLOPs."""
+    losses as the ResNet-50 model, about 100x fewer FLOPs. A keyword ``MaskRCNN`` does not take is a
+    ModelError (its constructor would pass it to the transform, which drops it silently)."""
+    from tv_lossfix.builders import _check_kwargs
+
+    try:
+        _check_kwargs("maskrcnn_tiny", tvdet.MaskRCNN, kwargs)
+    except TypeError as e:
+        raise ModelError(f"model.kwargs: {e}") from None
     body = nn.Sequential(
         OrderedDict(
             [

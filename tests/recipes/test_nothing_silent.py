@@ -721,3 +721,12 @@ def test_a_read_only_metrics_file_mid_run_ends_in_one_line(first_run, tmp_path, 
     one_line_error(rc, err, rf"could not append to {re.escape(str(out))}/metrics\.jsonl: Read-only file system")
     assert {"checkpoint.pth", "model_0.pth"} <= set(files(out))  # the epoch was saved all the same
     assert ".tv_lossfix.lock" not in files(out)
+
+
+def test_maskrcnn_tiny_refuses_a_misspelt_keyword_wherever_it_is_built():
+    import models
+
+    with pytest.raises(models.ModelError, match=r"unexpected keyword argument 'min_sise'; did you mean 'min_size'"):
+        models.build_model(name="maskrcnn_tiny", num_classes=3, kwargs={"min_sise": 48})
+    model, _ = models.build_model(name="maskrcnn_tiny", num_classes=3, kwargs={"min_size": 48})
+    assert model.transform.min_size == (48,)
