@@ -31,7 +31,7 @@ from engine import (
     skip_batches,
     train_one_epoch,
 )
-from hooks import HookBase
+from hooks import Checkpointer, HookBase
 from train_config import TrainingConfig
 from training_checkpoint import restore_rng
 
@@ -136,8 +136,6 @@ class Trainer(StepHooks):
     def _save_epoch_anyway(self, epoch: int) -> None:
         """A hook before the checkpoint failed (evaluation, most likely): the trained epoch is saved all the
         same, so that the run resumes after fixing the cause instead of training the epoch again."""
-        from hooks import Checkpointer
-
         for h in self.hooks:
             if isinstance(h, Checkpointer) and h.saved_epoch != epoch:
                 h.save(epoch)

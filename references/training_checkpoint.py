@@ -125,6 +125,30 @@ def remove_run_files(out_dir: str, names: List[str]) -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def _create_with(path: str, text: str) -> bool:
+    """Create ``path`` holding ``text`` in one step (False: it exists): the text goes to a temp file that
+    is hard-linked to ``path``, so a second run never reads a lock file before its owner is written."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: exclusive create, then the text
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
 def acquire_lock(out_dir: str) -> Tuple[str, Optional[str]]:
     """Lock ``out_dir`` for this process: (the lock file, a line about a stale lock removed, or None).
 
@@ -134,28 +158,23 @@ def acquire_lock(out_dir: str) -> Tuple[str, Optional[str]]:
 
     path, host, stale = os.path.join(out_dir, LOCK_NAME), socket.gethostname(), None
     for _ in range(2):
+        if _create_with(path, json.dumps({"pid": os.getpid(), "host": host})):
+            return path, stale
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    owner = json.load(f)
-                pid, owner_host = int(owner["pid"]), str(owner["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pid, owner_host = -1, host  # unreadable: a run killed while writing it
-            if owner_host != host or _pid_alive(pid):
-                where = f"process {pid} on {owner_host}" if owner_host != host else f"process {pid}"
-                raise CheckpointError(
-                    f"--output-dir {out_dir} is in use by {where} (lock file {path}): wait for that run, "
-                    f"or give another --output-dir (delete the lock file only if that run is gone)"
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            stale = f"removed the lock of process {pid}, which is no longer running, from {out_dir}"
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"pid": os.getpid(), "host": host}, f)
-        return path, stale
+            with open(path, encoding="utf-8") as f:
+                owner = json.load(f)
+            pid, owner_host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pid, owner_host = -1, host  # unreadable: not a lock this recipe wrote whole
+        if owner_host != host or _pid_alive(pid):
+            where = f"process {pid} on {owner_host}" if owner_host != host else f"process {pid}"
+            raise CheckpointError(
+                f"--output-dir {out_dir} is in use by {where} (lock file {path}): wait for that run, "
+                f"or give another --output-dir (delete the lock file only if that run is gone)"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        stale = f"removed the lock of process {pid}, which is no longer running, from {out_dir}"
     raise CheckpointError(f"--output-dir {out_dir}: could not take the lock file {path}: another run took it")
 
 

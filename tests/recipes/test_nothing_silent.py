@@ -730,3 +730,33 @@ def test_maskrcnn_tiny_refuses_a_misspelt_keyword_wherever_it_is_built():
         models.build_model(name="maskrcnn_tiny", num_classes=3, kwargs={"min_sise": 48})
     model, _ = models.build_model(name="maskrcnn_tiny", num_classes=3, kwargs={"min_size": 48})
     assert model.transform.min_size == (48,)
+
+
+def test_runs_started_together_get_the_lock_one_at_a_time(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out, sync = tmp_path / "out", tmp_path / "sync"
+    out.mkdir()
+    sync.mkdir()
+    code = (  # import first (slow), then all take the lock at the same moment
+        "import os, sys, time, training_checkpoint as t\n"
+        f"open(os.path.join({str(sync)!r}, str(os.getpid())), 'w').close()\n"
+        f"while not os.path.exists(os.path.join({str(sync)!r}, 'go')): time.sleep(0.005)\n"
+        "try:\n"
+        f"    t.acquire_lock({str(out)!r}); print('got'); sys.stdout.flush(); time.sleep(3)\n"
+        "except t.CheckpointError as e:\n"
+        "    print('refused', e)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=helpers.child_env())
+        for _ in range(4)
+    ]
+    deadline = time.time() + 120
+    while len(os.listdir(sync)) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    (sync / "go").touch()
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert sum(o.startswith("got") for o in outs) == 1, outs
+    assert all(o.startswith("refused") and "is in use by process" in o for o in outs if not o.startswith("got"))
