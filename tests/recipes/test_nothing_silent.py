@@ -760,3 +760,32 @@ def test_runs_started_together_get_the_lock_one_at_a_time(tmp_path):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert sum(o.startswith("got") for o in outs) == 1, outs
     assert all(o.startswith("refused") and "is in use by process" in o for o in outs if not o.startswith("got"))
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_names_the_images_of_its_batch(tmp_path, data_root, monkeypatch):
+    import run_model
+
+    real, seen = run_model.build_model, []
+
+    def build(*a, **k):
+        model, replaced = real(*a, **k)
+        forward = model.forward
+
+        def patched(images, targets=None):
+            out = forward(images, targets)
+            if model.training:
+                seen.append([int(t["image_id"]) for t in targets])
+                if len(seen) == 2:
+                    out["loss_mask"] = out["loss_mask"] * float("nan")
+            return out
+
+        model.forward = patched
+        return model, replaced
+
+    monkeypatch.setattr(run_model, "build_model", build)
+    cfg = helpers.tiny_config(tmp_path, data_root)
+    assert train.main(["--config", cfg, "--no-data-report"]) == 2
+    reason = helpers.records(tmp_path / "out", "stopped")[0]["reason"]
+    ids = ", ".join(str(i) for i in seen[1])
+    assert f"non-finite loss_mask, grad_norm at epoch 0, iteration 1, images {ids} (" in reason
