@@ -303,7 +303,8 @@ def apply_nonfinite_policy(
     if policy == "stop":
         raise NonFiniteError(
             msg + ". Stopped before the step (--nan-policy stop); checkpoints on disk are intact. "
-            "Try --clip-grad-norm 35, a lower --lr, or --nan-policy skip."
+            "Try --clip-grad-norm 35, a lower --lr, or --nan-policy skip; if it recurs on the same images, check "
+            "their annotations."
         )
     state.skipped += 1
     state.consecutive_skips += 1
