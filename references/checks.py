@@ -447,13 +447,18 @@ def _merged_rle(seg: Any, h: int, w: int):
 
 
 def _fill_evaluation_keys(kept: List[Dict[str, Any]], images, split: str, report: "AnnotationReport") -> None:
-    """COCO evaluation reads every annotation's ``area`` (its area ranges) and ``iscrowd``: fill those a
-    file leaves out as pycocotools' loadRes fills results, area from the mask (else the box's w x h),
-    iscrowd 0, and say so. A present value that is no number is a DataError naming the annotation."""
+    """COCO evaluation reads every annotation's ``area`` (its area ranges), ``iscrowd`` and, for keypoints,
+    ``num_keypoints``: fill those a file leaves out as pycocotools' loadRes fills results, area from the
+    mask (else the box's w x h), iscrowd 0, num_keypoints the visible ones, and say so. A present value
+    that is no number is a DataError naming the annotation."""
     from pycocotools import mask as mask_utils
 
-    from_mask, from_box, crowd = [], [], []
+    from_mask, from_box, crowd, keypoints = [], [], [], []
     for a in kept:
+        kps = a.get("keypoints")
+        if isinstance(kps, list) and "num_keypoints" not in a:  # COCOeval's keypoints ignore rule reads it
+            a["num_keypoints"] = sum(1 for v in kps[2::3] if isinstance(v, (int, float)) and v > 0)
+            keypoints.append(a.get("id"))
         if "iscrowd" not in a:
             a["iscrowd"] = 0
             crowd.append(a.get("id"))
@@ -481,6 +486,11 @@ def _fill_evaluation_keys(kept: List[Dict[str, Any]], images, split: str, report
         )
     if crowd:
         report.notes.append(f"{split}: {len(crowd)} annotation(s) without 'iscrowd' (ids {_ids(crowd)}): set to 0")
+    if keypoints:
+        report.notes.append(
+            f"{split}: {len(keypoints)} annotation(s) without 'num_keypoints' (ids {_ids(keypoints)}): "
+            f"counted from their keypoints' visibility (v > 0), as COCO defines it"
+        )
 
 
 def load_coco_checked(

@@ -176,6 +176,10 @@ def test_missing_area_and_iscrowd_are_filled_as_pycocotools_does(shapes, tmp_pat
     assert f"{n} annotation(s) without 'area'" in report.summary()
     assert f"{n - 1} from the mask, 1 from the box" in report.summary()
     assert f"{n} annotation(s) without 'iscrowd'" in report.summary()
+    data["annotations"][1]["keypoints"] = [10, 10, 2, 0, 0, 0, 20, 20, 1]
+    coco, _, _, report = load_coco_checked(write_json(tmp_path, data), images, "val", "stop", need_masks=False)
+    assert coco.anns[data["annotations"][1]["id"]]["num_keypoints"] == 2
+    assert "1 annotation(s) without 'num_keypoints'" in report.summary()
     data["annotations"][1]["area"] = "big"
     with pytest.raises(Exception, match=f"annotation {data['annotations'][1]['id']} .*area 'big' is not a number"):
         load_coco_checked(write_json(tmp_path, data), images, "val", "stop", need_masks=False)
