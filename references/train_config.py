@@ -698,7 +698,20 @@ def _check_data(cfg: TrainConfig, source: str, reads: Optional[Sequence[str]]) -
             f"--use-copypaste works with --data-augmentation lsj only (as in torchvision), got {d.augmentation!r}"
         )
     if d.shapes:
+        if d.dataset != "shapes":
+            raise ConfigError(
+                f"{source}: data.shapes sets the embedded demo's data: it has no effect with --dataset {d.dataset}"
+            )
         shapes_spec(d, source)
+    files = [
+        f"--{k.replace('_', '-')}" for k in ("train_ann", "train_images", "val_ann", "val_images") if getattr(d, k)
+    ]
+    if files and d.dataset != "coco_json":
+        raise ConfigError(
+            f"{', '.join(files)} (data.{files[0][2:].replace('-', '_')} ...) are read with --dataset coco_json only; "
+            f"--dataset {d.dataset} finds its files "
+            + ("under --data-path" if d.dataset != "shapes" else "itself (data.shapes)")
+        )
 
 
 def shapes_spec(d: DataConfig, source: str = "config"):

@@ -793,3 +793,26 @@ def test_a_non_finite_step_names_the_images_of_its_batch(tmp_path, data_root, mo
     reason = helpers.records(tmp_path / "out", "stopped")[0]["reason"]
     ids = ", ".join(str(i) for i in seen[1])
     assert f"non-finite loss_mask, grad_norm at epoch 0, iteration 1, images {ids} (" in reason
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--dataset", "coco", "--train-ann", "a.json"], r"--train-ann \(data\.train_ann \.\.\.\) are read with "
+         r"--dataset coco_json only; --dataset coco finds its files under --data-path"),
+        (["--dataset", "shapes", "--val-images", "imgs"], r"--val-images .* --dataset shapes finds its files itself"),
+    ],
+)  # fmt: skip
+def test_dataset_keys_of_another_dataset_are_refused(tmp_path, flags, pattern):
+    out = tmp_path / "out"
+    rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
+    one_line_error(rc, err, pattern)
+    assert files(out) == []
+
+
+def test_shapes_knobs_with_another_dataset_are_refused(tmp_path):
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data:\n  shapes:\n    num_train: 4\n")
+    rc, _, err = cli(["--config", str(cfg), "--dataset", "coco", "--output-dir", str(out), "--device", "cpu"])
+    one_line_error(rc, err, r"data\.shapes sets the embedded demo's data: it has no effect with --dataset coco")
