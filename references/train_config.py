@@ -737,6 +737,18 @@ def _check_model_and_data(cfg: TrainConfig) -> None:
     if d.use_copypaste and "maskrcnn" not in m.name:
         raise ConfigError("--use-copypaste pastes instance masks: it needs a Mask R-CNN model")
     check_class_agnostic(m.name, m.stock, m.class_agnostic_bbox, m.class_agnostic_mask)
+    if m.weights and m.weights_backbone:  # torchvision's builders drop the backbone weights silently
+        raise ConfigError(
+            f"--weights-backbone {m.weights_backbone} has no effect with --weights {m.weights}, which holds the "
+            f"backbone too: drop one"
+        )
+    if m.trainable_backbone_layers is not None and (m.name == "maskrcnn_tiny" or not (m.weights or m.weights_backbone)):
+        why = (
+            "maskrcnn_tiny trains its whole backbone"
+            if m.name == "maskrcnn_tiny"
+            else "without --weights or --weights-backbone every layer trains (torchvision falls back to 5)"
+        )
+        raise ConfigError(f"--trainable-backbone-layers {m.trainable_backbone_layers} has no effect: {why}")
 
 
 def check_class_agnostic(name: str, stock: bool, bbox: bool, mask: bool) -> None:

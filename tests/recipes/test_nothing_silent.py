@@ -816,3 +816,19 @@ def test_shapes_knobs_with_another_dataset_are_refused(tmp_path):
     cfg.write_text("data:\n  shapes:\n    num_train: 4\n")
     rc, _, err = cli(["--config", str(cfg), "--dataset", "coco", "--output-dir", str(out), "--device", "cpu"])
     one_line_error(rc, err, r"data\.shapes sets the embedded demo's data: it has no effect with --dataset coco")
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--weights", "x.pth", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
+         r"--weights-backbone ResNet50_Weights\.IMAGENET1K_V1 has no effect with --weights x\.pth"),
+        (["--trainable-backbone-layers", "2"], r"--trainable-backbone-layers 2 has no effect: without --weights"),
+        (["--model", "maskrcnn_tiny", "--trainable-backbone-layers", "2"], r"maskrcnn_tiny trains its whole backbone"),
+    ],
+)  # fmt: skip
+def test_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, pattern):
+    out = tmp_path / "out"
+    rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
+    one_line_error(rc, err, pattern)
+    assert files(out) == []
