@@ -832,3 +832,9 @@ def test_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, 
     rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
     one_line_error(rc, err, pattern)
     assert files(out) == []
+
+
+@pytest.mark.parametrize("flags", [["--checkpoint-every-iters", "5"], ["--overwrite"]])
+def test_saving_flags_with_output_dir_empty_are_refused(flags):
+    rc, _, err = cli(["--device", "cpu", "--output-dir", "", *flags])
+    one_line_error(rc, err, rf"\({re.escape(flags[0])}\) has no effect with --output-dir '' \(save nothing\)")
