@@ -11,12 +11,13 @@ from train_config import ConfigError, TrainConfig, TrainingConfig
 from training_checkpoint import CheckpointError, acquire_lock, remove_run_files, remove_stale_temp_files, run_files
 
 
-def check_output_dir(t: TrainingConfig) -> None:
-    """Before any data: --output-dir can be written, and holds no other run's checkpoint (unless
-    --resume or --overwrite)."""
+def check_output_dir(t: TrainingConfig, writes_checkpoints: bool = True) -> None:
+    """Before any data: --output-dir can be written, and (for a writer of train.py's checkpoints) holds no
+    other run's checkpoint unless --resume or --overwrite."""
     if t.output_dir:
         _check_writable(t.output_dir)
-        _check_reuse(t)
+        if writes_checkpoints:
+            _check_reuse(t)
 
 
 def _check_writable(out_dir: str) -> None:

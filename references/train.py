@@ -62,7 +62,7 @@ from writers import EventWriter  # noqa: E402
 
 
 # -- 1. checks against the machine and the files, before any data (train_config.validate did the rest) --
-def check_before_data(cfg: TrainConfig, loss_cfg=None) -> Optional[Dict[str, Any]]:
+def check_before_data(cfg: TrainConfig, loss_cfg=None, own_files: bool = True) -> Optional[Dict[str, Any]]:
     """The checks of a validated config against this machine and its files (model name, its keywords and
     sampler, output folder, weights, the --resume checkpoint) before any data is read; returns the
     --resume checkpoint (read once)."""
@@ -70,7 +70,7 @@ def check_before_data(cfg: TrainConfig, loss_cfg=None) -> Optional[Dict[str, Any
     check_model_name(m.name)
     check_model_kwargs(m.name, m.kwargs, loss_cfg, m.stock)
     check_anchors(m.name, m.anchor_sizes, m.aspect_ratios)  # against the backbone's feature maps
-    check_output_dir(t)  # a file, not writable, or holding another run's checkpoint
+    check_output_dir(t, own_files)  # a file, not writable, or (own_files) holding another run's checkpoint
     check_weights_path(m.weights)
     check_weights_model(m.name, m.weights)  # another model's checkpoint fails here, not after the data
     # A bad name fails here, listing the valid ones; weights not yet downloaded are fetched now, so

@@ -269,7 +269,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     args, cfg, loss_cfg = parsed
     check_supported(cfg)
-    recipe.check_before_data(cfg, loss_cfg)
+    # Lightning writes its own lightning_logs/version_N: a train.py run's files in the folder are not mixed.
+    recipe.check_before_data(cfg, loss_cfg, own_files=False)
     t = cfg.training
     if t.num_threads:
         torch.set_num_threads(t.num_threads)

@@ -838,3 +838,13 @@ def test_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, 
 def test_saving_flags_with_output_dir_empty_are_refused(flags):
     rc, _, err = cli(["--device", "cpu", "--output-dir", "", *flags])
     one_line_error(rc, err, rf"\({re.escape(flags[0])}\) has no effect with --output-dir '' \(save nothing\)")
+
+
+def test_lightning_may_share_a_folder_with_a_train_py_run(tmp_path):
+    import train_config
+
+    (tmp_path / "checkpoint.pth").write_bytes(b"a train.py run's")
+    cfg = train_config.defaults().replace({"training.output_dir": str(tmp_path), "model.name": "maskrcnn_tiny"})
+    with pytest.raises(train_config.ConfigError, match="holds another run's checkpoint"):
+        train.check_before_data(cfg)
+    train.check_before_data(cfg, own_files=False)  # Lightning writes lightning_logs/version_N there
