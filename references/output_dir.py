@@ -8,7 +8,14 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from train_config import ConfigError, TrainConfig, TrainingConfig
-from training_checkpoint import CheckpointError, acquire_lock, remove_run_files, remove_stale_temp_files, run_files
+from training_checkpoint import (
+    CheckpointError,
+    acquire_lock,
+    release_lock,
+    remove_run_files,
+    remove_stale_temp_files,
+    run_files,
+)
 
 
 def check_output_dir(t: TrainingConfig, writes_checkpoints: bool = True) -> None:
@@ -58,7 +65,15 @@ def prepare_output_dir(out_dir: str, overwrite: bool, weights: Optional[str] = N
         lock, stale_lock = acquire_lock(out_dir)
     except OSError as e:
         raise CheckpointError(f"--output-dir {out_dir}: cannot write its lock file: {e.strerror or e}") from None
-    said = [stale_lock] if stale_lock else []
+    try:
+        return lock, ([stale_lock] if stale_lock else []) + _clear(out_dir, overwrite, weights)
+    except BaseException:
+        release_lock(lock)
+        raise
+
+
+def _clear(out_dir: str, overwrite: bool, weights: Optional[str]) -> List[str]:
+    said = []
     stale = remove_stale_temp_files(out_dir)
     if stale:
         said.append(f"removed {len(stale)} temp file(s) an interrupted run left in {out_dir}: {', '.join(stale)}")
@@ -66,9 +81,12 @@ def prepare_output_dir(out_dir: str, overwrite: bool, weights: Optional[str] = N
     kept = os.path.realpath(weights) if weights else None  # --weights out/model_3.pth stays to be read
     old = [n for n in old if os.path.realpath(os.path.join(out_dir, n)) != kept]
     if overwrite and old:
-        remove_run_files(out_dir, old)
+        try:
+            remove_run_files(out_dir, old)
+        except OSError as e:
+            raise CheckpointError(f"--overwrite: cannot remove the previous run's files in {out_dir}: {e}") from None
         said.append(f"--overwrite: removed the previous run's {', '.join(old)} from {out_dir}")
-    return lock, said
+    return said
 
 
 def check_epochs_left(cfg: TrainConfig, ckpt: Dict[str, Any]) -> None:
