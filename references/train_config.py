@@ -637,7 +637,6 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "data.check_samples": _AT_LEAST_0,
     "data.lsj_size": (lambda v: v >= 32, ">= 32 (the backbone's largest stride)"),
     "model.rpn_score_thresh": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "model.trainable_backbone_layers": (lambda v: 0 <= v <= 5, "in 0..5"),
     "model.num_classes": (lambda v: v >= 2, ">= 2 (the background and one class)"),
     "distributed.world_size": _AT_LEAST_1,
 }
@@ -747,6 +746,12 @@ def _check_model_and_data(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--weights-backbone {m.weights_backbone} has no effect with --weights {m.weights}, which holds the "
             f"backbone too: drop one"
+        )
+    top = 6 if "mobilenet" in m.name else 5  # torchvision's backbones: MobileNetV3 has 6 stages, ResNet 5
+    if m.trainable_backbone_layers is not None and not 0 <= m.trainable_backbone_layers <= top:
+        raise ConfigError(
+            f"--trainable-backbone-layers (model.trainable_backbone_layers) must be in 0..{top} for {m.name}, "
+            f"got {m.trainable_backbone_layers}"
         )
     if m.trainable_backbone_layers is not None and (m.name == "maskrcnn_tiny" or not (m.weights or m.weights_backbone)):
         why = (

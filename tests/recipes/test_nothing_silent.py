@@ -473,7 +473,6 @@ BAD_VALUES = {
     "data.check_samples": -1,
     "data.lsj_size": 0,
     "model.rpn_score_thresh": 1.5,
-    "model.trainable_backbone_layers": 6,
     "model.num_classes": 1,
     "distributed.world_size": 0,
 }
@@ -492,6 +491,7 @@ def test_every_numeric_setting_has_a_range():
             "training.checkpoint_every_iters",  # its own rule (>= 1 or null), in _check_training
             "data.repeat_factor_threshold",  # its own rule (> 0), in _check_repeat_factors
             "model.class_weight_beta",  # its own rule ([0, 1)), in _check_class_weight_keys
+            "model.trainable_backbone_layers",  # its own rule (0..5, 0..6 for MobileNetV3), in _check_model_and_data
         }
     )
     assert unchecked == set()
@@ -824,6 +824,8 @@ def test_shapes_knobs_with_another_dataset_are_refused(tmp_path):
         (["--weights", "x.pth", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
          r"--weights-backbone ResNet50_Weights\.IMAGENET1K_V1 has no effect with --weights x\.pth"),
         (["--trainable-backbone-layers", "2"], r"--trainable-backbone-layers 2 has no effect: without --weights"),
+        (["--trainable-backbone-layers", "6", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
+         r"--trainable-backbone-layers \(model\.trainable_backbone_layers\) must be in 0\.\.5 for maskrcnn_resnet50"),
         (["--model", "maskrcnn_tiny", "--trainable-backbone-layers", "2"], r"maskrcnn_tiny trains its whole backbone"),
     ],
 )  # fmt: skip
