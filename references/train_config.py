@@ -703,11 +703,11 @@ def _check_data(cfg: TrainConfig, source: str, reads: Optional[Sequence[str]]) -
             f"--use-copypaste works with --data-augmentation lsj only (as in torchvision), got {d.augmentation!r}"
         )
     if d.shapes:
+        shapes_spec(d, source)  # a misspelt knob first: the more precise error
         if d.dataset != "shapes":
             raise ConfigError(
                 f"{source}: data.shapes sets the embedded demo's data: it has no effect with --dataset {d.dataset}"
             )
-        shapes_spec(d, source)
     files = [
         f"--{k.replace('_', '-')}" for k in ("train_ann", "train_images", "val_ann", "val_images") if getattr(d, k)
     ]
