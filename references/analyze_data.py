@@ -748,7 +748,16 @@ def _read_annotations(path: Optional[str]) -> Dict[str, Any]:
         isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
     ):
         raise DataError(f"{path}: a COCO file needs the lists 'images', 'annotations' and 'categories'")
+    for a in data["annotations"]:  # the report reads every box: one without a usable one is named here
+        box = a.get("bbox") if isinstance(a, dict) else None
+        if not isinstance(box, list) or len(box) != 4 or not _finite_numbers(box):
+            where = f"annotation {a.get('id')} (image {a.get('image_id')})" if isinstance(a, dict) else repr(a)[:40]
+            raise DataError(f"{path}: {where}: bbox {box!r} is not 4 numbers [x, y, width, height]")
     return data
+
+
+def _finite_numbers(values: List[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -113,21 +113,99 @@ def _bbox_problem(bbox: Any, w: int, h: int) -> Optional[Tuple[str, str]]:
     return None
 
 
-def _box_vs_polygon_problem(bbox: Any, seg: Any) -> Optional[Tuple[str, str]]:
-    # With a polygon the box's format is checkable even when both readings fit in the image.
-    if not isinstance(seg, list) or not seg or not all(isinstance(p, list) and len(p) >= 6 for p in seg):
+def _numbers(values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _polygons_ok(seg: Any) -> bool:
+    return isinstance(seg, list) and bool(seg) and all(isinstance(p, list) and len(p) >= 6 and _numbers(p) for p in seg)
+
+
+def _segmentation_extent(seg: Any, w: int, h: int) -> Optional[Tuple[float, float, float, float]]:
+    """(x1, y1, x2, y2) of a checked segmentation: its polygons' points, or the RLE's pixels (toBbox)."""
+    if _polygons_ok(seg):
+        xs = [v for p in seg for v in p[0::2]]
+        ys = [v for p in seg for v in p[1::2]]
+        return min(xs), min(ys), max(xs), max(ys)
+    if isinstance(seg, dict) and _rle_problem(seg, w, h) is None:
+        from pycocotools import mask as mask_utils
+
+        rle = _merged_rle(seg, h, w)
+        if not mask_utils.area(rle):
+            return None
+        x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+        return x, y, x + bw, y + bh
+    return None
+
+
+def _box_vs_segmentation_problem(bbox: Any, seg: Any, w: int, h: int) -> Optional[Tuple[str, str]]:
+    # With a polygon or an RLE the box's format is checkable even when both readings fit in the image.
+    extent = _segmentation_extent(seg, w, h)
+    if extent is None:
         return None
-    xs = [v for p in seg for v in p[0::2]]
-    ys = [v for p in seg for v in p[1::2]]
-    extent = (min(xs), min(ys), max(xs), max(ys))
-    x, y, w, h = bbox
-    as_xywh = (x, y, x + w, y + h)
+    x, y, bw, bh = bbox
+    as_xywh = (x, y, x + bw, y + bh)
     off = lambda a: max(abs(u - v) for u, v in zip(a, extent))  # noqa: E731
-    if off(as_xywh) > 2.0 and off((x, y, w, h)) <= 2.0:
+    if off(as_xywh) > 2.0 and off((x, y, bw, bh)) <= 2.0:
         return "xyxy_as_xywh", (
             f"box {bbox} matches its segmentation only as [x1, y1, x2, y2]: COCO boxes are "
             f"[x, y, width, height] (convert with w = x2 - x1, h = y2 - y1)"
         )
+    return None
+
+
+def rle_string_counts(text: str) -> Optional[List[int]]:
+    """The run lengths of a compressed COCO RLE string (None: not one). Each count is 5-bit groups
+    (character - 48), low group first, bit 0x20 set while more follow, 0x10 of the last the sign;
+    from the third count on, the value is a difference to the count two before it."""
+    counts: List[int] = []
+    i = 0
+    while i < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if i >= len(text):
+                return None  # the last count is cut off
+            c = ord(text[i]) - 48
+            if not 0 <= c < 64:
+                return None
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            shift += 5
+            i += 1
+            if not more and c & 0x10:
+                value -= 1 << shift
+        counts.append(value + counts[-2] if len(counts) > 2 else value)
+    return counts
+
+
+def _rle_problem(seg: Any, w: int, h: int) -> Optional[Tuple[str, str]]:
+    """An RLE whose size or run lengths do not describe an h x w mask: pycocotools would decode garbage."""
+    if not isinstance(seg, dict):
+        return None
+    size, counts = seg.get("size"), seg.get("counts")
+    if "counts" not in seg or "size" not in seg:
+        return "bad_mask", f"RLE segmentation needs 'size' and 'counts', has {sorted(seg)}"
+    if not isinstance(size, list) or len(size) != 2 or list(size) != [h, w]:
+        return "bad_mask", f"RLE size {size!r} differs from the image's [height, width] = [{h}, {w}]"
+    if isinstance(counts, str):
+        runs = rle_string_counts(counts)
+        if runs is None:
+            return "bad_mask", f"RLE counts string {counts[:20]!r}... is not a compressed COCO RLE"
+        what = "compressed RLE counts"
+    elif isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            odd = next(c for c in counts if not isinstance(c, int) or isinstance(c, bool))
+            return "bad_mask", f"RLE counts hold {odd!r}: uncompressed counts are integer run lengths"
+        runs, what = counts, "RLE counts"
+    else:
+        return "bad_mask", (
+            f"RLE counts is a {type(counts).__name__}: COCO's are a list of run lengths or a compressed string"
+        )
+    if any(c < 0 for c in runs):
+        return "bad_mask", f"{what} hold a negative run length ({min(runs)})"
+    total = sum(runs)
+    if total != h * w:
+        return "bad_mask", f"{what} sum to {total} pixels, not height x width = {h} x {w} = {h * w}"
     return None
 
 
@@ -136,13 +214,16 @@ def _segmentation_problem(seg: Any, w: int, h: int) -> Optional[Tuple[str, str]]
         return "no_mask", "has no segmentation, and the model trains masks"
     if isinstance(seg, list):
         for poly in seg:
-            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
-                return "bad_mask", "segmentation polygon needs >= 3 (x, y) points as a flat list"
+            if isinstance(poly, list) and poly and all(isinstance(p, (list, tuple)) for p in poly):
+                return (
+                    "bad_mask",
+                    "segmentation polygon is a list of [x, y] pairs: COCO's is flat [x1, y1, x2, y2, ...]",
+                )
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not _numbers(poly):
+                return "bad_mask", "segmentation polygon needs >= 3 (x, y) points as a flat list of numbers"
         return None
-    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [h, w]:
-            return "bad_mask", f"RLE size {seg['size']} differs from the image's [height, width] = [{h}, {w}]"
-        return None
+    if isinstance(seg, dict):
+        return _rle_problem(seg, w, h)
     return "bad_mask", f"segmentation is neither polygons nor RLE: {str(seg)[:60]}"
 
 
@@ -184,6 +265,11 @@ def _label_map(data: Dict[str, Any], ann_file: str, split: str, label_mode: str)
 def _image_entry_problem(img: Dict[str, Any]) -> Optional[str]:
     """What no policy can fix in an ``images`` entry: its size, or a file name outside the folder."""
     iid, w, h, name = img.get("id"), img.get("width"), img.get("height"), img.get("file_name")
+    if not isinstance(iid, int) or isinstance(iid, bool):
+        return (
+            f"image {iid!r} ({name}): its id is a {type(iid).__name__}; COCO image ids are integers "
+            f"(pycocotools and the evaluation key images by them): renumber the images and their annotations' image_id"
+        )
     for key, v in (("width", w), ("height", h)):
         if isinstance(v, str):
             return f"image {iid} ({name}): {key} {v!r} is a string; COCO's width and height are integers"
@@ -313,9 +399,12 @@ def _annotation_problem(a, img, categories, need_masks: bool) -> Optional[Tuple[
     if a.get("category_id") not in categories:
         ids = sorted(categories)[:20]
         return "unknown_category", f"category_id {a.get('category_id')} is not in 'categories' (ids: {ids})"
-    issue = _bbox_problem(a.get("bbox"), img["width"], img["height"])
+    w, h, seg = img["width"], img["height"], a.get("segmentation")
+    issue = _bbox_problem(a.get("bbox"), w, h)
+    if issue is None:  # an RLE is checked whatever the model: evaluation decodes a crowd region's too
+        issue = _rle_problem(seg, w, h)
     if issue is None:
-        issue = _box_vs_polygon_problem(a["bbox"], a.get("segmentation"))
+        issue = _box_vs_segmentation_problem(a["bbox"], seg, w, h)
     if issue is None and need_masks and not a.get("iscrowd", 0):
         issue = _segmentation_problem(a.get("segmentation"), img["width"], img["height"])
     return issue
@@ -344,6 +433,64 @@ def _check_annotations(data, images, bad_images, categories, need_masks, report:
             with_anns.add(iid)
         kept.append(a)
     return kept, with_anns
+
+
+def _merged_rle(seg: Any, h: int, w: int):
+    """One pycocotools RLE of a (checked) segmentation: polygons, RLE or uncompressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    if isinstance(seg.get("counts"), list):
+        return mask_utils.frPyObjects(seg, h, w)
+    return {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
+
+
+def _fill_evaluation_keys(kept: List[Dict[str, Any]], images, split: str, report: "AnnotationReport") -> None:
+    """COCO evaluation reads every annotation's ``area`` (its area ranges), ``iscrowd`` and, for keypoints,
+    ``num_keypoints``: fill those a file leaves out as pycocotools' loadRes fills results, area from the
+    mask (else the box's w x h), iscrowd 0, num_keypoints the visible ones, and say so. A present value
+    that is no number is a DataError naming the annotation."""
+    from pycocotools import mask as mask_utils
+
+    from_mask, from_box, crowd, keypoints = [], [], [], []
+    for a in kept:
+        kps = a.get("keypoints")
+        if isinstance(kps, list) and "num_keypoints" not in a:  # COCOeval's keypoints ignore rule reads it
+            a["num_keypoints"] = sum(1 for v in kps[2::3] if isinstance(v, (int, float)) and v > 0)
+            keypoints.append(a.get("id"))
+        if "iscrowd" not in a:
+            a["iscrowd"] = 0
+            crowd.append(a.get("id"))
+        elif a["iscrowd"] not in (0, 1) or isinstance(a["iscrowd"], float):
+            where = f"{split}: annotation {a.get('id')} (image {a['image_id']})"
+            raise DataError(f"{where}: iscrowd {a['iscrowd']!r} is not 0 or 1")
+        if "area" in a:
+            if not isinstance(a["area"], (int, float)) or isinstance(a["area"], bool) or not math.isfinite(a["area"]):
+                raise DataError(
+                    f"{split}: annotation {a.get('id')} (image {a['image_id']}): area {a['area']!r} is not a number"
+                )
+            continue
+        seg, img = a.get("segmentation"), images[a["image_id"]]
+        if seg and _segmentation_problem(seg, img["width"], img["height"]) is None:
+            a["area"] = float(mask_utils.area(_merged_rle(seg, img["height"], img["width"])))
+            from_mask.append(a.get("id"))
+        else:
+            a["area"] = float(a["bbox"][2] * a["bbox"][3])
+            from_box.append(a.get("id"))
+    if from_mask or from_box:
+        filled = from_mask + from_box
+        report.notes.append(
+            f"{split}: {len(filled)} annotation(s) without 'area' (ids {_ids(filled)}): filled as pycocotools "
+            f"does for results, {len(from_mask)} from the mask, {len(from_box)} from the box w x h"
+        )
+    if crowd:
+        report.notes.append(f"{split}: {len(crowd)} annotation(s) without 'iscrowd' (ids {_ids(crowd)}): set to 0")
+    if keypoints:
+        report.notes.append(
+            f"{split}: {len(keypoints)} annotation(s) without 'num_keypoints' (ids {_ids(keypoints)}): "
+            f"counted from their keypoints' visibility (v > 0), as COCO defines it"
+        )
 
 
 def load_coco_checked(
@@ -379,6 +526,7 @@ def load_coco_checked(
             f"Fix them, or pass --bad-annotations drop (data.bad_annotations: drop) to train without them."
         )
     report.problems = problems
+    _fill_evaluation_keys(kept, images, split, report)
     report.dropped_images = len(bad_images)
     data = dict(data, images=[i for k, i in images.items() if k not in bad_images], annotations=kept)
     report.images = len(data["images"])

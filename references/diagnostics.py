@@ -173,6 +173,7 @@ def rare_class_cure(
     cfg: Optional[TrainConfig] = None,
     method: str = "effective_number",
     beta: Optional[float] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """The rare-class levers as values to paste, leaving out what ``cfg`` already sets.
 
@@ -212,6 +213,8 @@ def rare_class_cure(
         "class_weight": weights,
         "repeat_factor_threshold": threshold,
         "already": already,
+        # classes (by name, ``names`` in label order) with no training object: no weight or repeat helps them
+        "untrained": [n for n, c in zip(names or (), counts) if c == 0],
         "yaml": yaml_lines,
         "text": "; ".join(parts),
     }
@@ -244,10 +247,20 @@ def _cause_few_positives(current, train, cfg) -> Optional[str]:
     pos = train.get("roi/pos_per_image")
     if pos is None or pos >= 4:
         return None
-    return (
-        f"few positive RoIs per image ({pos:.1f} sampled): the classifier sees mostly background; check the data "
-        f"report's anchor coverage and the boxes/labels"
-    )
+    roi = cfg.model.roi_head
+    if roi.get("num") is not None or roi.get("pos_fraction") is not None:
+        lever = (
+            f"the config's sampler (model.roi_head num {roi.get('num', 'default')}, pos_fraction "
+            f"{roi.get('pos_fraction', 'default')}) caps the positives: raise them"
+        )
+    else:
+        lever = "check the data report's anchor coverage and the boxes/labels"
+    return f"few positive RoIs per image ({pos:.1f} sampled): the classifier sees mostly background; {lever}"
+
+
+def _sampler_set(cfg) -> bool:
+    roi = cfg.model.roi_head
+    return roi.get("num") is not None or roi.get("pos_fraction") is not None
 
 
 def _cause_fg_prob(current, train, cfg) -> Optional[str]:
@@ -352,6 +365,40 @@ def _headline(history, current, gt_per_image) -> Optional[str]:
     return None
 
 
+def _over_detection(history, current, train, cfg, gt_per_image) -> List[str]:
+    """Many more detections than objects, evaluation after evaluation, or with the classifier shown few
+    negatives: the warning and its causes with numbers (an untrained model over-detects too, and falls)."""
+    dets, thresh = current["dets_per_image"], current["score_thresh"]
+    if gt_per_image <= 0 or dets < max(10 * gt_per_image, 20):
+        return []
+    pos, neg = train.get("roi/pos_per_image"), train.get("roi/neg_per_image")
+    few_negatives = pos is not None and neg is not None and neg <= pos
+    previous = next((h["dets_per_image"] for h in reversed(history) if "dets_per_image" in h), None)
+    if not few_negatives and (previous is None or dets < 0.8 * previous):
+        return []
+    causes = []
+    ub = cfg.model.roi_head.get("neg_pos_ub", -1)
+    if few_negatives:
+        lever = (
+            f"model.roi_head.neg_pos_ub {ub:g} caps them: raise it (3 is MMDetection's OHEM value) or set -1"
+            if ub is not None and ub >= 0
+            else "check model.roi_head.num / pos_fraction"
+        )
+        causes.append(
+            f"few negative RoIs per image ({neg:.1f} negatives vs {pos:.1f} positives sampled): the classifier "
+            f"rarely sees background; {lever}"
+        )
+    if thresh < 0.05:
+        causes.append(f"box_score_thresh {thresh:g} keeps low-score boxes: torchvision's default is 0.05")
+    if not causes:
+        causes.append("the classifier does not reject background: train longer, or check the negatives sampled")
+    head = (
+        f"over-detection: {dets:.1f} detections per image above score {thresh:g} for {gt_per_image:.2f} "
+        f"ground-truth objects" + (f" ({previous:.1f} at the last evaluation)" if previous is not None else "")
+    )
+    return [head] + [f"  likely cause: {c}" for c in causes[:MAX_CAUSES]]
+
+
 def _class_warnings(history, current, cure: Optional[Dict[str, Any]] = None) -> List[str]:
     """One line per class at 0 detections, then the rare-class cure with its values (``cure``:
     :func:`rare_class_cure` of the training counts) when one of them is rarer than average."""
@@ -361,13 +408,20 @@ def _class_warnings(history, current, cure: Optional[Dict[str, Any]] = None) -> 
         if row["gt"] <= 0 or row["dets_per_image"] > 0:
             continue
         msg = f"class {name!r}: 0 detections above {thresh:g} for {int(row['gt'])} ground-truth objects"
+        if cure is not None and name in cure.get("untrained", ()):
+            out.append(
+                msg + ": it has no training objects, so no class weight or repeat factor can teach it; "
+                "annotate it in the training set (or drop it from the validation set)"
+            )
+            continue
         for back, h in enumerate(reversed(history), start=1):
             ap50 = (h.get("per_class") or {}).get(name, {}).get("bbox_AP50")
             if ap50 is not None and math.isfinite(ap50) and ap50 > 0:
                 msg += f"; AP50 was {ap50:.2f} {back} evaluation{'s' if back > 1 else ''} ago"
                 break
         out.append(msg)
-    if out and cure is not None:
+    curable = [line for line in out if "no training objects" not in line]
+    if curable and cure is not None:
         out.append(_cure_line(cure))
     return out
 
@@ -409,19 +463,24 @@ def collapse_warnings(
     """
     if iteration < judge_after:
         return []
+    over = _over_detection(history, current, train, cfg, gt_per_image)
     head = _headline(history, current, gt_per_image)
     classes = _class_warnings(history, current, cure)
     if head is None and not classes:
-        return []
+        return over
     causes = [
         c for c in (f(current, train, cfg, cure) if f in _TAKE_CURE else f(current, train, cfg) for f in CAUSES) if c
     ]
     loss = _cause_loss_rose(current, train, cfg, history)
     causes = ([loss] if loss else []) + causes
+    few = _cause_few_positives(current, train, cfg)
+    # No positive at all, or a sampler the config narrowed: the cause, not one of several.
+    if few and (train.get("roi/pos_per_image", 4) < 1 or _sampler_set(cfg)) and few in causes:
+        causes = [few] + [c for c in causes if c != few]
     if not causes:
         causes.append(
             "no loss-side cause stands out: check the data report (class balance, anchor coverage, empty "
             "images) and the score distribution in metrics.jsonl"
         )
     lines = ([head] if head else []) + classes
-    return lines + [f"  likely cause: {c}" for c in causes[:MAX_CAUSES]]
+    return over + lines + [f"  likely cause: {c}" for c in causes[:MAX_CAUSES]]

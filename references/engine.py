@@ -287,12 +287,15 @@ def apply_nonfinite_policy(
     policy: str,
     max_skips: int,
     writer,
+    image_ids: Sequence[int] = (),
 ) -> None:
-    """A non-finite loss or gradient never reaches the weights: ``stop`` raises, ``skip`` counts it."""
+    """A non-finite loss or gradient never reaches the weights: ``stop`` raises, ``skip`` counts it.
+    ``image_ids``: the batch's images (this rank's), named so that bad data can be told from a bad lr."""
     keys, values, it = result.loss_keys, result.values, state.iteration
     culprits = [k for k in keys + ["grad_norm"] if not math.isfinite(values[k])] or ["a loss term on another rank"]
+    batch = f", images {', '.join(str(i) for i in image_ids)}" if image_ids else ""
     msg = (
-        f"non-finite {', '.join(culprits)} at epoch {epoch}, iteration {it} "
+        f"non-finite {', '.join(culprits)} at epoch {epoch}, iteration {it}{batch} "
         f"(losses: {', '.join(f'{k}={values[k]:.4g}' for k in keys)}; grad_norm={values['grad_norm']:.4g})"
     )
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -300,7 +303,8 @@ def apply_nonfinite_policy(
     if policy == "stop":
         raise NonFiniteError(
             msg + ". Stopped before the step (--nan-policy stop); checkpoints on disk are intact. "
-            "Try --clip-grad-norm 35, a lower --lr, or --nan-policy skip."
+            "Try --clip-grad-norm 35, a lower --lr, or --nan-policy skip; if it recurs on the same images, check "
+            "their annotations."
         )
     state.skipped += 1
     state.consecutive_skips += 1
@@ -447,7 +451,9 @@ def _step(ctx, images, targets, epoch, state, training_cfg, meter, writer, hooks
     result = train_step(ctx, images, targets)
     if result.any_bad and not result.amp_overflow:
         policy, max_skips = training_cfg.nan_policy, training_cfg.max_consecutive_skips
-        apply_nonfinite_policy(result, ctx, state, epoch, policy, max_skips, writer)
+        # The loader's targets are CPU tensors: reading their ids costs no device sync (bad steps only).
+        ids = [int(t["image_id"]) for t in targets if "image_id" in t]
+        apply_nonfinite_policy(result, ctx, state, epoch, policy, max_skips, writer, ids)
     else:
         optimizer_step(ctx, result, state)
         hooks.after_optimizer_step()  # warmup steps here (trainer's LRSchedule): the log line shows its lr

@@ -156,12 +156,16 @@ class Checkpointer(HookBase):
         if result.stop or (every and tr.state.iteration % every == 0):
             self.save(tr.epoch - 1, {"epoch": tr.epoch, "iteration": done, "meter": tr.meter.state_dict()})
 
+    saved_epoch = None  # the last epoch whose end-of-epoch checkpoint was written
+
     def after_epoch(self, epoch: int, stats: Dict[str, float]) -> None:
         self.save(epoch)
 
     def save(self, epoch: int, in_epoch=None) -> None:
         """The checkpoint after ``epoch`` (plus ``in_epoch``: how far the next one got)."""
         tr, run = self.trainer, self.trainer.run
+        if in_epoch is None:
+            self.saved_epoch = epoch
         save_training_checkpoint(
             run.out_dir,
             epoch,
@@ -190,18 +194,21 @@ class FinalReport(HookBase):
         if run.out_dir and run.cfg.training.plots:
             from visualize import draw_gallery, plot_curves
 
-            written = plot_curves(run.writer.path, run.out_dir)
-            g = draw_gallery(
-                tr.model,
-                tr.data.val_set,
-                run.device,
-                tr.data.names,
-                os.path.join(run.out_dir, "gallery.png"),
-                run.cfg.training.gallery_images,
-                tr.data.label_to_cat,
-            )
-            written += [g] if g else []
-            run.writer.say("wrote " + ", ".join(written))
+            try:
+                written = plot_curves(run.writer.path, run.out_dir)
+                g = draw_gallery(
+                    tr.model,
+                    tr.data.val_set,
+                    run.device,
+                    tr.data.names,
+                    os.path.join(run.out_dir, "gallery.png"),
+                    run.cfg.training.gallery_images,
+                    tr.data.label_to_cat,
+                )
+                written += [g] if g else []
+                run.writer.say("wrote " + ", ".join(written))
+            except OSError as e:  # the checkpoints and metrics are written; a picture is not worth a traceback
+                run.writer.say(f"WARNING: could not write the plots in {run.out_dir}: {e.strerror or e}")
         total = str(datetime.timedelta(seconds=int(time.time() - run.t_start)))
         last = tr.state.history[-1] if tr.state.history else {}
         run.writer.say(

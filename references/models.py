@@ -7,6 +7,7 @@ The checks here run before any data is read: a wrong model name, weights name, a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 from collections import OrderedDict
@@ -62,7 +63,14 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
 def maskrcnn_tiny(num_classes: int, image_size: int = 128, **kwargs: Any) -> tvdet.MaskRCNN:
     """A stock torchvision ``MaskRCNN`` scaled for CPU: 4-stage conv backbone (stride 4..32)
     with a 64-channel FPN, a 256-d box head and a 2-conv mask head. Same heads, sampling and
-    losses as the ResNet-50 model, about 100x fewer FLOPs."""
+    losses as the ResNet-50 model, about 100x fewer FLOPs. A keyword ``MaskRCNN`` does not take is a
+    ModelError (its constructor would pass it to the transform, which drops it silently)."""
+    from tv_lossfix.builders import _check_kwargs
+
+    try:
+        _check_kwargs("maskrcnn_tiny", tvdet.MaskRCNN, kwargs)
+    except TypeError as e:
+        raise ModelError(f"model.kwargs: {e}") from None
     body = nn.Sequential(
         OrderedDict(
             [
@@ -179,6 +187,77 @@ def check_weights_model(name: str, weights: Optional[str]) -> None:
             f"--weights {weights} is not a {name} state_dict: {len(have & want)} of its {len(have)} keys are "
             f"{name}'s ({odd!r} is {'not' if odd in have else 'missing'})"
         )
+
+
+# -- model.kwargs and the sampler, on the model built on the meta device ------------------------------
+def _kwarg_defaults(model_cls: type) -> Dict[str, Any]:
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    out: Dict[str, Any] = {}
+    for fn in (GeneralizedRCNNTransform.__init__, model_cls.__init__):
+        out.update({n: p.default for n, p in inspect.signature(fn).parameters.items()})
+    return out
+
+
+def _number_ok(key: str, value: Any, default: Any) -> bool:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if key == "min_size":  # torchvision takes one size or a tuple to draw from
+        return number(value) or (isinstance(value, (list, tuple)) and bool(value) and all(map(number, value)))
+    return not number(default) or value is None and default is None or number(value)
+
+
+def _kwarg_range(key: str):
+    """The range of torchvision's numeric builder keywords, by their naming: thresholds, fractions, sizes
+    and counts (a box_score_thresh of 5 or a min_size of 0 would build, and then detect nothing)."""
+    if key.endswith("_thresh"):
+        return (lambda v: 0 <= v <= 1), "in [0, 1]"
+    if key.endswith("_fraction"):
+        return (lambda v: 0 < v <= 1), "in (0, 1]"
+    sizes = ("min_size", "max_size", "image_size")
+    if key in sizes or key.endswith(("_per_img", "_per_image")) or "_top_n_" in key:
+        return (lambda v: v >= 1), ">= 1"
+    return None
+
+
+def check_model_kwargs(name: str, kwargs: Dict[str, Any], loss_cfg: Any = None, stock: bool = False) -> None:
+    """model.kwargs and the loss config's sampler before any data is read, in one line each: a keyword
+    the builder does not take (torchvision's silently drop it), a number given as another type, a
+    value the model's constructor refuses, and sampler settings the model's own values make void."""
+    from tv_lossfix.builders import _ARCHS, _check_kwargs
+    from tv_lossfix.sampling import check_sampling
+
+    if name not in MODEL_NAMES:
+        return
+    model_cls = tvdet.MaskRCNN if name in EXTRA_MODELS else _ARCHS[name].model_cls
+    given = {k: v for k, v in kwargs.items() if k != "image_size" or name not in EXTRA_MODELS}
+    try:
+        _check_kwargs(name, model_cls, given)
+    except TypeError as e:
+        raise ModelError(f"model.kwargs: {e}") from None
+    defaults = _kwarg_defaults(model_cls)
+    for key, value in kwargs.items():
+        default = 128 if key == "image_size" else defaults.get(key)
+        if not _number_ok(key, value, default):
+            raise ModelError(f"model.kwargs.{key} must be a number (default {default!r}), got {value!r}")
+        rule = _kwarg_range(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if rule is not None and not all(isinstance(v, (int, float)) and rule[0](v) for v in values):
+            raise ModelError(f"model.kwargs.{key} must be {rule[1]}, got {value!r}")
+    try:
+        with torch.device("meta"):
+            if name in EXTRA_MODELS:
+                model = EXTRA_MODELS[name](2, **kwargs)
+            else:
+                model = getattr(tvdet, name)(weights=None, weights_backbone=None, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ModelError(f"model.kwargs {kwargs}: {name} refuses them: {str(e).splitlines()[0]}") from None
+    if loss_cfg is not None and not stock:
+        cfg = tv_lossfix.LossConfig.coerce(loss_cfg)
+        try:
+            check_sampling(model.rpn, cfg.rpn_head)
+            check_sampling(model.roi_heads, cfg.roi_head)
+        except tv_lossfix.LossConfigError as e:
+            raise ModelError(f"model.{e}") from None
 
 
 # -- anchors ----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class Run:
     resume_ckpt: Optional[Dict[str, Any]] = None
     t_start: float = field(default_factory=time.time)
     in_epoch: Optional[Dict[str, Any]] = None  # where a mid-epoch --resume checkpoint stopped
+    lock: Optional[str] = None  # the --output-dir lock file this process holds (train.py releases it)
 
     @property
     def config_path(self) -> str:

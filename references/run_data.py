@@ -274,5 +274,6 @@ def rare_cure(run: Run, data: Data) -> Optional[Dict[str, Any]]:
     """The rare-class levers with values for the collapse warnings (computed once)."""
     if data.rare_cure is None and data.train_set is not None:
         classes = image_classes(data.train_set.coco.dataset["annotations"], data.train_set.ids)
-        data.rare_cure = rare_class_cure(training_counts(data), suggest_repeat_threshold(classes), run.cfg)
+        counts = training_counts(data)
+        data.rare_cure = rare_class_cure(counts, suggest_repeat_threshold(classes), run.cfg, names=data.names)
     return data.rare_cure

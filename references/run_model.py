@@ -16,11 +16,18 @@ from tv_lossfix.model_settings import anchors_per_location, apply_model_settings
 import distributed
 from data import SIZE_SETTING_POLICIES
 from engine import TrainState
-from models import build_model, set_anchors
+from models import ModelError, build_model, set_anchors
 from run_context import Run
 from run_data import Data
 from train_config import ConfigError, TrainConfig, flatten
-from training_checkpoint import CheckpointError, apply_to_optimizer, load_scheduler_state, reconcile, restore_rng
+from training_checkpoint import (
+    CheckpointError,
+    apply_to_optimizer,
+    load_scheduler_state,
+    reconcile,
+    restore_rng,
+    saved_config,
+)
 
 
 def build_model_for(run: Run, data: Data):
@@ -50,6 +57,12 @@ def build_model_for(run: Run, data: Data):
             run.writer.say(f"--weights {m.weights}: {line}")
     # What the builder read from the checkpoint and replaced: the checkpoint is not read again here.
     _compare_class_names(run, report.checkpoint_settings, data.names, f"--weights {m.weights}")
+    if report.replaced and t.test_only and m.weights and run.resume_ckpt is None:
+        raise ModelError(
+            f"--test-only --weights {m.weights}: " + "; ".join(report.replaced) + " for the data's "
+            f"{data.num_classes} classes: evaluation would score freshly initialised layers; evaluate on the "
+            f"classes the checkpoint was trained for"
+        )
     if report.replaced:
         why = f"--weights {m.weights} with num_classes {data.num_classes}" if m.weights else "class-agnostic"
         run.writer.say(f"{why}: replaced " + "; ".join(report.replaced))
@@ -164,10 +177,12 @@ def build_optimization(run: Run, net, iters_per_epoch: int):
     return optimizer, lr_scheduler, warmup, TrainState(epoch=t.start_epoch, warmup_total=warmup_total)
 
 
-def resume(run: Run, net, optimizer, lr_scheduler, warmup, scaler, state: TrainState) -> None:
-    """Restore a checkpoint; every setting that differs from it is applied (said how) or refused."""
+def resume(run: Run, net, optimizer, lr_scheduler, warmup, scaler, state: TrainState, iters_per_epoch: int) -> None:
+    """Restore a checkpoint (ours, or torchvision's reference script's); every setting that differs
+    from the one it records is applied (said how) or refused."""
     ckpt, t = run.resume_ckpt, run.cfg.training
-    applied, refused = reconcile(ckpt.get("config"), run.cfg)
+    saved, complete = saved_config(ckpt)
+    applied, refused = reconcile(saved, run.cfg, complete)
     refused += _mid_epoch_refusals(ckpt, run.cfg)
     if t.start_epoch not in (0, ckpt["epoch"] + 1):
         refused.append(
@@ -182,21 +197,37 @@ def resume(run: Run, net, optimizer, lr_scheduler, warmup, scaler, state: TrainS
         net.load_state_dict(model_state_dict(ckpt, t.resume, "--resume"))
     except RuntimeError as e:
         raise CheckpointError(f"--resume: {t.resume} was saved from another model: {str(e).splitlines()[0]}") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    load_scheduler_state(lr_scheduler, ckpt["lr_scheduler"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"--resume {t.resume}: its optimizer state does not fit this run's parameter groups: {e}"
+        ) from None
+    if ckpt.get("lr_scheduler"):
+        load_scheduler_state(lr_scheduler, ckpt["lr_scheduler"])
     if warmup is not None and ckpt.get("warmup") is not None:
         warmup.load_state_dict(ckpt["warmup"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if isinstance(ckpt.get("state"), dict):
         state.load_state_dict(ckpt["state"])
+    else:
+        # torchvision's checkpoint counts epochs only, and its script warms up in epoch 0 alone: the
+        # iterations done are this run's per epoch times the epochs done, which puts warmup behind us
+        # (a warmup restarted at 0 would multiply the restored lr, not the base one).
+        state.iteration = (ckpt["epoch"] + 1) * iters_per_epoch
+        run.writer.say(
+            f"--resume {t.resume}: a torchvision reference checkpoint (epochs, not iterations): "
+            f"{ckpt['epoch'] + 1} epoch(s) done counted as {state.iteration} iterations "
+            f"({iters_per_epoch} per epoch here); its warmup (epoch 0 only, as torchvision's) is not run again"
+        )
     state.epoch = ckpt["epoch"] + 1
     if isinstance(ckpt.get("in_epoch"), dict):  # stopped mid-epoch: train_loop continues at its iteration
         run.in_epoch = ckpt["in_epoch"]
     if ckpt.get("rng"):
         restore_rng(ckpt["rng"], run.rank)
-    if ckpt.get("config"):
-        apply_to_optimizer(optimizer, lr_scheduler, ckpt["config"], run.cfg)
+    if saved:
+        apply_to_optimizer(optimizer, lr_scheduler, saved, run.cfg)
     for line in applied:
         run.writer.say(f"resume: {line}")
     where = f"epoch {ckpt['epoch']} done"

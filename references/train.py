@@ -38,49 +38,39 @@ from evaluation import evaluate  # noqa: E402
 from hooks import default_hooks  # noqa: E402
 from models import (  # noqa: E402
     check_anchors,
+    check_model_kwargs,
     check_model_name,
     check_weights_model,
     check_weights_path,
     ensure_weights_file,
     resolve_weights,
 )
+from output_dir import check_epochs_left, check_output_dir, prepare_output_dir  # noqa: E402
 from run_context import Run  # noqa: E402
 from run_data import Data, build_data, resolve_class_weight  # noqa: E402
 from run_model import build_model_for, build_optimization, resume  # noqa: E402
-from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402
+from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402, F401 (ConfigError: train.ConfigError)
 from trainer import Trainer, iters_per_epoch  # noqa: E402
 from training_checkpoint import (  # noqa: E402
     CheckpointError,
     atomic_write_text,
     checkpoint_model_name,
     load_training_checkpoint,
-    remove_stale_temp_files,
+    release_lock,
 )
 from writers import EventWriter  # noqa: E402
 
 
 # -- 1. checks against the machine and the files, before any data (train_config.validate did the rest) --
-def _check_output_dir(out_dir: str) -> None:
-    if not out_dir:
-        return
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--output-dir {out_dir!r} is a file, not a folder")
-    parent = os.path.abspath(out_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--output-dir {out_dir!r}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output-dir {out_dir!r}: {parent} is not writable")
-
-
-def check_before_data(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
-    """The checks of a validated config against this machine and its files (model name, output folder,
-    weights, the --resume checkpoint) before any data is read; returns the --resume checkpoint (read once)."""
+def check_before_data(cfg: TrainConfig, loss_cfg=None, own_files: bool = True) -> Optional[Dict[str, Any]]:
+    """The checks of a validated config against this machine and its files (model name, its keywords and
+    sampler, output folder, weights, the --resume checkpoint) before any data is read; returns the
+    --resume checkpoint (read once)."""
     m, t = cfg.model, cfg.training
     check_model_name(m.name)
+    check_model_kwargs(m.name, m.kwargs, loss_cfg, m.stock)
     check_anchors(m.name, m.anchor_sizes, m.aspect_ratios)  # against the backbone's feature maps
-    _check_output_dir(t.output_dir)
+    check_output_dir(t, own_files)  # a file, not writable, or (own_files) holding another run's checkpoint
     check_weights_path(m.weights)
     check_weights_model(m.name, m.weights)  # another model's checkpoint fails here, not after the data
     # A bad name fails here, listing the valid ones; weights not yet downloaded are fetched now, so
@@ -93,6 +83,7 @@ def check_before_data(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     saved = checkpoint_model_name(ckpt)
     if saved is not None and saved != m.name:
         raise CheckpointError(f"--resume {t.resume} holds a {saved} model, not --model {m.name}")
+    check_epochs_left(cfg, ckpt)
     return ckpt
 
 
@@ -101,7 +92,7 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
     if print_only:
         print(dump(cfg, loss_cfg), end="")
         return None
-    ckpt = check_before_data(cfg)
+    ckpt = check_before_data(cfg, loss_cfg)
     t = cfg.training
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -113,12 +104,19 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
     if device.type == "cuda" and info.launcher != "none":
         device = torch.device("cuda", info.local_rank)
     out_dir = t.output_dir
-    stale = _prepare_output_dir(out_dir) if out_dir and distributed.is_main() else []
+    lock, said = None, []
+    if out_dir and distributed.is_main():
+        lock, said = prepare_output_dir(out_dir, t.overwrite and not t.resume, cfg.model.weights)
     distributed.barrier()
-    run = Run(cfg, loss_cfg, device, info.rank, EventWriter(out_dir, distributed.is_main()), out_dir, ckpt)
+    try:
+        run = Run(cfg, loss_cfg, device, info.rank, EventWriter(out_dir, distributed.is_main()), out_dir, ckpt)
+    except BaseException:
+        release_lock(lock)
+        raise
+    run.lock = lock
     run.writer.record(start_record(t.resume, ckpt))
-    if stale:
-        run.writer.say(f"removed {len(stale)} temp file(s) an interrupted run left in {out_dir}: {', '.join(stale)}")
+    for line in said:
+        run.writer.say(line)
     if cuda_missing:
         run.writer.say("CUDA is not available: running on the CPU")
     _record_what_runs(run)
@@ -128,15 +126,6 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
     return run
-
-
-def _prepare_output_dir(out_dir: str) -> List[str]:
-    """Create --output-dir; remove the temp files of atomic writes a killed run left (their names)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--output-dir {out_dir!r}: cannot create it: {e.strerror or e}") from None
-    return remove_stale_temp_files(out_dir)
 
 
 def start_record(resume_path: str, ckpt: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -220,14 +209,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if run.cfg.training.test_only:
             return evaluate_only(run, model, net, data)
         t = run.cfg.training
-        optimizer, lr_scheduler, warmup, state = build_optimization(run, net, iters_per_epoch(data.train_loader, t))
+        iters = iters_per_epoch(data.train_loader, t)
+        optimizer, lr_scheduler, warmup, state = build_optimization(run, net, iters)
         scaler = torch.amp.GradScaler("cuda") if t.amp and run.device.type == "cuda" else None
         if run.resume_ckpt is not None:
-            resume(run, net, optimizer, lr_scheduler, warmup, scaler, state)
+            resume(run, net, optimizer, lr_scheduler, warmup, scaler, state, iters)
         trainer = Trainer(run, model, net, data, optimizer, lr_scheduler, warmup, scaler, state, default_hooks())
         return trainer.train()
     finally:
         run.writer.close()
+        release_lock(run.lock)
         distributed.cleanup()
 
 

@@ -94,6 +94,12 @@ class TrainingConfig:
     print_freq: int = setting(20, "--print-freq", help="print a log line every N iterations")
     output_dir: str = setting(".", "--output-dir", help="where checkpoints, metrics and plots go ('': save nothing)")
     resume: str = setting("", "--resume", help="checkpoint to resume from")
+    overwrite: bool = setting(
+        False,
+        "--overwrite",
+        help="start a new run in an --output-dir holding another run's checkpoint: that run's files are removed "
+        "first (without it, such a folder is refused unless --resume)",
+    )
     start_epoch: int = setting(0, "--start_epoch", "--start-epoch", help="start epoch")
     sync_bn: bool = setting(False, "--sync-bn", help="use SyncBatchNorm (CUDA)")
     test_only: bool = setting(False, "--test-only", help="only evaluate the model")
@@ -587,6 +593,7 @@ def _fill_derived(tree: Dict[str, Any], source: str) -> None:
 # -- every rule across fields, before any data is read -----------------------------------------------
 def validate(cfg: TrainConfig, source: str = "config", reads: Optional[Sequence[str]] = None) -> LossConfig:
     """Check every rule that involves more than one field; returns the loss config the model keys give."""
+    _check_ranges(cfg, source)
     _check_training(cfg.training, source)
     _check_repeat_factors(cfg.data, source)
     _check_data(cfg, source, reads)
@@ -599,19 +606,66 @@ def validate(cfg: TrainConfig, source: str = "config", reads: Optional[Sequence[
     return loss_cfg
 
 
+# The range of every numeric setting: (test, the rule in words, why where it is not plain). null passes
+# where the schema allows it. A value out of range fails here, naming its key and flag, before any data.
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "training.batch_size": _AT_LEAST_1,
+    "training.epochs": _AT_LEAST_1,
+    "training.print_freq": _AT_LEAST_1,
+    "training.eval_every": _AT_LEAST_1,
+    "training.lr": (lambda v: v > 0, "> 0"),
+    "training.momentum": (lambda v: 0 <= v < 1, "in [0, 1) (1 or more never forgets a gradient)"),
+    "training.weight_decay": (lambda v: v >= 0, ">= 0 (a negative decay grows the weights)"),
+    "training.norm_weight_decay": (lambda v: v >= 0, ">= 0 (a negative decay grows the weights)"),
+    "training.lr_step_size": _AT_LEAST_1,
+    "training.lr_gamma": (lambda v: 0 < v <= 1, "in (0, 1]: the lr is multiplied by it at each step (< 0: ascent)"),
+    "training.lr_steps": (lambda v: all(x >= 1 for x in v), "epochs >= 1"),
+    "training.warmup_iters": _AT_LEAST_0,
+    "training.warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]: the first iteration's lr multiplier"),
+    "training.max_consecutive_skips": _AT_LEAST_1,
+    "training.iters_per_epoch": _AT_LEAST_1,
+    "training.judge_after_iters": _AT_LEAST_0,
+    "training.gallery_images": _AT_LEAST_0,
+    "training.num_threads": _AT_LEAST_1,
+    "training.start_epoch": _AT_LEAST_0,
+    "training.gradient_clip.max_norm": (lambda v: v > 0, "> 0"),
+    "training.gradient_clip.norm_type": (lambda v: v >= 1, ">= 1: the p of a p-norm (2: L2; 0 counts, < 1 is no norm)"),
+    "data.workers": _AT_LEAST_0,
+    "data.aspect_ratio_group_factor": (lambda v: v >= -1, ">= -1 (-1: off)"),
+    "data.check_samples": _AT_LEAST_0,
+    "data.lsj_size": (lambda v: v >= 32, ">= 32 (the backbone's largest stride)"),
+    "model.rpn_score_thresh": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "model.num_classes": (lambda v: v >= 2, ">= 2 (the background and one class)"),
+    "distributed.world_size": _AT_LEAST_1,
+}
+
+
+def _check_ranges(cfg: TrainConfig, source: str) -> None:
+    for path, (ok, rule) in RANGES.items():
+        v = cfg.get(path)
+        if v is not None and not ok(v):
+            raise ConfigError(f"{_where(BY_PATH[path], source)} must be {rule}, got {v!r}")
+
+
 def _check_training(t: TrainingConfig, source: str) -> None:
-    if t.gradient_clip.max_norm <= 0:
-        raise ConfigError(f"{source}: training.gradient_clip.max_norm must be > 0")
-    for key in ("batch_size", "epochs", "print_freq", "eval_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"{source}: training.{key} must be >= 1, got {getattr(t, key)}")
+    if t.start_epoch >= t.epochs and not t.test_only and not t.resume:
+        raise ConfigError(
+            f"{source}: training.start_epoch (--start-epoch) {t.start_epoch} is not below training.epochs "
+            f"(--epochs) {t.epochs}: no epoch would be trained"
+        )
+    if not t.output_dir:
+        for key, flag in (("checkpoint_every_iters", "--checkpoint-every-iters"), ("overwrite", "--overwrite")):
+            if getattr(t, key):
+                raise ConfigError(
+                    f"{source}: training.{key} ({flag}) has no effect with --output-dir '' (save nothing)"
+                )
     if t.checkpoint_every_iters is not None and t.checkpoint_every_iters < 1:
         raise ConfigError(
             f"{source}: training.checkpoint_every_iters (--checkpoint-every-iters) must be >= 1 or null, "
             f"got {t.checkpoint_every_iters}"
         )
-    if t.lr <= 0:
-        raise ConfigError(f"{source}: training.lr must be > 0, got {t.lr}")
     try:
         import torch
 
@@ -649,7 +703,20 @@ def _check_data(cfg: TrainConfig, source: str, reads: Optional[Sequence[str]]) -
             f"--use-copypaste works with --data-augmentation lsj only (as in torchvision), got {d.augmentation!r}"
         )
     if d.shapes:
-        shapes_spec(d, source)
+        shapes_spec(d, source)  # a misspelt knob first: the more precise error
+        if d.dataset != "shapes":
+            raise ConfigError(
+                f"{source}: data.shapes sets the embedded demo's data: it has no effect with --dataset {d.dataset}"
+            )
+    files = [
+        f"--{k.replace('_', '-')}" for k in ("train_ann", "train_images", "val_ann", "val_images") if getattr(d, k)
+    ]
+    if files and d.dataset != "coco_json":
+        raise ConfigError(
+            f"{', '.join(files)} (data.{files[0][2:].replace('-', '_')} ...) are read with --dataset coco_json only; "
+            f"--dataset {d.dataset} finds its files "
+            + ("under --data-path" if d.dataset != "shapes" else "itself (data.shapes)")
+        )
 
 
 def shapes_spec(d: DataConfig, source: str = "config"):
@@ -675,6 +742,24 @@ def _check_model_and_data(cfg: TrainConfig) -> None:
     if d.use_copypaste and "maskrcnn" not in m.name:
         raise ConfigError("--use-copypaste pastes instance masks: it needs a Mask R-CNN model")
     check_class_agnostic(m.name, m.stock, m.class_agnostic_bbox, m.class_agnostic_mask)
+    if m.weights and m.weights_backbone:  # torchvision's builders drop the backbone weights silently
+        raise ConfigError(
+            f"--weights-backbone {m.weights_backbone} has no effect with --weights {m.weights}, which holds the "
+            f"backbone too: drop one"
+        )
+    top = 6 if "mobilenet" in m.name else 5  # torchvision's backbones: MobileNetV3 has 6 stages, ResNet 5
+    if m.trainable_backbone_layers is not None and not 0 <= m.trainable_backbone_layers <= top:
+        raise ConfigError(
+            f"--trainable-backbone-layers (model.trainable_backbone_layers) must be in 0..{top} for {m.name}, "
+            f"got {m.trainable_backbone_layers}"
+        )
+    if m.trainable_backbone_layers is not None and (m.name == "maskrcnn_tiny" or not (m.weights or m.weights_backbone)):
+        why = (
+            "maskrcnn_tiny trains its whole backbone"
+            if m.name == "maskrcnn_tiny"
+            else "without --weights or --weights-backbone every layer trains (torchvision falls back to 5)"
+        )
+        raise ConfigError(f"--trainable-backbone-layers {m.trainable_backbone_layers} has no effect: {why}")
 
 
 def check_class_agnostic(name: str, stock: bool, bbox: bool, mask: bool) -> None:

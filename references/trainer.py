@@ -31,7 +31,7 @@ from engine import (
     skip_batches,
     train_one_epoch,
 )
-from hooks import HookBase
+from hooks import Checkpointer, HookBase
 from train_config import TrainingConfig
 from training_checkpoint import restore_rng
 
@@ -121,13 +121,27 @@ class Trainer(StepHooks):
         except Preempted as p:
             return self._stopped(p)
         self.state.epoch = epoch + 1  # saved by the epoch checkpoint (a hook)
-        for h in self.hooks:
-            h.after_epoch(epoch, stats)
+        try:
+            for h in self.hooks:
+                h.after_epoch(epoch, stats)
+        except BaseException:
+            self._save_epoch_anyway(epoch)
+            raise
         signum = stop.agreed()  # a signal during evaluation or the save: stop here, the epoch is saved
         if signum:
             n_iters = iters_per_epoch(self.data.train_loader, self.cfg.training)
             return self._stopped(Preempted(signum, epoch + 1, 0, n_iters))
         return None
+
+    def _save_epoch_anyway(self, epoch: int) -> None:
+        """A hook before the checkpoint failed (evaluation, most likely): the trained epoch is saved all the
+        same, so that the run resumes after fixing the cause instead of training the epoch again."""
+        for h in self.hooks:
+            if isinstance(h, Checkpointer) and h.saved_epoch != epoch:
+                h.save(epoch)
+                where = os.path.join(self.run.out_dir, "checkpoint.pth") if self.run.out_dir else None
+                if where:
+                    self.writer.say(f"epoch {epoch} saved to {where} before the error below (--resume continues it)")
 
     def _train_epoch(self, epoch: int) -> Dict[str, float]:
         """engine.train_one_epoch; a mid-epoch resume continues where its checkpoint stopped."""

@@ -17,7 +17,7 @@ from tv_lossfix.checkpoint import CheckpointError, model_state_dict, read_checkp
 from tv_lossfix.model_settings import model_settings
 
 import distributed
-from train_config import TrainConfig, flatten
+from train_config import BY_PATH, OPTIONS, TrainConfig, flatten
 
 FORMAT = "tv_lossfix-train-1"
 
@@ -92,6 +92,101 @@ def remove_stale_temp_files(out_dir: str) -> List[str]:
             os.remove(path)
             removed.append(name)
     return removed
+
+
+# -- the output folder: another run's files, and the lock of the run writing there ------------------------
+LOCK_NAME = ".tv_lossfix.lock"
+_RUN_FILE = re.compile(
+    r"^(?:checkpoint\.pth|model_\d+\.pth|config\.yaml|config\.resume-[\w-]+\.yaml|metrics\.jsonl"
+    r"|training_curves\.png|eval_curves\.png|gallery\.png)$"
+)
+_CHECKPOINT_FILE = re.compile(r"^(?:checkpoint|model_\d+)\.pth$")
+
+
+def run_files(out_dir: str) -> Tuple[List[str], List[str]]:
+    """(the checkpoints, every file) a training run of this recipe wrote in ``out_dir``, by name."""
+    names = sorted(os.listdir(out_dir)) if out_dir and os.path.isdir(out_dir) else []
+    ours = [n for n in names if _RUN_FILE.match(n) and os.path.isfile(os.path.join(out_dir, n))]
+    ckpts = sorted((n for n in ours if _CHECKPOINT_FILE.match(n)), key=_epoch_order)
+    return ckpts, ours + (["tensorboard"] if "tensorboard" in names else [])
+
+
+def _epoch_order(name: str) -> Tuple[int, str]:
+    m = re.match(r"model_(\d+)", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def remove_run_files(out_dir: str, names: List[str]) -> None:
+    import shutil
+
+    for name in names:
+        path = os.path.join(out_dir, name)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _create_with(path: str, text: str) -> bool:
+    """Create ``path`` holding ``text`` in one step (False: it exists): the text goes to a temp file that
+    is hard-linked to ``path``, so a second run never reads a lock file before its owner is written."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: exclusive create, then the text
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def acquire_lock(out_dir: str) -> Tuple[str, Optional[str]]:
+    """Lock ``out_dir`` for this process: (the lock file, a line about a stale lock removed, or None).
+
+    The lock file holds the writer's pid and host; a lock of a live process on this host (or of any
+    process on another host, whose life cannot be checked here) fails in one line naming it."""
+    import socket
+
+    path, host, stale = os.path.join(out_dir, LOCK_NAME), socket.gethostname(), None
+    for _ in range(2):
+        if _create_with(path, json.dumps({"pid": os.getpid(), "host": host})):
+            return path, stale
+        try:
+            with open(path, encoding="utf-8") as f:
+                owner = json.load(f)
+            pid, owner_host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pid, owner_host = -1, host  # unreadable: not a lock this recipe wrote whole
+        if owner_host != host or _pid_alive(pid):
+            where = f"process {pid} on {owner_host}" if owner_host != host else f"process {pid}"
+            raise CheckpointError(
+                f"--output-dir {out_dir} is in use by {where} (lock file {path}): wait for that run, "
+                f"or give another --output-dir (delete the lock file only if that run is gone)"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        stale = f"removed the lock of process {pid}, which is no longer running, from {out_dir}"
+    raise CheckpointError(f"--output-dir {out_dir}: could not take the lock file {path}: another run took it")
+
+
+def release_lock(path: Optional[str]) -> None:
+    """Remove the lock file ``path`` if it is this process's."""
+    if not path:
+        return
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(path, encoding="utf-8") as f:
+            if int(json.load(f)["pid"]) != os.getpid():
+                return
+        os.remove(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -215,7 +310,7 @@ REFUSED = {
     "model.class_agnostic_mask": "the checkpoint's mask predictor has the other shape (1 channel or 1 per class)",
     "training.opt": "the optimizer state belongs to another optimizer",
     "training.lr_scheduler": "the scheduler state belongs to another scheduler",
-    "training.norm_weight_decay": "the parameter groups were built without/with it",
+    "training.norm_weight_decay": "the parameter groups were built without/with it (a new value is applied)",
     "training.seed": "the checkpoint's RNG states continue the run; a new seed cannot take effect",
     "training.warmup_iters": "warmup was fixed when the run started",
     "training.warmup_factor": "warmup was fixed when the run started",
@@ -224,42 +319,92 @@ REFUSED = {
 APPLIED_HOW = {
     "training.lr": "the new base lr replaces the restored one; the schedule continues from its position",
     "training.momentum": "set in every parameter group",
-    "training.weight_decay": "set in every parameter group",
+    "training.weight_decay": "set in every parameter group (but the normalization group under --norm-weight-decay)",
+    "training.norm_weight_decay": "set in the normalization layers' parameter group",
     "training.lr_steps": "the scheduler's milestones are replaced",
     "training.lr_gamma": "the scheduler's gamma is replaced",
     "training.epochs": "the run continues to the new epoch count",
 }
-_IGNORED_IN_DIFF = {"training.resume", "training.start_epoch", "training.test_only"}
+_IGNORED_IN_DIFF = {"training.resume", "training.start_epoch", "training.test_only", "training.overwrite"}
+# torchvision's script keeps its flags in ``args`` under argparse's dest: our first long flag, but --wd's.
+_TORCHVISION_DEST = {"training.weight_decay": "weight_decay"}
 
 
-def reconcile(saved_cfg: Optional[Dict[str, Any]], cfg: TrainConfig) -> Tuple[List[str], List[str]]:
-    """Compare the checkpoint's config with this run's: returns (applied lines, refused lines)."""
+def torchvision_args_config(args: Any) -> Dict[str, Any]:
+    """The settings a torchvision reference checkpoint's ``args`` (argparse.Namespace) records, as a
+    partial config tree of this recipe's schema (its flags keep torchvision's names and meanings)."""
+    tree: Dict[str, Any] = {}
+    for o in OPTIONS:
+        long = next((f for f in o.flags if f.startswith("--")), None)
+        dest = _TORCHVISION_DEST.get(o.path) or (long[2:].replace("-", "_") if long else None)
+        if dest and hasattr(args, dest):
+            node = tree
+            *parents, leaf = o.path.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            value = getattr(args, dest)
+            node[leaf] = list(value) if isinstance(value, tuple) else value
+    return tree
+
+
+def saved_config(ckpt: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], bool]:
+    """(the config a checkpoint records, whether it is complete): ours, or torchvision's ``args``."""
+    if isinstance(ckpt.get("config"), dict):
+        return ckpt["config"], True
+    if ckpt.get("args") is not None:
+        return torchvision_args_config(ckpt["args"]), False
+    return None, False
+
+
+def _refusal(path: str, old: Any, new: Any) -> Optional[str]:
+    if path == "training.norm_weight_decay" and old is not None and new is not None:
+        return None  # a new value for the same two groups: applied
+    return REFUSED.get(path)
+
+
+def reconcile(saved_cfg: Optional[Dict[str, Any]], cfg: TrainConfig, complete: bool = True):
+    """Compare the checkpoint's config with this run's: returns (applied lines, refused lines).
+    ``complete`` False (torchvision's ``args``): only the settings it records are compared."""
     if not saved_cfg:
         return [], []
     old, new = flatten(saved_cfg), flatten(cfg.to_dict())
     applied, refused = [], []
     for path in sorted(set(old) | set(new)):
-        if path in _IGNORED_IN_DIFF or old.get(path) == new.get(path):
+        if path in _IGNORED_IN_DIFF or old.get(path) == new.get(path) or (not complete and path not in old):
+            continue
+        if path in BY_PATH and BY_PATH[path].kind is float and _same_number(old.get(path), new.get(path)):
             continue
         change = f"{path}: {old.get(path)!r} -> {new.get(path)!r}"
-        if path in REFUSED:
-            refused.append(f"{change} refused: {REFUSED[path]}")
+        reason = _refusal(path, old.get(path), new.get(path))
+        if reason is not None:
+            refused.append(f"{change} refused: {reason}")
         else:
             applied.append(f"{change} applied: {APPLIED_HOW.get(path, 'read by this run as given')}")
     return applied, refused
 
 
+def _same_number(a: Any, b: Any) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)
+
+
 def apply_to_optimizer(optimizer, lr_scheduler, saved_cfg: Dict[str, Any], cfg: TrainConfig) -> None:
-    """Put the settings APPLIED_HOW promises into the restored optimizer and scheduler."""
+    """Put the settings APPLIED_HOW promises into the restored optimizer and scheduler. Under
+    --norm-weight-decay the last group holds the normalization layers (run_model.param_groups): --wd
+    leaves it alone and --norm-weight-decay sets it."""
     t, old = cfg.training, flatten(saved_cfg)
-    for g in optimizer.param_groups:
+    groups = optimizer.param_groups
+    norm_group = groups[-1] if t.norm_weight_decay is not None and len(groups) == 2 else None
+    for g in groups:
         if t.lr != old.get("training.lr", t.lr):
             factor = g["lr"] / g.get("initial_lr", g["lr"])  # where the schedule (and warmup) stands
             g["initial_lr"] = t.lr
             g["lr"] = t.lr * factor
         if "momentum" in g and t.momentum != old.get("training.momentum", t.momentum):
             g["momentum"] = t.momentum
-        if t.weight_decay != old.get("training.weight_decay", t.weight_decay):
+        if g is norm_group:
+            if t.norm_weight_decay != old.get("training.norm_weight_decay", t.norm_weight_decay):
+                g["weight_decay"] = t.norm_weight_decay
+        elif t.weight_decay != old.get("training.weight_decay", t.weight_decay):
             g["weight_decay"] = t.weight_decay
     lr_scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     if hasattr(lr_scheduler, "milestones"):

@@ -25,6 +25,24 @@ def read_metrics(path: str) -> List[Dict]:
     return out
 
 
+def current_records(records: List[Dict]) -> List[Dict]:
+    """The records a resumed run has not superseded: at each ``run`` record of a --resume (train.py's
+    start_record: the checkpoint's ``epoch`` and ``iter``), the earlier runs' train records past that
+    iteration and eval records past that epoch are dropped (the resumed run writes them again)."""
+    kept: List[Dict] = []
+    for r in records:
+        if r.get("type") == "run" and r.get("resumed_from") is not None:
+            it, ep = r.get("iter"), r.get("epoch")
+            kept = [
+                k
+                for k in kept
+                if not (k.get("type") == "train" and it is not None and k.get("iter", 0) > it)
+                and not (k.get("type") == "eval" and ep is not None and k.get("epoch", -1) > ep)
+            ]
+        kept.append(r)
+    return kept
+
+
 def _save(fig, path: str) -> str:
     import matplotlib.pyplot as plt
 
@@ -41,7 +59,7 @@ def plot_curves(metrics_path: str, out_dir: str) -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
+    records = current_records(read_metrics(metrics_path))
     train = [r for r in records if r.get("type") == "train"]
     # An epoch that --eval-every skipped has an "eval" record with its training summary only.
     evals = [r for r in records if r.get("type") == "eval" and "dets_per_image" in r]

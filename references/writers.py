@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List
 
+from tv_lossfix.checkpoint import CheckpointError
+
 
 def json_safe(value: Any) -> Any:
     """``value`` with every non-finite float as None (recursively): metrics.jsonl stays strict JSON."""
@@ -62,8 +64,13 @@ class JsonlWriter:
         self.path = path
 
     def record(self, rec: Dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, allow_nan=False) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
+        except OSError as e:  # a full or read-only filesystem: one line, not a traceback
+            raise CheckpointError(
+                f"could not append to {self.path}: {e.strerror or e} (its earlier lines are intact)"
+            ) from None
 
 
 class TensorBoardWriter:

@@ -40,6 +40,8 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<: *base``: SafeLoader merges it below; a key given next to it overrides the merged one
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise DuplicateKeyError(

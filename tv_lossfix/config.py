@@ -77,6 +77,11 @@ def _canonical_keys(where: str, data: Mapping[str, Any]) -> dict:
     return out
 
 
+# Beyond it the focal factor (1 - p_t)^gamma is under 0.5^10 ~ 1e-3 for an untrained head (p_t ~ 0.5): the
+# loss vanishes. RetinaNet studied gamma in [0, 5].
+MAX_FOCAL_GAMMA = 10.0
+
+
 def _check_number(where: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise LossConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
@@ -101,7 +106,12 @@ def _check_sampling(cfg: Any) -> None:
             raise LossConfigError(f"{s}.{key} must be an integer >= 1, got {value!r}")
     ub = cfg.neg_pos_ub
     if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not math.isfinite(ub) or not (ub == -1 or ub >= 0):
-        raise LossConfigError(f"{s}.neg_pos_ub must be -1 (no cap) or a number >= 0, got {ub!r}")
+        raise LossConfigError(f"{s}.neg_pos_ub must be -1 (no cap) or a number > 0, got {ub!r}")
+    if ub == 0:  # MMDetection allows it; it is never what is meant
+        raise LossConfigError(
+            f"{s}.neg_pos_ub 0 samples no negative: the classifier never sees background and fires everywhere "
+            f"(about box_detections_per_img detections per image); use -1 (no cap) or a ratio > 0 such as 3"
+        )
     if hasattr(cfg, "sampler"):
         _check_choice(f"{s}.sampler", cfg.sampler, ROI_SAMPLERS)
 
@@ -220,6 +230,12 @@ def _check_focal_keys(cfg: _HeadLossConfig, losses: Tuple[str, ...], focal_keys:
             )
     if cfg.focal_gamma is not None:
         object.__setattr__(cfg, "focal_gamma", _check_weight(f"{s}.focal_gamma", cfg.focal_gamma))
+        if cfg.focal_gamma > MAX_FOCAL_GAMMA:
+            raise LossConfigError(
+                f"{s}.focal_gamma {cfg.focal_gamma:g} must be <= {MAX_FOCAL_GAMMA:g}: the factor (1 - p_t)^gamma "
+                f"is {0.5**cfg.focal_gamma:.1e} at p_t = 0.5 (an untrained head), so the loss is ~0 and nothing "
+                f"trains (RetinaNet uses 2)"
+            )
 
 
 def _check_alpha(alpha: Any) -> float:

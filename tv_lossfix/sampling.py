@@ -146,6 +146,15 @@ def check_sampling(head: nn.Module, cfg: Any) -> None:
                 f"{sec}.{given}: neg_iou_thr ({v['neg_iou_thr']}) must be <= pos_iou_thr ({v['pos_iou_thr']}); "
                 f"the model's own value is kept for the key not given: set both"
             )
+    if cfg.num is not None or cfg.pos_fraction is not None:
+        v = _resolved(head, cfg)
+        if int(v["num"] * v["pos_fraction"]) < 1:  # the stock sampler's positive budget per image
+            given = " / ".join(f"{sec}.{k}" for k in ("num", "pos_fraction") if getattr(cfg, k) is not None)
+            raise LossConfigError(
+                f"{given}: num {v['num']} x pos_fraction {v['pos_fraction']:g} leaves int(...) = 0 positive samples "
+                f"per image: no positive is ever trained (the head collapses to background); give "
+                f"num x pos_fraction >= 1"
+            )
     feat = getattr(cfg, "feat_channels", None)
     if feat is not None and feat != _channels(head):
         has = _channels(head)

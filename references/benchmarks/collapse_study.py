@@ -99,6 +99,7 @@ def run_one(
             "gallery_images": 0,
             "nan_policy": "stop",
             "output_dir": out_dir,
+            "overwrite": True,  # the study's own folder: a rerun replaces the run before it
         },
     }
     os.makedirs(out_dir, exist_ok=True)

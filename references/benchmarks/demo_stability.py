@@ -58,7 +58,10 @@ def train_seed(seed: int, out: str, epochs: Optional[int], extra: List[str], con
     """
     out_dir = os.path.join(out, f"seed_{seed}")
     cmd = [sys.executable, os.path.join(REFS, "train.py"), "--config", config, "--seed", str(seed)]
-    cmd += ["--output-dir", out_dir, "--no-plots"] + (["--epochs", str(epochs)] if epochs else []) + extra
+    # --overwrite: the seed's folder is this script's, and a run here replaces the one before it.
+    cmd += (
+        ["--output-dir", out_dir, "--overwrite", "--no-plots"] + (["--epochs", str(epochs)] if epochs else []) + extra
+    )
     with open(config, encoding="utf-8") as f:
         config_text = f.read()
     cache = os.path.join(out_dir, "result.json")

@@ -122,7 +122,7 @@ def check_amp_step(device, size: int) -> Dict[str, Any]:
 def _run_train(argv, out_dir) -> Dict[str, Any]:
     import train
 
-    code = train.main(argv + ["--output-dir", out_dir])
+    code = train.main(argv + ["--output-dir", out_dir, "--overwrite"])  # the check's own folder, rerun
     recs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     return {"code": code, "records": recs}
 

@@ -234,7 +234,8 @@ def train_once(cfg: Dict[str, Any], folder: str, seed: int) -> Dict[str, Any]:
     """One training run in this process; its final AP per class, or the one-line error that stopped it."""
     import train
 
-    cfg = merge(json.loads(json.dumps(cfg)), {"training": {"seed": seed, "output_dir": folder}})
+    # overwrite: the seed's folder is this script's; a rerun replaces the run before it.
+    cfg = merge(json.loads(json.dumps(cfg)), {"training": {"seed": seed, "output_dir": folder, "overwrite": True}})
     metrics = os.path.join(folder, "metrics.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)  # appended to by train.py: a rerun must not read the old records

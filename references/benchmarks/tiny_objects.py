@@ -146,6 +146,7 @@ def run(out: str, data: str, name: str, epochs: int, anchors=None) -> dict:
             "warmup_iters": 50,
             "print_freq": 1000,
             "output_dir": os.path.join(out, name),
+            "overwrite": True,  # the benchmark's own folder: a rerun replaces the run before it
             "gradient_clip": {"enabled": True, "max_norm": 10.0},
             "gallery_images": 6,
         },

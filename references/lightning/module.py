@@ -91,6 +91,7 @@ class DetectionModule(pl.LightningModule):
             the rest keep ``references/train_config`` defaults (SGD, lr 0.02, linear warmup, MultiStepLR).
         anchor_sizes, aspect_ratios: the RPN's anchors, as ``model.anchor_sizes`` / ``model.aspect_ratios``.
         eval_data: for validation (COCO AP and the per-class table); without it there is no validation.
+        class_agnostic_bbox, class_agnostic_mask: as ``model.class_agnostic_bbox`` / ``_mask``.
     """
 
     def __init__(
@@ -106,6 +107,8 @@ class DetectionModule(pl.LightningModule):
         anchor_sizes: Optional[List[List[float]]] = None,
         aspect_ratios: Optional[List[List[float]]] = None,
         eval_data: Optional[EvalData] = None,
+        class_agnostic_bbox: bool = False,
+        class_agnostic_mask: bool = False,
     ):
         super().__init__()
         unknown = sorted(set(training or {}) - set(OPTIM_KEYS))
@@ -126,6 +129,8 @@ class DetectionModule(pl.LightningModule):
                 "trainable_backbone_layers": trainable_backbone_layers,
                 "anchor_sizes": anchor_sizes,
                 "aspect_ratios": aspect_ratios,
+                "class_agnostic_bbox": class_agnostic_bbox,
+                "class_agnostic_mask": class_agnostic_mask,
             }
         )
         self.model, report = build_model(
@@ -136,6 +141,8 @@ class DetectionModule(pl.LightningModule):
             weights_backbone=weights_backbone,
             trainable_backbone_layers=trainable_backbone_layers,
             kwargs=model_kwargs,
+            class_agnostic_bbox=class_agnostic_bbox,
+            class_agnostic_mask=class_agnostic_mask,
         )
         self.replaced = list(report.replaced)
         self.anchor_changes = set_anchors(self.model, anchor_sizes, aspect_ratios)

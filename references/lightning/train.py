@@ -35,7 +35,8 @@ from hooks import report_before_step_one  # noqa: E402
 from module import OPTIM_KEYS, DetectionModule, EvalData  # noqa: E402
 from run_context import Run  # noqa: E402
 from run_data import build_data as build_recipe_data  # noqa: E402
-from train_config import ConfigError, TrainConfig, defaults, dump, resolve  # noqa: E402
+from run_data import resolve_class_weight  # noqa: E402
+from train_config import ConfigError, DataConfig, TrainConfig, defaults, dump, resolve  # noqa: E402
 from writers import EventWriter  # noqa: E402
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
@@ -55,6 +56,30 @@ USED_TRAINING_KEYS = set(OPTIM_KEYS) | {
     "use_deterministic_algorithms",  # -> Trainer(deterministic=True)
     "lr_step_size",  # unused by torchvision's script too
 }
+# The model: and data: keys are all honoured: the data through references/run_data.py's build_data (the
+# same checks, datasets, samplers and loaders), the model through build_module and the loss config
+# (class_weight: auto resolved from the training data as in train.py); --stock alone is refused.
+USED_MODEL_KEYS = {
+    "name",
+    "rpn_score_thresh",
+    "trainable_backbone_layers",
+    "weights",
+    "weights_backbone",
+    "num_classes",
+    "kwargs",
+    "anchor_sizes",
+    "aspect_ratios",
+    "loss_preset",  # folded into the loss config
+    "preset",
+    "rpn_head",
+    "roi_head",
+    "class_weight_method",  # class_weight: auto, resolved by run_data.resolve_class_weight
+    "class_weight_beta",
+    "class_agnostic_bbox",
+    "class_agnostic_mask",
+    "sync_avg_factor",  # one process: the loss normalizers are this process's, as train.py on one GPU
+}
+USED_DATA_KEYS = {f.name for f in dataclasses.fields(DataConfig)}
 # references/train.py's pictures are not drawn here: turning them off asks for nothing.
 OFF_VALUES = {"plots": False, "gallery_images": 0}
 HINTS = {
@@ -64,6 +89,7 @@ HINTS = {
     "max_consecutive_skips": ": Lightning has no NaN policy",
     "test_only": ": use Trainer.validate(module, val_loader)",
     "sync_bn": ": this CLI trains on one device (Trainer(sync_batchnorm=True) in your own script)",
+    "overwrite": ": Lightning writes each run to a folder of its own (lightning_logs/version_N)",
 }
 
 
@@ -118,6 +144,11 @@ def check_supported(cfg: TrainConfig) -> None:
             raise ConfigError(f"distributed.{k} = {v!r}: this CLI trains on one device (DDP: use module.py)")
     if cfg.model.stock:
         raise ConfigError("--stock: the Lightning module trains tv_lossfix heads (their statistics are logged)")
+    for section, used in (("model", USED_MODEL_KEYS), ("data", USED_DATA_KEYS)):
+        base_section = getattr(base, section)
+        for k, v in dataclasses.asdict(getattr(cfg, section)).items():
+            if k not in used and v != getattr(base_section, k):
+                raise ConfigError(f"{section}.{k} = {v!r} cannot take effect in the Lightning loop")
     clip = cfg.training.gradient_clip
     if clip.enabled and float(clip.norm_type) != 2.0:
         raise ConfigError(
@@ -126,9 +157,13 @@ def check_supported(cfg: TrainConfig) -> None:
 
 
 def build_data(cfg: TrainConfig, loss_cfg):
-    """The recipe's own datasets, checks and loaders (references/run_data.py build_data)."""
+    """The recipe's own datasets, checks and loaders (references/run_data.py build_data), and
+    model.roi_head.class_weight: auto resolved from the training data as train.py does (said; the
+    returned run's cfg and loss_cfg hold the list)."""
     run = Run(cfg, loss_cfg, torch.device("cpu"), 0, EventWriter("", True), "")
-    return run, build_recipe_data(run)
+    data = build_recipe_data(run)
+    resolve_class_weight(run, data)
+    return run, data
 
 
 def build_module(cfg: TrainConfig, loss_cfg, data) -> DetectionModule:
@@ -150,6 +185,8 @@ def build_module(cfg: TrainConfig, loss_cfg, data) -> DetectionModule:
         anchor_sizes=m.anchor_sizes,
         aspect_ratios=m.aspect_ratios,
         eval_data=EvalData(data.coco_val, data.label_to_cat, data.names),
+        class_agnostic_bbox=m.class_agnostic_bbox,
+        class_agnostic_mask=m.class_agnostic_mask,
     )
 
 
@@ -232,13 +269,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     args, cfg, loss_cfg = parsed
     check_supported(cfg)
-    recipe.check_before_data(cfg)
+    # Lightning writes its own lightning_logs/version_N: a train.py run's files in the folder are not mixed.
+    recipe.check_before_data(cfg, loss_cfg, own_files=False)
     t = cfg.training
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     pl.seed_everything(t.seed, verbose=False)
     run, data = build_data(cfg, loss_cfg)
-    module = build_module(cfg, loss_cfg, data)
+    module = build_module(run.cfg, run.loss_cfg, data)
     for line in module.replaced + module.anchor_changes:
         run.writer.say(line)
     report_before_step_one(run, data, module.model)  # the lr check and the data / anchor report

@@ -1,5 +1,7 @@
 """Assigner and sampler keys (pos_iou_thr, neg_iou_thr, num, pos_fraction, neg_pos_ub, OHEM)."""
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -99,8 +101,9 @@ def test_alias_and_canonical_key_together_is_an_error(alias, canonical):
         ("rpn_head", "num", 0, r"rpn_head.num must be an integer >= 1, got 0"),
         ("roi_head", "num", 64.0, r"roi_head.num must be an integer >= 1, got 64.0"),
         ("roi_head", "num", True, r"roi_head.num must be an integer >= 1, got True"),
-        ("rpn_head", "neg_pos_ub", -0.5, r"rpn_head.neg_pos_ub must be -1 \(no cap\) or a number >= 0, got -0.5"),
-        ("roi_head", "neg_pos_ub", float("inf"), r"roi_head.neg_pos_ub must be -1 \(no cap\) or a number >= 0"),
+        ("rpn_head", "neg_pos_ub", -0.5, r"rpn_head.neg_pos_ub must be -1 \(no cap\) or a number > 0, got -0.5"),
+        ("roi_head", "neg_pos_ub", float("inf"), r"roi_head.neg_pos_ub must be -1 \(no cap\) or a number > 0"),
+        ("roi_head", "neg_pos_ub", 0, r"roi_head.neg_pos_ub 0 samples no negative: the classifier never sees"),
         (
             "roi_head",
             "sampler",
@@ -174,6 +177,22 @@ def test_only_one_threshold_is_checked_against_the_models():
         0.7,
         0.5,
     )
+
+
+@pytest.mark.parametrize(
+    "sec,keys,given",
+    [
+        ("roi_head", {"pos_fraction": 0.01}, "roi_head.pos_fraction"),  # int(64 x 0.01) = 0
+        ("roi_head", {"num": 3}, "roi_head.num"),  # int(3 x 0.25) = 0
+        ("rpn_head", {"num": 1, "pos_fraction": 0.5}, "rpn_head.num / rpn_head.pos_fraction"),
+    ],
+)
+def test_a_sampler_without_positives_is_refused(sec, keys, given):
+    model = tiny_model("faster")  # 64 samples per image, RoI fraction 0.25, RPN 0.5
+    with pytest.raises(LossConfigError, match=rf"^{re.escape(given)}: num \d+ x pos_fraction [\d.]+ leaves int"):
+        tv_lossfix.patch_model(model, {sec: keys})
+    assert type(model.roi_heads) is not tv_lossfix.LossFixRoIHeads  # refused before anything changed
+    tv_lossfix.patch_model(model, {"roi_head": {"num": 4}})  # int(4 x 0.25) = 1: accepted
 
 
 def test_feat_channels_accepted_only_when_it_is_the_backbones():

@@ -189,7 +189,7 @@ def test_resume_applies_lr_refuses_model_and_keeps_config(tmp_path, capsys, data
     lrs = [r["lr"] for r in records(out, "train") if r["epoch"] == 1]
     assert lrs and all(abs(lr - 0.001) < 1e-12 for lr in lrs)  # warmup was over: the new lr is what ran
     with pytest.raises(training_checkpoint.CheckpointError, match="training.seed: 0 -> 3 refused"):
-        train.main(["--config", cfg, "--resume", ckpt, "--seed", "3"])
+        train.main(["--config", cfg, "--resume", ckpt, "--seed", "3", "--epochs", "3"])  # epochs 0, 1 done
     with pytest.raises(
         training_checkpoint.CheckpointError, match="holds a maskrcnn_tiny model, not --model fasterrcnn"
     ):
@@ -323,14 +323,14 @@ def test_lsj_sets_the_input_size_and_the_model_does_not_resize_back(tmp_path, mo
     cfg = tiny_config(tmp_path, data_root, iters_per_epoch=2, plots=False)
     assert train.main(["--config", cfg, "--data-augmentation", "lsj", "--use-copypaste", "--no-data-report"]) == 0
     # tiny_config's model resizes to 64 px; lsj_size is 64 there too, so use another size.
-    assert train.main(["--config", cfg, "--data-augmentation", "hflip", "--no-data-report"]) == 0
+    assert train.main(["--config", cfg, "--data-augmentation", "hflip", "--no-data-report", "--overwrite"]) == 0
     assert seen[0] == (64, 64)
     p = tmp_path / "lsj.yaml"
     data = yaml.safe_load(open(cfg))
     data["data"]["lsj_size"] = 96
     p.write_text(yaml.safe_dump(data))
     seen.clear()
-    assert train.main(["--config", str(p), "--data-augmentation", "lsj", "--no-data-report"]) == 0
+    assert train.main(["--config", str(p), "--data-augmentation", "lsj", "--no-data-report", "--overwrite"]) == 0
     assert seen[0] == (96, 96)  # training input at the policy's size: no resize back to 64
     assert seen[-1] == (64, 64)  # evaluation still resizes, as torchvision
 
@@ -352,5 +352,5 @@ def test_banner_prints_only_changed_loss_settings(tmp_path, capsys, data_root):
     data = yaml.safe_load(open(cfg))
     data["model"]["roi_head"] = {"cls_pos_weight": 2.0}
     p.write_text(yaml.safe_dump(data))
-    assert train.main(["--config", str(p), "--no-data-report"]) == 0
+    assert train.main(["--config", str(p), "--no-data-report", "--overwrite"]) == 0
     assert "losses: roi_head.cls_pos_weight=2.0;" in capsys.readouterr().out

@@ -411,6 +411,7 @@ def _missing_data_config(tmp_path, data_root):
     path = tiny_config(tmp_path, data_root)
     cfg = yaml.safe_load(open(path))
     missing = str(tmp_path / "no_such_data")
+    del cfg["data"]["shapes"]  # the demo's knobs: refused with another dataset
     cfg["data"].update(
         dataset="coco_json",
         train_ann=f"{missing}/train.json",

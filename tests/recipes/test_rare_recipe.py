@@ -116,7 +116,10 @@ def test_wrong_length_class_weight_fails_before_any_data_is_read(tmp_path, capsy
     ann.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": i} for i in (3, 7, 9)]}))
     flags = ["--dataset", "coco_json", "--train-ann", str(ann), "--val-ann", str(ann)]
     flags += ["--train-images", str(tmp_path / "none"), "--val-images", str(tmp_path / "none")]
-    assert train.cli(["--config", cfg] + flags) == 1
+    as_json = yaml.safe_load(open(cfg))
+    del as_json["data"]["shapes"]  # the demo's knobs: refused with another dataset
+    (tmp_path / "coco_json.yaml").write_text(yaml.safe_dump(as_json))
+    assert train.cli(["--config", str(tmp_path / "coco_json.yaml")] + flags) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"has 4 classes (the 3 categories of {ann}, background included)" in err
 

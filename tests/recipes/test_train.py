@@ -124,7 +124,7 @@ def test_yaml_then_flags_precedence(tmp_path, data_root):
             r"'training.gradient_clip.max_nrom'.*'training.gradient_clip.max_norm'",
         ),
         ("training:\n  lr: fast\n", r"training.lr \(--lr\) must be a number"),
-        ("training:\n  batch_size: 0\n", r"training.batch_size must be >= 1"),
+        ("training:\n  batch_size: 0\n", r"training.batch_size \(-b\) must be >= 1"),
         ("training:\n  nan_policy: ignore\n", r"training.nan_policy \(--nan-policy\) must be one of stop, skip"),
         ("model:\n  roi_head:\n    cls_pos_weight: -2\n", r"model.roi_head.cls_pos_weight must be a finite number > 0"),
         (

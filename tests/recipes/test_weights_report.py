@@ -58,10 +58,14 @@ def test_weights_report_says_replaced_layers_and_other_class_names(tmp_path, dat
     data_names = ["square", "circle", "triangle", "star"]
     assert f"--weights {path}: the checkpoint was trained on classes {other}; the data's are {data_names}" in out
     assert "replaced" not in out
-    # Fewer classes in the checkpoint: the predictors are replaced, and said from the builder's report.
+    # Fewer classes in the checkpoint: the predictors are replaced, and said from the builder's report;
+    # --test-only refuses to evaluate the freshly initialised predictors.
     small = tmp_path / "three_classes.pth"
     torch.save({"model": models.maskrcnn_tiny(3).state_dict()}, small)
-    assert train.main(["--config", cfg, "--no-data-report", "--test-only", "--weights", str(small)]) == 0
+    with pytest.raises(models.ModelError, match=r"--test-only --weights .*: roi_heads.box_predictor \(3 -> 5 classes"):
+        train.main(["--config", cfg, "--no-data-report", "--test-only", "--weights", str(small)])
+    capsys.readouterr()
+    assert train.main(["--config", cfg, "--no-data-report", "--iters-per-epoch", "1", "--weights", str(small)]) == 0
     out = capsys.readouterr().out
     assert (
         f"--weights {small} with num_classes 5: replaced roi_heads.box_predictor (3 -> 5 classes); "

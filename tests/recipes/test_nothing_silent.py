@@ -1,0 +1,852 @@
+"""Round 2 of "nothing silently wrong": resumes from torchvision's checkpoints, evaluation keys, reused
+output folders, RLE masks, sampler settings, the Lightning CLI's keys and the numeric ranges. Each test
+makes the bad input and asserts the line that names it and what the output folder holds."""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import helpers
+import train
+from shapes import ShapesSpec, ensure_shapes
+
+SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return ensure_shapes(str(tmp_path_factory.mktemp("silent_data")), SPEC)
+
+
+def make_set(shapes, root):
+    """A private copy of the 6-image set: (annotation dict, image folder)."""
+    images = os.path.join(str(root), "images")
+    shutil.copytree(shapes["train_images"], images)
+    with open(shapes["train_ann"]) as f:
+        return json.load(f), images
+
+
+def write_json(root, data, name="ann.json"):
+    path = os.path.join(str(root), name)
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def argv(ann, images, out, *extra):
+    return helpers.coco_json_argv(ann, images, out, "--check-samples", "2", "--no-data-report", *extra)
+
+
+def cli(args):
+    """train.cli as the command line runs it: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train.cli(args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_line_error(rc, err, pattern):
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def files(out):
+    return sorted(os.listdir(out)) if os.path.isdir(out) else []
+
+
+@pytest.fixture(scope="module")
+def first_run(shapes, tmp_path_factory):
+    """One finished epoch of maskrcnn_tiny (its checkpoint is resumed below)."""
+    root = tmp_path_factory.mktemp("first_run")
+    data, images = make_set(shapes, root)
+    ann = write_json(root, data)
+    out = root / "out"
+    rc, _, err = cli(argv(ann, images, out, "--norm-weight-decay", "0"))
+    assert rc == 0, err
+    return {"root": root, "ann": ann, "images": images, "out": out}
+
+
+def _torchvision_checkpoint(first_run, lr=0.02):
+    """checkpoint.pth as torchvision's references/detection/train.py saves it: model, optimizer,
+    lr_scheduler, args, epoch; the optimizer at lr 0.02, as its args say."""
+    ck = torch.load(first_run["out"] / "checkpoint.pth", weights_only=True)
+    opt = ck["optimizer"]
+    for g in opt["param_groups"]:
+        g["lr"] = g["initial_lr"] = lr
+    sched = dict(ck["lr_scheduler"], base_lrs=[lr] * len(opt["param_groups"]))
+    args = argparse.Namespace(
+        model="maskrcnn_tiny", lr=lr, momentum=0.9, weight_decay=1e-4, norm_weight_decay=0.0, epochs=26,
+        lr_steps=[16, 22], lr_gamma=0.1, opt="sgd", lr_scheduler="multisteplr", batch_size=2, dataset="coco",
+    )  # fmt: skip
+    path = first_run["root"] / "torchvision_checkpoint.pth"
+    torch.save({"model": ck["model"], "optimizer": opt, "lr_scheduler": sched, "args": args, "epoch": 0}, path)
+    return str(path)
+
+
+# -- 1. --resume of torchvision's own checkpoint ---------------------------------------------------------
+@pytest.mark.slow
+def test_resume_of_a_torchvision_checkpoint_applies_the_lr_and_skips_warmup(first_run, tmp_path):
+    path = _torchvision_checkpoint(first_run)
+    out = tmp_path / "resumed"
+    extra = ("--lr", "0.005", "--epochs", "2", "--resume", path, "--norm-weight-decay", "0", "--iters-per-epoch", "3")
+    rc, stdout, err = cli(argv(first_run["ann"], first_run["images"], out, *extra))
+    assert rc == 0, err
+    assert re.search(r"resume: training\.lr: 0\.02 -> 0\.005 applied", stdout), stdout
+    assert re.search(r"resume: training\.epochs: 26 -> 2 applied", stdout)
+    assert "torchvision reference checkpoint" in stdout and "1 epoch(s) done counted as 3 iterations" in stdout
+    lrs = [r["lr"] for r in helpers.records(out, "train")]
+    assert lrs == pytest.approx([0.005] * 3)  # no warmup over the restored lr (it gave 6.68, 13.34, 20.0)
+    assert {"checkpoint.pth", "model_1.pth", "config.resume-epoch1.yaml"} <= set(files(out))
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ck["epoch"] == 1 and ck["config"]["training"]["lr"] == 0.005
+    assert ck["optimizer"]["param_groups"][0]["initial_lr"] == 0.005
+
+
+@pytest.mark.slow
+def test_resume_of_a_torchvision_checkpoint_refuses_what_cannot_take_effect(first_run, tmp_path):
+    path = _torchvision_checkpoint(first_run)
+    out = tmp_path / "refused"
+    extra = ("--epochs", "2", "--resume", path, "--opt", "adamw")
+    rc, _, err = cli(argv(first_run["ann"], first_run["images"], out, *extra))
+    assert rc == 1 and "training.opt: 'sgd' -> 'adamw' refused" in err and "Traceback" not in err
+    assert not any(f.endswith(".pth") for f in files(out))
+
+
+# -- 5. --wd on resume under --norm-weight-decay ---------------------------------------------------------
+@pytest.mark.slow
+def test_resume_with_a_new_wd_leaves_the_normalization_group_alone(first_run, tmp_path):
+    out = tmp_path / "wd"
+    ckpt = str(first_run["out"] / "checkpoint.pth")
+    extra = ("--epochs", "2", "--resume", ckpt, "--wd", "0.001", "--norm-weight-decay", "0")
+    rc, stdout, err = cli(argv(first_run["ann"], first_run["images"], out, *extra))
+    assert rc == 0, err
+    assert "training.weight_decay: 0.0001 -> 0.001 applied" in stdout
+    groups = torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.001, 0.0]
+    out2 = tmp_path / "nwd"
+    extra = ("--epochs", "2", "--resume", ckpt, "--norm-weight-decay", "0.01")
+    rc, stdout, err = cli(argv(first_run["ann"], first_run["images"], out2, *extra))
+    assert rc == 0, err
+    assert "training.norm_weight_decay: 0.0 -> 0.01 applied" in stdout
+    groups = torch.load(out2 / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0001, 0.01]
+    rc, _, err = cli(argv(first_run["ann"], first_run["images"], tmp_path / "x", "--epochs", "2", "--resume", ckpt))
+    assert rc == 1 and "training.norm_weight_decay: 0.0 -> None refused" in err
+
+
+# -- also weak: a resume or start epoch that would train nothing ------------------------------------------
+def test_resume_with_no_epoch_left_fails_before_the_data(first_run, tmp_path):
+    ckpt = str(first_run["out"] / "checkpoint.pth")
+    out = tmp_path / "none_left"
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", ckpt, "--norm-weight-decay", "0"))
+    one_line_error(rc, err, r"--epochs 1: --resume .*checkpoint\.pth has trained epochs 0\.\.0 .*--epochs 2")
+    assert files(out) == []
+
+
+# -- 2. annotations without area / iscrowd; the epoch's checkpoint does not wait for evaluation ----------
+def test_missing_area_and_iscrowd_are_filled_as_pycocotools_does(shapes, tmp_path):
+    from checks import load_coco_checked
+    from data import decode_segmentation
+
+    data, images = make_set(shapes, tmp_path)
+    original = {a["id"]: a["area"] for a in data["annotations"]}
+    for a in data["annotations"]:
+        del a["area"], a["iscrowd"]
+    data["annotations"][0]["segmentation"] = []  # no mask: area from the box
+    data["annotations"][0]["area_box"] = data["annotations"][0]["bbox"][2] * data["annotations"][0]["bbox"][3]
+    coco, _, _, report = load_coco_checked(write_json(tmp_path, data), images, "val", "stop", need_masks=False)
+    anns = coco.dataset["annotations"]
+    assert all(a["iscrowd"] == 0 for a in anns)
+    first = anns[0]
+    assert first["area"] == first["area_box"]
+    size = {i["id"]: (i["height"], i["width"]) for i in data["images"]}
+    for a in anns[1:]:  # the mask's pixel count (the generator's own area is the polygon's, near it)
+        assert a["area"] == decode_segmentation(a["segmentation"], *size[a["image_id"]]).sum()
+        assert a["area"] == pytest.approx(original[a["id"]], rel=0.1)
+    n = len(anns)
+    assert f"{n} annotation(s) without 'area'" in report.summary()
+    assert f"{n - 1} from the mask, 1 from the box" in report.summary()
+    assert f"{n} annotation(s) without 'iscrowd'" in report.summary()
+    data["annotations"][1]["keypoints"] = [10, 10, 2, 0, 0, 0, 20, 20, 1]
+    coco, _, _, report = load_coco_checked(write_json(tmp_path, data), images, "val", "stop", need_masks=False)
+    assert coco.anns[data["annotations"][1]["id"]]["num_keypoints"] == 2
+    assert "1 annotation(s) without 'num_keypoints'" in report.summary()
+    data["annotations"][1]["area"] = "big"
+    with pytest.raises(Exception, match=f"annotation {data['annotations'][1]['id']} .*area 'big' is not a number"):
+        load_coco_checked(write_json(tmp_path, data), images, "val", "stop", need_masks=False)
+
+
+@pytest.mark.slow
+def test_a_set_without_area_trains_evaluates_and_saves(shapes, tmp_path):
+    data, images = make_set(shapes, tmp_path)
+    for a in data["annotations"]:
+        del a["area"], a["iscrowd"]
+    out = tmp_path / "out"
+    rc, stdout, err = cli(argv(write_json(tmp_path, data), images, out))
+    assert rc == 0, err
+    assert "without 'area'" in stdout and "without 'iscrowd'" in stdout
+    assert [r["epoch"] for r in helpers.records(out, "eval") if "bbox_AP" in r] == [0]
+    assert {"checkpoint.pth", "model_0.pth"} <= set(files(out))
+
+
+@pytest.mark.slow
+def test_the_epoch_checkpoint_is_written_when_evaluation_fails(shapes, tmp_path, monkeypatch):
+    import hooks
+
+    def broken(*a, **k):
+        raise KeyError("area")
+
+    monkeypatch.setattr(hooks, "evaluate", broken)
+    data, images = make_set(shapes, tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(KeyError):
+        cli(argv(write_json(tmp_path, data), images, out))
+    assert {"checkpoint.pth", "model_0.pth"} <= set(files(out))
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
+
+
+# -- 4. an output folder of another run; two runs in one folder -------------------------------------------
+def test_a_folder_with_another_runs_checkpoint_is_refused_before_the_data(first_run, tmp_path):
+    out = first_run["out"]
+    before = {n: os.path.getmtime(out / n) for n in files(out)}
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out))
+    one_line_error(rc, err, rf"--output-dir {re.escape(str(out))} holds another run's checkpoint.*checkpoint\.pth.*"
+                   r"--resume .*--overwrite")  # fmt: skip
+    assert {n: os.path.getmtime(out / n) for n in files(out)} == before  # nothing written, nothing removed
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_previous_runs_files_and_says_so(shapes, tmp_path):
+    data, images = make_set(shapes, tmp_path)
+    ann = write_json(tmp_path, data)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model_7.pth", "checkpoint.pth", "config.resume-epoch8.yaml", "notes.txt"):
+        (out / name).write_bytes(b"old run")
+    rc, stdout, err = cli(argv(ann, images, out, "--overwrite"))
+    assert rc == 0, err
+    removed = "checkpoint.pth, config.resume-epoch8.yaml, model_7.pth"
+    assert f"--overwrite: removed the previous run's {removed}" in stdout
+    assert "model_7.pth" not in files(out) and "notes.txt" in files(out)  # not a file of ours: kept
+    assert {"model_0.pth", "checkpoint.pth", "config.yaml"} <= set(files(out))
+    assert ".tv_lossfix.lock" not in files(out)  # released at the end
+
+
+def test_a_second_run_in_a_locked_folder_fails_in_one_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = {"pid": holder.pid, "host": socket.gethostname()}
+        (out / ".tv_lossfix.lock").write_text(json.dumps(owner))
+        rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out))
+        one_line_error(rc, err, rf"--output-dir {re.escape(str(out))} is in use by process {holder.pid} \(lock file")
+        assert files(out) == [".tv_lossfix.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale, removed and said; then the run fails on the missing data.
+    rc, stdout, err = cli(argv("/nonexistent.json", "/nonexistent", out))
+    assert f"removed the lock of process {holder.pid}, which is no longer running" in stdout
+    one_line_error(rc, err, r"annotation file not found: /nonexistent\.json")
+    assert ".tv_lossfix.lock" not in files(out)  # released on the error too
+
+
+# -- 3, 10 and every RLE form: checked against the image before any decode ---------------------------------
+def _rle_of_box(x, y, bw, bh, h, w):
+    """An uncompressed COCO RLE (column-major run lengths, background first) of a filled box."""
+    import numpy as np
+
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[y : y + bh, x : x + bw] = 1
+    flat = m.flatten(order="F")
+    counts, current, run = [], 0, 0
+    for v in flat:
+        if v != current:
+            counts.append(run)
+            current, run = v, 0
+        run += 1
+    counts.append(run)
+    return {"size": [h, w], "counts": counts}
+
+
+def _compressed(rle):
+    from pycocotools import mask as mask_utils
+
+    out = mask_utils.frPyObjects(rle, *rle["size"])
+    return {"size": rle["size"], "counts": out["counts"].decode("ascii")}
+
+
+def _one_annotation_set(shapes, tmp_path, seg, bbox=None):
+    data, images = make_set(shapes, tmp_path)
+    img = data["images"][0]
+    a = next(a for a in data["annotations"] if a["image_id"] == img["id"])
+    a["segmentation"] = seg(img["height"], img["width"]) if callable(seg) else seg
+    if bbox is not None:
+        a["bbox"] = bbox
+    return write_json(tmp_path, data), images, a["id"], img["id"]
+
+
+HW = SPEC.image_size**2  # the set's images are square
+
+
+def _counts(*counts):
+    return lambda h, w: {"size": [h, w], "counts": list(counts)}
+
+
+def _cut_string(h, w):
+    text = _compressed({"size": [h, w], "counts": [10, 20, h * w - 30]})["counts"]
+    return {"size": [h, w], "counts": text[:-1]}
+
+
+RLE_CASES = {
+    "counts_sum_short": (_counts(10, 20, HW - 40), rf"RLE counts sum to {HW - 10} pixels, not height x width"),
+    "counts_sum_long": (_counts(10, 20, HW), rf"sum to {HW + 30} pixels"),
+    "negative_run": (_counts(10, -5, HW - 5), r"negative run length \(-5\)"),
+    "float_counts": (_counts(10.0, 20, HW - 30), r"RLE counts hold 10\.0"),
+    "counts_dict": (lambda h, w: {"size": [h, w], "counts": {"a": 1}}, r"RLE counts is a dict"),
+    "compressed_short": (_cut_string, r"compressed RLE counts sum to|not a compressed COCO RLE"),
+    "compressed_bad_char": (lambda h, w: {"size": [h, w], "counts": "0\x7f1"}, r"not a compressed COCO RLE"),
+    "no_counts": (lambda h, w: {"size": [h, w]}, r"RLE segmentation needs 'size' and 'counts'"),
+    "point_pairs": ([[[10, 10], [30, 10], [30, 30], [10, 30]]], r"list of \[x, y\] pairs"),
+    "nested_point_pairs": ([[[10, 10], [30, 10], [30, 30]] * 2], r"list of \[x, y\] pairs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RLE_CASES))
+def test_a_bad_segmentation_is_refused_naming_the_annotation(shapes, tmp_path, case):
+    from checks import DataError, load_coco_checked
+
+    seg, pattern = RLE_CASES[case]
+    ann, images, aid, iid = _one_annotation_set(shapes, tmp_path, seg)
+    with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): .*{pattern}"):
+        load_coco_checked(ann, images, "train", "stop", need_masks=True)
+    if case.startswith(("counts", "negative", "float", "compressed", "no_counts")):  # an RLE: checked for boxes too
+        with pytest.raises(DataError, match=rf"annotation {aid} "):
+            load_coco_checked(ann, images, "train", "stop", need_masks=False)
+    _, _, _, report = load_coco_checked(ann, images, "train", "drop", need_masks=True)
+    assert sum(report.dropped.values()) == 1
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_good_rles_pass_and_an_xyxy_box_is_caught_by_the_rles_extent(shapes, tmp_path, compressed):
+    from checks import DataError, load_coco_checked
+
+    def rle(h, w):
+        r = _rle_of_box(20, 24, 10, 12, h, w)
+        return _compressed(r) if compressed else r
+
+    ann, images, aid, _ = _one_annotation_set(shapes, tmp_path, rle, bbox=[20, 24, 10, 12])
+    coco, _, _, _ = load_coco_checked(ann, images, "train", "stop", need_masks=True)
+    assert aid in coco.anns  # kept: a valid RLE whose extent is the box's
+    # [x1, y1, x2, y2] = [20, 24, 30, 36] also fits the 64 x 64 image as [x, y, w, h]: only the RLE tells.
+    ann, images, aid, iid = _one_annotation_set(shapes, tmp_path / "xyxy", rle, bbox=[20, 24, 30, 36])
+    with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): box \[20, 24, 30, 36\] matches its "
+                       r"segmentation only as \[x1, y1, x2, y2\]"):  # fmt: skip
+        load_coco_checked(ann, images, "train", "stop", need_masks=False)
+
+
+def test_rle_string_counts_reads_what_pycocotools_writes():
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from checks import rle_string_counts
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = (rng.random((37, 23)) < rng.random()).astype(np.uint8)
+        text = mask_utils.encode(np.asfortranarray(m))["counts"].decode("ascii")
+        flat = m.flatten(order="F")
+        runs = [len(list(g)) for _, g in __import__("itertools").groupby(flat)]
+        expected = ([0] + runs) if flat[0] == 1 else runs
+        assert rle_string_counts(text) == expected
+
+
+# -- 7, 8 and the builder keywords: refused before any data is read ----------------------------------------
+def _yaml(tmp_path, model):
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"model": model}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "model, pattern",
+    [
+        ({"roi_head": {"pos_fraction": 0.001}}, r"model\.roi_head\.pos_fraction: num 128 x pos_fraction 0\.001 leaves "
+         r"int\(\.\.\.\) = 0 positive"),
+        ({"roi_head": {"num": 1}}, r"model\.roi_head\.num: num 1 x pos_fraction 0\.25 leaves int"),
+        ({"rpn_head": {"num": 1}}, r"model\.rpn_head\.num: num 1 x pos_fraction 0\.5 leaves int"),
+        ({"roi_head": {"neg_pos_ub": 0}}, r"roi_head\.neg_pos_ub 0 samples no negative"),
+        ({"kwargs": {"min_sise": 64}}, r"model\.kwargs: maskrcnn_tiny\(\) got an unexpected keyword argument "
+         r"'min_sise'; did you mean 'min_size'"),
+        ({"kwargs": {"min_size": "big"}}, r"model\.kwargs\.min_size must be a number .*got 'big'"),
+        ({"kwargs": {"box_score_thresh": [0.1]}}, r"model\.kwargs\.box_score_thresh must be a number"),
+        ({"kwargs": {"box_score_thresh": 5}}, r"model\.kwargs\.box_score_thresh must be in \[0, 1\], got 5"),
+        ({"kwargs": {"min_size": [64, 0]}}, r"model\.kwargs\.min_size must be >= 1, got \[64, 0\]"),
+        ({"kwargs": {"rpn_post_nms_top_n_train": 0}}, r"model\.kwargs\.rpn_post_nms_top_n_train must be >= 1"),
+        ({"name": "fasterrcnn_resnet50_fpn", "kwargs": {"box_nms_tresh": 0.4}},
+         r"model\.kwargs: fasterrcnn_resnet50_fpn\(\) got an unexpected keyword argument 'box_nms_tresh'; did you "
+         r"mean 'box_nms_thresh'"),
+    ],
+)  # fmt: skip
+def test_model_keys_that_cannot_take_effect_fail_before_the_data(tmp_path, model, pattern):
+    out = tmp_path / "out"
+    name = ("--model", model.pop("name")) if "name" in model else ()  # the flag: argv names maskrcnn_tiny
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--config", _yaml(tmp_path, model), *name))
+    one_line_error(rc, err, pattern)
+    assert files(out) == []
+
+
+def test_over_detection_is_diagnosed_with_the_negative_cap():
+    import diagnostics
+    from train_config import defaults
+
+    cfg = defaults().replace({"model.roi_head": {"neg_pos_ub": 0.1}})
+    history = [{"dets_per_image": 100.0}]
+    current = {"dets_per_image": 100.0, "max_score": 0.9, "score_thresh": 0.05, "per_class": {}}
+    train = {"roi/pos_per_image": 5.0, "roi/neg_per_image": 0.0}
+    w = diagnostics.collapse_warnings(history, current, train, cfg, gt_per_image=1.25)
+    assert w[0].startswith("over-detection: 100.0 detections per image above score 0.05 for 1.25 ground-truth")
+    assert "few negative RoIs per image (0.0 negatives vs 5.0 positives" in w[1] and "neg_pos_ub 0.1 caps" in w[1]
+    healthy = {"roi/pos_per_image": 5.0, "roi/neg_per_image": 100.0}
+    falling = {"dets_per_image": 30.0, "max_score": 0.9, "score_thresh": 0.05, "per_class": {}}
+    assert diagnostics.collapse_warnings(history, falling, healthy, cfg, gt_per_image=1.25) == []  # learning
+
+
+def test_no_positive_roi_is_named_first_among_the_causes():
+    import diagnostics
+    from train_config import defaults
+
+    history = [{"dets_per_image": 4.0, "max_score": 0.9, "score_thresh": 0.05, "train_loss": 1.0}]
+    current = {"dets_per_image": 0.0, "max_score": 0.01, "score_thresh": 0.05, "per_class": {}}
+    train = {"loss": 5.0, "roi/pos_per_image": 0.0, "roi/fg_prob": 0.1, "rpn/pos_per_image": 0.5, "world_size": 1}
+    w = diagnostics.collapse_warnings(history, current, train, defaults(), gt_per_image=1.25)
+    causes = [line for line in w if line.startswith("  likely cause")]
+    assert "few positive RoIs per image (0.0 sampled)" in causes[0]
+    # A sampler the config narrowed is named first too, with its keys, ahead of the lr and the weights.
+    cfg = defaults().replace({"model.roi_head": {"pos_fraction": 0.02}, "training.lr": 0.08})
+    w = diagnostics.collapse_warnings(history, current, {**train, "roi/pos_per_image": 1.5}, cfg, gt_per_image=1.25)
+    causes = [line for line in w if line.startswith("  likely cause")]
+    assert "few positive RoIs per image (1.5 sampled)" in causes[0] and "pos_fraction 0.02" in causes[0]
+
+
+# -- 9 and every numeric setting's range: one line naming the key and its flag, before any data -----------
+BAD_VALUES = {
+    "training.batch_size": 0,
+    "training.epochs": 0,
+    "training.print_freq": 0,
+    "training.eval_every": 0,
+    "training.lr": -0.01,
+    "training.momentum": -0.9,
+    "training.weight_decay": -1e-4,
+    "training.norm_weight_decay": -1.0,
+    "training.lr_step_size": 0,
+    "training.lr_gamma": -1.0,
+    "training.lr_steps": [0, 3],
+    "training.warmup_iters": -1,
+    "training.warmup_factor": 0.0,
+    "training.max_consecutive_skips": 0,
+    "training.iters_per_epoch": 0,
+    "training.judge_after_iters": -1,
+    "training.gallery_images": -1,
+    "training.num_threads": 0,
+    "training.start_epoch": -1,
+    "training.gradient_clip.max_norm": 0.0,
+    "training.gradient_clip.norm_type": 0.0,
+    "data.workers": -1,
+    "data.aspect_ratio_group_factor": -2,
+    "data.check_samples": -1,
+    "data.lsj_size": 0,
+    "model.rpn_score_thresh": 1.5,
+    "model.num_classes": 1,
+    "distributed.world_size": 0,
+}
+
+
+def test_every_numeric_setting_has_a_range():
+    import train_config
+
+    numeric = {o.path for o in train_config.OPTIONS if o.kind in (int, float, list)}
+    unchecked = (
+        numeric
+        - set(train_config.RANGES)
+        - {
+            "training.seed",  # any integer seeds torch and random
+            "training.clip_grad_norm",  # its own rule (0: off), in _fill_derived
+            "training.checkpoint_every_iters",  # its own rule (>= 1 or null), in _check_training
+            "data.repeat_factor_threshold",  # its own rule (> 0), in _check_repeat_factors
+            "model.class_weight_beta",  # its own rule ([0, 1)), in _check_class_weight_keys
+            "model.trainable_backbone_layers",  # its own rule (0..5, 0..6 for MobileNetV3), in _check_model_and_data
+        }
+    )
+    assert unchecked == set()
+    assert set(BAD_VALUES) == set(train_config.RANGES)
+
+
+@pytest.mark.parametrize("path", sorted(BAD_VALUES))
+def test_a_numeric_setting_out_of_range_fails_in_one_line(tmp_path, path):
+    import yaml
+
+    import train_config
+
+    tree: dict = {}
+    node = tree
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = BAD_VALUES[path]
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "out"
+    rc, _, err = cli(["--config", str(cfg), "--output-dir", str(out), "--device", "cpu", "--data-path", "/nonexistent"])
+    flag = train_config.BY_PATH[path].flags
+    named = re.escape(path) + (rf" \({re.escape(flag[0])}\)" if flag else "")
+    one_line_error(rc, err, rf"{named} must be .*got {re.escape(repr(BAD_VALUES[path]))}")
+    assert files(out) == []
+
+
+def test_start_epoch_past_epochs_fails_before_the_data(tmp_path):
+    out = tmp_path / "out"
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--start-epoch", "3", "--epochs", "2"))
+    one_line_error(rc, err, r"training.start_epoch \(--start-epoch\) 3 is not below training.epochs \(--epochs\) 2")
+    assert files(out) == []
+
+
+# -- 6. the Lightning CLI honours or refuses every key ------------------------------------------------------
+def _lightning_cli():
+    import importlib.util
+
+    pytest.importorskip("lightning.pytorch")
+    spec = importlib.util.spec_from_file_location(
+        "lightning_train", os.path.join(helpers.REFS, "lightning", "train.py")
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def _another_value(o):
+    if o.kind is bool:
+        return not o.default
+    if o.kind in (int, float):
+        return (o.default or 0) + 1
+    if o.kind is str:
+        return next((c for c in o.choices if c != o.default), None) if o.choices else "x"
+    return None
+
+
+def test_lightning_honours_or_refuses_every_key():
+    import dataclasses
+
+    import train_config
+
+    LT = _lightning_cli()
+    # model: and data: keys are all honoured (--stock alone refused), through the recipe's own code.
+    assert LT.USED_MODEL_KEYS == {f.name for f in dataclasses.fields(train_config.ModelConfig)} - {"stock"}
+    assert LT.USED_DATA_KEYS == {f.name for f in dataclasses.fields(train_config.DataConfig)}
+    base, refused = train_config.defaults(), []
+    for o in train_config.OPTIONS:
+        section, key = o.path.split(".")[:2]
+        if section not in ("training", "distributed") or key in LT.USED_TRAINING_KEYS:
+            continue
+        value = _another_value(o)
+        if value is None or value == LT.OFF_VALUES.get(key, object()):
+            continue
+        with pytest.raises(train_config.ConfigError, match=re.escape(f"{section}.{key} = ")):
+            LT.check_supported(base.replace({o.path: value}))
+        refused.append(o.path)
+    assert {"training.amp", "training.overwrite", "training.nan_policy", "distributed.world_size"} <= set(refused)
+
+
+@pytest.mark.slow
+def test_lightning_builds_class_agnostic_heads_and_resolves_class_weight_auto(tmp_path, data_root):
+    import yaml
+
+    import models
+
+    LT = _lightning_cli()
+    cfg_path = helpers.tiny_config(tmp_path, data_root)
+    cfg = yaml.safe_load(open(cfg_path))
+    cfg["model"].update(class_agnostic_bbox=True, class_agnostic_mask=True, roi_head={"class_weight": "auto"})
+    (tmp_path / "agnostic.yaml").write_text(yaml.safe_dump(cfg))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        args, resolved, loss_cfg = LT.parse(["--config", str(tmp_path / "agnostic.yaml"), "--max-epochs", "1"])
+        LT.check_supported(resolved)
+        run, data = LT.build_data(resolved, loss_cfg)
+        module = LT.build_module(run.cfg, run.loss_cfg, data)
+    assert "model.roi_head.class_weight: auto ->" in out.getvalue()
+    weights = tv_lossfix_loss_cfg(module.model).roi_head.class_weight
+    assert weights is not None and len(weights) == data.num_classes
+    heads = module.model.roi_heads
+    assert heads.box_predictor.bbox_pred.out_features == 4 and heads.mask_predictor.mask_fcn_logits.out_channels == 1
+    assert module.hparams["class_agnostic_bbox"] and module.hparams["class_agnostic_mask"]
+    # Its own checkpoint loads back as class-agnostic (and is refused, naming the key, without it).
+    path = tmp_path / "agnostic.pth"
+    torch.save(module.model.state_dict(), path)
+    built, _ = models.build_model(name="maskrcnn_tiny", num_classes=data.num_classes, weights=str(path),
+                                  class_agnostic_bbox=True, class_agnostic_mask=True)  # fmt: skip
+    assert built.roi_heads.box_predictor.bbox_pred.out_features == 4
+    with pytest.raises(models.ModelError, match="set model.class_agnostic_bbox: true"):
+        models.build_model(name="maskrcnn_tiny", num_classes=data.num_classes, weights=str(path))
+
+
+def tv_lossfix_loss_cfg(model):
+    import tv_lossfix
+
+    return tv_lossfix.get_loss_cfg(model)
+
+
+# -- the "also weak" list ---------------------------------------------------------------------------------
+def test_a_string_image_id_is_refused_naming_it(shapes, tmp_path):
+    from checks import DataError, load_coco_checked
+
+    data, images = make_set(shapes, tmp_path)
+    old = data["images"][0]["id"]
+    data["images"][0]["id"] = "img-a"
+    for a in data["annotations"]:
+        a["image_id"] = "img-a" if a["image_id"] == old else a["image_id"]
+    with pytest.raises(DataError, match=r"image 'img-a' \(.*\): its id is a str; COCO image ids are integers"):
+        load_coco_checked(write_json(tmp_path, data), images, "train", "drop")
+
+
+def test_analyze_data_names_an_annotation_without_bbox(shapes, tmp_path, capsys):
+    import analyze_data
+
+    data, images = make_set(shapes, tmp_path)
+    a = data["annotations"][2]
+    del a["bbox"]
+    ann = write_json(tmp_path, data)
+    args = ["--dataset", "coco_json", "--train-ann", ann, "--model", "maskrcnn_tiny", "--device", "cpu"]
+    from checks import DataError
+
+    with pytest.raises(DataError, match=rf"annotation {a['id']} \(image {a['image_id']}\): bbox None is not 4 numbers"):
+        analyze_data.main(args)
+
+
+def test_yaml_merge_keys_are_read():
+    from tv_lossfix._yaml import DuplicateKeyError, load_yaml
+
+    text = "base: &b\n  lr: 0.1\n  epochs: 3\ntraining:\n  <<: *b\n  lr: 0.2\n"
+    assert load_yaml(text)["training"] == {"lr": 0.2, "epochs": 3}  # the key beside the merge wins, as YAML says
+    with pytest.raises(DuplicateKeyError, match="key 'lr' appears twice"):
+        load_yaml("training:\n  <<: {epochs: 3}\n  lr: 0.1\n  lr: 0.2\n")
+
+
+@pytest.mark.parametrize("head", ["rpn_head", "roi_head"])
+def test_a_focal_gamma_that_zeroes_the_loss_is_refused(head):
+    from tv_lossfix import LossConfig, LossConfigError
+
+    loss = "focal"
+    with pytest.raises(LossConfigError, match=rf"{head}\.focal_gamma 50 must be <= 10: .*8\.9e-16 at p_t = 0\.5"):
+        LossConfig.from_dict({head: {"cls_loss": loss, "focal_gamma": 50}})
+    assert LossConfig.from_dict({head: {"cls_loss": loss, "focal_gamma": 10}})
+
+
+def test_training_curves_leave_out_what_a_resume_superseded():
+    from visualize import current_records
+
+    first = [{"type": "run", "resumed_from": None, "epoch": None, "iter": 0}]
+    first += [{"type": "train", "iter": i} for i in (1, 2, 3, 4)] + [{"type": "eval", "epoch": e} for e in (0, 1)]
+    resumed = [{"type": "run", "resumed_from": "out/model_0.pth", "epoch": 0, "iter": 2}]
+    resumed += [{"type": "train", "iter": i, "new": True} for i in (3, 4)] + [{"type": "eval", "epoch": 1, "new": True}]
+    kept = current_records(first + resumed)
+    assert [(r["iter"], r.get("new", False)) for r in kept if r["type"] == "train"] == [
+        (1, False), (2, False), (3, True), (4, True)
+    ]  # fmt: skip
+    assert [(r["epoch"], r.get("new", False)) for r in kept if r["type"] == "eval"] == [(0, False), (1, True)]
+
+
+def test_a_class_without_training_objects_is_told_so_not_prescribed_a_weight():
+    import diagnostics
+    from train_config import defaults
+
+    cure = diagnostics.rare_class_cure([40, 0, 5], 0.3, defaults(), names=["a", "ghost", "rare"])
+    assert cure["untrained"] == ["ghost"]
+    rows = {
+        "a": {"gt": 10.0, "dets_per_image": 2.0, "recall": 0.9, "bbox_AP50": 0.8},
+        "ghost": {"gt": 6.0, "dets_per_image": 0.0, "recall": 0.0, "bbox_AP50": 0.0},
+    }
+    current = {"dets_per_image": 2.0, "max_score": 0.9, "score_thresh": 0.05, "per_class": rows}
+    w = diagnostics.collapse_warnings([], current, {}, defaults(), gt_per_image=2.0, cure=cure)
+    assert w[0].startswith("class 'ghost': 0 detections above 0.05 for 6 ground-truth objects: it has no training")
+    assert not any("cure for rare classes" in line or "class_weight" in line for line in w)
+
+
+@pytest.mark.slow
+def test_test_only_refuses_weights_whose_predictors_would_be_replaced(first_run, tmp_path):
+    import models
+
+    model, _ = models.build_model(name="maskrcnn_tiny", num_classes=7)
+    path = tmp_path / "seven_classes.pth"
+    torch.save(model.state_dict(), path)
+    out = tmp_path / "out"
+    args = argv(first_run["ann"], first_run["images"], out, "--test-only", "--weights", str(path))
+    rc, _, err = cli(args)
+    one_line_error(
+        rc, err, rf"--test-only --weights {re.escape(str(path))}: .*box_predictor.* for the data's \d classes"
+    )
+
+
+@pytest.mark.slow
+def test_a_read_only_metrics_file_mid_run_ends_in_one_line(first_run, tmp_path, monkeypatch):
+    import writers
+
+    calls = {"n": 0}
+    real = writers.JsonlWriter.record
+
+    def failing(self, rec):
+        calls["n"] += 1
+        if rec.get("type") == "eval":
+            raise_os = OSError(30, "Read-only file system")
+            with monkeypatch.context() as m:
+                m.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(raise_os))
+                return real(self, rec)
+        return real(self, rec)
+
+    monkeypatch.setattr(writers.JsonlWriter, "record", failing)
+    out = tmp_path / "out"
+    rc, _, err = cli(argv(first_run["ann"], first_run["images"], out))
+    one_line_error(rc, err, rf"could not append to {re.escape(str(out))}/metrics\.jsonl: Read-only file system")
+    assert {"checkpoint.pth", "model_0.pth"} <= set(files(out))  # the epoch was saved all the same
+    assert ".tv_lossfix.lock" not in files(out)
+
+
+def test_maskrcnn_tiny_refuses_a_misspelt_keyword_wherever_it_is_built():
+    import models
+
+    with pytest.raises(models.ModelError, match=r"unexpected keyword argument 'min_sise'; did you mean 'min_size'"):
+        models.build_model(name="maskrcnn_tiny", num_classes=3, kwargs={"min_sise": 48})
+    model, _ = models.build_model(name="maskrcnn_tiny", num_classes=3, kwargs={"min_size": 48})
+    assert model.transform.min_size == (48,)
+
+
+def test_runs_started_together_get_the_lock_one_at_a_time(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out, sync = tmp_path / "out", tmp_path / "sync"
+    out.mkdir()
+    sync.mkdir()
+    code = (  # import first (slow), then all take the lock at the same moment
+        "import os, sys, time, training_checkpoint as t\n"
+        f"open(os.path.join({str(sync)!r}, str(os.getpid())), 'w').close()\n"
+        f"while not os.path.exists(os.path.join({str(sync)!r}, 'go')): time.sleep(0.005)\n"
+        "try:\n"
+        f"    t.acquire_lock({str(out)!r}); print('got'); sys.stdout.flush(); time.sleep(3)\n"
+        "except t.CheckpointError as e:\n"
+        "    print('refused', e)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=helpers.child_env())
+        for _ in range(4)
+    ]
+    deadline = time.time() + 120
+    while len(os.listdir(sync)) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    (sync / "go").touch()
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert sum(o.startswith("got") for o in outs) == 1, outs
+    assert all(o.startswith("refused") and "is in use by process" in o for o in outs if not o.startswith("got"))
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_names_the_images_of_its_batch(tmp_path, data_root, monkeypatch):
+    import run_model
+
+    real, seen = run_model.build_model, []
+
+    def build(*a, **k):
+        model, replaced = real(*a, **k)
+        forward = model.forward
+
+        def patched(images, targets=None):
+            out = forward(images, targets)
+            if model.training:
+                seen.append([int(t["image_id"]) for t in targets])
+                if len(seen) == 2:
+                    out["loss_mask"] = out["loss_mask"] * float("nan")
+            return out
+
+        model.forward = patched
+        return model, replaced
+
+    monkeypatch.setattr(run_model, "build_model", build)
+    cfg = helpers.tiny_config(tmp_path, data_root)
+    assert train.main(["--config", cfg, "--no-data-report"]) == 2
+    reason = helpers.records(tmp_path / "out", "stopped")[0]["reason"]
+    ids = ", ".join(str(i) for i in seen[1])
+    assert f"non-finite loss_mask, grad_norm at epoch 0, iteration 1, images {ids} (" in reason
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--dataset", "coco", "--train-ann", "a.json"], r"--train-ann \(data\.train_ann \.\.\.\) are read with "
+         r"--dataset coco_json only; --dataset coco finds its files under --data-path"),
+        (["--dataset", "shapes", "--val-images", "imgs"], r"--val-images .* --dataset shapes finds its files itself"),
+    ],
+)  # fmt: skip
+def test_dataset_keys_of_another_dataset_are_refused(tmp_path, flags, pattern):
+    out = tmp_path / "out"
+    rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
+    one_line_error(rc, err, pattern)
+    assert files(out) == []
+
+
+def test_shapes_knobs_with_another_dataset_are_refused(tmp_path):
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data:\n  shapes:\n    num_train: 4\n")
+    rc, _, err = cli(["--config", str(cfg), "--dataset", "coco", "--output-dir", str(out), "--device", "cpu"])
+    one_line_error(rc, err, r"data\.shapes sets the embedded demo's data: it has no effect with --dataset coco")
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--weights", "x.pth", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
+         r"--weights-backbone ResNet50_Weights\.IMAGENET1K_V1 has no effect with --weights x\.pth"),
+        (["--trainable-backbone-layers", "2"], r"--trainable-backbone-layers 2 has no effect: without --weights"),
+        (["--trainable-backbone-layers", "6", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
+         r"--trainable-backbone-layers \(model\.trainable_backbone_layers\) must be in 0\.\.5 for maskrcnn_resnet50"),
+        (["--model", "maskrcnn_tiny", "--trainable-backbone-layers", "2"], r"maskrcnn_tiny trains its whole backbone"),
+    ],
+)  # fmt: skip
+def test_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, pattern):
+    out = tmp_path / "out"
+    rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
+    one_line_error(rc, err, pattern)
+    assert files(out) == []
+
+
+@pytest.mark.parametrize("flags", [["--checkpoint-every-iters", "5"], ["--overwrite"]])
+def test_saving_flags_with_output_dir_empty_are_refused(flags):
+    rc, _, err = cli(["--device", "cpu", "--output-dir", "", *flags])
+    one_line_error(rc, err, rf"\({re.escape(flags[0])}\) has no effect with --output-dir '' \(save nothing\)")
+
+
+def test_lightning_may_share_a_folder_with_a_train_py_run(tmp_path):
+    import train_config
+
+    (tmp_path / "checkpoint.pth").write_bytes(b"a train.py run's")
+    cfg = train_config.defaults().replace({"training.output_dir": str(tmp_path), "model.name": "maskrcnn_tiny"})
+    with pytest.raises(train_config.ConfigError, match="holds another run's checkpoint"):
+        train.check_before_data(cfg)
+    train.check_before_data(cfg, own_files=False)  # Lightning writes lightning_logs/version_N there
