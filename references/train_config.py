@@ -594,6 +594,7 @@ def _fill_derived(tree: Dict[str, Any], source: str) -> None:
 def validate(cfg: TrainConfig, source: str = "config", reads: Optional[Sequence[str]] = None) -> LossConfig:
     """Check every rule that involves more than one field; returns the loss config the model keys give."""
     _check_ranges(cfg, source)
+    _check_only_with(cfg, source)
     _check_training(cfg.training, source)
     _check_repeat_factors(cfg.data, source)
     _check_data(cfg, source, reads)
@@ -640,6 +641,23 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "model.num_classes": (lambda v: v >= 2, ">= 2 (the background and one class)"),
     "distributed.world_size": _AT_LEAST_1,
 }
+
+
+# Settings that one mode alone reads: a value other than the default under another mode cannot take effect
+# (torchvision's script ignores them there; here they are refused, naming the key and what reads it).
+ONLY_WITH: Dict[str, Tuple[Callable[[TrainConfig], bool], str]] = {
+    "data.lsj_size": (lambda c: c.data.augmentation == "lsj", "--data-augmentation lsj"),
+    "training.lr_steps": (lambda c: c.training.lr_scheduler == "multisteplr", "--lr-scheduler multisteplr"),
+    "training.lr_gamma": (lambda c: c.training.lr_scheduler == "multisteplr", "--lr-scheduler multisteplr"),
+    "training.momentum": (lambda c: c.training.opt.startswith("sgd"), "--opt sgd or sgd_nesterov (AdamW has none)"),
+}
+
+
+def _check_only_with(cfg: TrainConfig, source: str) -> None:
+    for path, (read, needs) in ONLY_WITH.items():
+        v = cfg.get(path)
+        if v != BY_PATH[path].default and not read(cfg):
+            raise ConfigError(f"{_where(BY_PATH[path], source)} = {v!r} has no effect: only {needs} reads it")
 
 
 def _check_ranges(cfg: TrainConfig, source: str) -> None:

@@ -112,7 +112,8 @@ def sampling_settings(model):
 TINY_SHAPES = {"num_train": 8, "num_val": 4, "image_size": 64, "min_size": 12, "max_size": 30, "empty_fraction": 0.25}
 
 
-def tiny_config(tmp_path, data_root, **training):
+def tiny_config(tmp_path, data_root, data=None, **training):
+    """A 1-epoch maskrcnn_tiny run on the 64 px shapes set; ``data``: extra data: keys (lsj_size: 64 with lsj)."""
     cfg = {
         "model": {"name": "maskrcnn_tiny", "kwargs": {"min_size": 64, "max_size": 64}},
         "data": {
@@ -122,7 +123,7 @@ def tiny_config(tmp_path, data_root, **training):
             "workers": 0,
             "aspect_ratio_group_factor": -1,
             "check_samples": 4,
-            "lsj_size": 64,
+            **(data or {}),
         },
         "training": {
             "device": "cpu",

@@ -520,6 +520,36 @@ def test_a_numeric_setting_out_of_range_fails_in_one_line(tmp_path, path):
     assert files(out) == []
 
 
+# A setting that one mode alone reads, set under another mode: (the value, the flags of another mode, of its own).
+ONLY_WITH_CASES = {
+    "data.lsj_size": (96, ["--data-augmentation", "hflip"], ["--data-augmentation", "lsj"]),
+    "training.lr_steps": ([3, 4], ["--lr-scheduler", "cosineannealinglr"], ["--lr-scheduler", "multisteplr"]),
+    "training.lr_gamma": (0.5, ["--lr-scheduler", "cosineannealinglr"], ["--lr-scheduler", "multisteplr"]),
+    "training.momentum": (0.5, ["--opt", "adamw"], ["--opt", "sgd"]),
+}
+
+
+@pytest.mark.parametrize("path", sorted(ONLY_WITH_CASES))
+def test_a_setting_its_mode_does_not_read_is_refused(tmp_path, path):
+    import yaml
+
+    import train_config
+
+    assert set(ONLY_WITH_CASES) == set(train_config.ONLY_WITH)
+    value, other_mode, own_mode = ONLY_WITH_CASES[path]
+    section, leaf = path.split(".")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({section: {leaf: value}}))
+    out = tmp_path / "out"
+    base = ["--config", str(cfg), "--output-dir", str(out), "--device", "cpu", "--data-path", "/nonexistent"]
+    rc, _, err = cli([*base, *other_mode])
+    named = rf"{re.escape(path)}\b.* = {re.escape(repr(value))}"
+    one_line_error(rc, err, rf"{named} has no effect: only {re.escape(own_mode[0])}")
+    assert files(out) == []
+    loaded, _, _ = train_config.resolve(["--config", str(cfg), *own_mode])  # read there: accepted
+    assert loaded.get(path) == value
+
+
 def test_start_epoch_past_epochs_fails_before_the_data(tmp_path):
     out = tmp_path / "out"
     rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--start-epoch", "3", "--epochs", "2"))
