@@ -265,6 +265,34 @@ def test_a_second_run_in_a_locked_folder_fails_in_one_line(tmp_path):
     assert ".tv_lossfix.lock" not in files(out)  # released on the error too
 
 
+def test_the_lock_is_released_when_setup_fails_after_taking_it(tmp_path, monkeypatch):
+    import train_config
+
+    def fail(run):
+        raise train_config.ConfigError("failed after the lock")
+
+    monkeypatch.setattr(train, "_record_what_runs", fail)
+    out = tmp_path / "out"
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out))
+    one_line_error(rc, err, "failed after the lock")
+    assert ".tv_lossfix.lock" not in files(out)
+
+
+def test_under_ddp_rank_0_alone_locks_and_every_rank_learns_its_refusal(tmp_path, monkeypatch):
+    import distributed
+    import train_config
+
+    t = train_config.defaults().replace({"training.output_dir": str(tmp_path / "out")}).training
+    monkeypatch.setattr(distributed, "is_main", lambda: False)  # rank 1 of 2
+    monkeypatch.setattr(distributed, "all_gather", lambda obj: [None, obj])
+    assert train._take_output_dir(t.output_dir, t, None) == (None, [])
+    assert files(tmp_path / "out") == []  # rank 1 neither creates nor locks the folder: not refused by itself
+    busy = f"--output-dir {t.output_dir} is in use by process 7"
+    monkeypatch.setattr(distributed, "all_gather", lambda obj: [busy, obj])
+    with pytest.raises(train.CheckpointError, match=rf"^rank 0: {re.escape(busy)}$"):
+        train._take_output_dir(t.output_dir, t, None)  # ends, instead of waiting for rank 0 at a barrier
+
+
 # -- 3, 10 and every RLE form: checked against the image before any decode ---------------------------------
 def _rle_of_box(x, y, bw, bh, h, w):
     """An uncompressed COCO RLE (column-major run lengths, background first) of a filled box."""
