@@ -344,9 +344,9 @@ RLE_CASES = {
     "counts_sum_short": (_counts(10, 20, HW - 40), rf"RLE counts sum to {HW - 10} pixels, not height x width"),
     "counts_sum_long": (_counts(10, 20, HW), rf"sum to {HW + 30} pixels"),
     "negative_run": (_counts(10, -5, HW - 5), r"negative run length \(-5\)"),
-    "float_counts": (_counts(10.0, 20, HW - 30), r"RLE counts hold 10\.0"),
+    "fractional_counts": (_counts(10.5, 20, HW - 30.5), r"RLE counts hold 10\.5: uncompressed counts are whole"),
     "counts_dict": (lambda h, w: {"size": [h, w], "counts": {"a": 1}}, r"RLE counts is a dict"),
-    "compressed_short": (_cut_string, r"compressed RLE counts sum to|not a compressed COCO RLE"),
+    "compressed_short": (_cut_string, r"RLE counts string '.*'\.\.\. is not a compressed COCO RLE"),
     "compressed_bad_char": (lambda h, w: {"size": [h, w], "counts": "0\x7f1"}, r"not a compressed COCO RLE"),
     "no_counts": (lambda h, w: {"size": [h, w]}, r"RLE segmentation needs 'size' and 'counts'"),
     "point_pairs": ([[[10, 10], [30, 10], [30, 30], [10, 30]]], r"list of \[x, y\] pairs"),
@@ -362,7 +362,7 @@ def test_a_bad_segmentation_is_refused_naming_the_annotation(shapes, tmp_path, c
     ann, images, aid, iid = _one_annotation_set(shapes, tmp_path, seg)
     with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): .*{pattern}"):
         load_coco_checked(ann, images, "train", "stop", need_masks=True)
-    if case.startswith(("counts", "negative", "float", "compressed", "no_counts")):  # an RLE: checked for boxes too
+    if case.startswith(("counts", "negative", "fractional", "compressed", "no_counts")):  # an RLE: checked for boxes
         with pytest.raises(DataError, match=rf"annotation {aid} "):
             load_coco_checked(ann, images, "train", "stop", need_masks=False)
     _, _, _, report = load_coco_checked(ann, images, "train", "drop", need_masks=True)
@@ -385,6 +385,21 @@ def test_good_rles_pass_and_an_xyxy_box_is_caught_by_the_rles_extent(shapes, tmp
     with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): box \[20, 24, 30, 36\] matches its "
                        r"segmentation only as \[x1, y1, x2, y2\]"):  # fmt: skip
         load_coco_checked(ann, images, "train", "stop", need_masks=False)
+
+
+def test_whole_float_counts_are_read_as_pycocotools_reads_them(shapes, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from checks import load_coco_checked
+
+    def rle(h, w):  # a JSON writer that turned the run lengths into floats: 10.0 is 10 for pycocotools
+        r = _rle_of_box(20, 24, 10, 12, h, w)
+        return {"size": r["size"], "counts": [float(c) for c in r["counts"]]}
+
+    ann, images, aid, _ = _one_annotation_set(shapes, tmp_path, rle, bbox=[20, 24, 10, 12])
+    coco, _, _, _ = load_coco_checked(ann, images, "train", "stop", need_masks=True)
+    a = coco.anns[aid]
+    assert mask_utils.area(mask_utils.frPyObjects(a["segmentation"], 64, 64)) == 120
 
 
 def test_rle_string_counts_reads_what_pycocotools_writes():
