@@ -79,7 +79,13 @@ def _torchvision_checkpoint(first_run, lr=0.02):
     """checkpoint.pth as torchvision's references/detection/train.py saves it: model, optimizer,
     lr_scheduler, args, epoch; the optimizer at lr 0.02, as its args say."""
     ck = torch.load(first_run["out"] / "checkpoint.pth", weights_only=True)
-    opt = ck["optimizer"]
+    groups = ck["optimizer"]["param_groups"]  # the recipe's [other, norm]; torchvision saves [norm, other], no empty
+    tv = [g for g in (groups[1], groups[0]) if g["params"]]
+    relabel = {old: new for new, old in enumerate(i for g in tv for i in g["params"])}
+    opt = {
+        "state": {relabel[k]: v for k, v in ck["optimizer"]["state"].items()},
+        "param_groups": [dict(g, params=[relabel[i] for i in g["params"]]) for g in tv],
+    }
     for g in opt["param_groups"]:
         g["lr"] = g["initial_lr"] = lr
     sched = dict(ck["lr_scheduler"], base_lrs=[lr] * len(opt["param_groups"]))
@@ -119,6 +125,35 @@ def test_resume_of_a_torchvision_checkpoint_refuses_what_cannot_take_effect(firs
     rc, _, err = cli(argv(first_run["ann"], first_run["images"], out, *extra))
     assert rc == 1 and "training.opt: 'sgd' -> 'adamw' refused" in err and "Traceback" not in err
     assert not any(f.endswith(".pth") for f in files(out))
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_a_torchvision_optimizer_state_lands_on_the_same_parameters(with_norm):
+    """torchvision's script: groups [normalization, other] under --norm-weight-decay, an empty one dropped
+    (written out here as its train.py builds them); the recipe's run_model.param_groups: [other, norm]."""
+    from torchvision.ops._utils import split_normalization_params
+
+    import run_model
+    from training_checkpoint import torchvision_optimizer_state
+
+    def net():
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)]
+        return torch.nn.Sequential(*(layers if with_norm else layers[::2]))
+
+    tv_model = net()
+    tv_groups = [
+        {"params": p, "weight_decay": w} for p, w in zip(split_normalization_params(tv_model), [0.0, 1e-4]) if p
+    ]
+    tv_opt = torch.optim.SGD(tv_groups, lr=0.02, momentum=0.9, weight_decay=1e-4)
+    tv_model(torch.randn(5, 3)).sum().backward()
+    tv_opt.step()
+    ours_model = net()
+    ours = torch.optim.SGD(run_model.param_groups(ours_model, 1e-4, 0.0), lr=0.02, momentum=0.9)
+    ours.load_state_dict(torchvision_optimizer_state(tv_opt.state_dict(), ours.param_groups))
+    assert [g["weight_decay"] for g in ours.param_groups] == [1e-4, 0.0]
+    for (name, p), q in zip(tv_model.named_parameters(), ours_model.parameters()):
+        assert torch.equal(ours.state[q]["momentum_buffer"], tv_opt.state[p]["momentum_buffer"]), name
 
 
 # -- 5. --wd on resume under --norm-weight-decay ---------------------------------------------------------
@@ -222,6 +257,20 @@ def test_a_folder_with_another_runs_checkpoint_is_refused_before_the_data(first_
     one_line_error(rc, err, rf"--output-dir {re.escape(str(out))} holds another run's checkpoint.*checkpoint\.pth.*"
                    r"--resume .*--overwrite")  # fmt: skip
     assert {n: os.path.getmtime(out / n) for n in files(out)} == before  # nothing written, nothing removed
+
+
+def test_a_resume_of_another_folders_run_into_a_used_folder_is_refused(tmp_path):
+    out, other = tmp_path / "out", tmp_path / "other"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"run A")
+    resume = str(other / "checkpoint.pth")  # run B: continuing it here would mix its files with run A's
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", resume))
+    one_line_error(rc, err, rf"--resume {re.escape(resume)} continues a run of another folder, and --output-dir "
+                   rf"{re.escape(str(out))} holds another run's checkpoint")  # fmt: skip
+    in_place = str(out / "checkpoint.pth")  # --overwrite would delete the run --resume continues
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", in_place, "--overwrite"))
+    one_line_error(rc, err, rf"--overwrite with --resume {re.escape(in_place)}: .*drop --overwrite")
+    assert files(out) == ["checkpoint.pth"] and (out / "checkpoint.pth").read_bytes() == b"run A"
 
 
 @pytest.mark.slow
