@@ -131,7 +131,7 @@ def _take_output_dir(out_dir: str, t, weights: Optional[str]):
     lock, said, refusal = None, [], None
     if out_dir and distributed.is_main():
         try:
-            lock, said = prepare_output_dir(out_dir, t.overwrite and not t.resume, weights)
+            lock, said = prepare_output_dir(out_dir, t.overwrite, [weights, t.resume])
         except (ConfigError, CheckpointError) as e:
             refusal = e
     refused_by_main = distributed.all_gather(str(refusal) if refusal else None)[0]  # a barrier too
