@@ -8,13 +8,13 @@ import io
 import json
 import os
 import re
-import shutil
 
 import pytest
 import torch
 
 import helpers
 import train
+from helpers import cli, make_set, one_line_error, write_json
 from shapes import ShapesSpec, ensure_shapes
 
 SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
@@ -25,38 +25,8 @@ def shapes(tmp_path_factory):
     return ensure_shapes(str(tmp_path_factory.mktemp("silent_data")), SPEC)
 
 
-def make_set(shapes, root):
-    """A private copy of the 6-image set: (annotation dict, image folder)."""
-    images = os.path.join(str(root), "images")
-    shutil.copytree(shapes["train_images"], images)
-    with open(shapes["train_ann"]) as f:
-        return json.load(f), images
-
-
-def write_json(root, data, name="ann.json"):
-    path = os.path.join(str(root), name)
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return path
-
-
 def argv(ann, images, out, *extra):
     return helpers.coco_json_argv(ann, images, out, "--check-samples", "2", "--no-data-report", *extra)
-
-
-def cli(args):
-    """train.cli as the command line runs it: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train.cli(args)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def one_line_error(rc, err, pattern):
-    assert rc == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def files(out):
@@ -923,9 +893,15 @@ def test_a_non_finite_step_names_the_images_of_its_batch(tmp_path, data_root, mo
         (["--dataset", "coco", "--train-ann", "a.json"], r"--train-ann \(data\.train_ann \.\.\.\) are read with "
          r"--dataset coco_json only; --dataset coco finds its files under --data-path"),
         (["--dataset", "shapes", "--val-images", "imgs"], r"--val-images .* --dataset shapes finds its files itself"),
+        (["--weights", "x.pth", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
+         r"--weights-backbone ResNet50_Weights\.IMAGENET1K_V1 has no effect with --weights x\.pth"),
+        (["--trainable-backbone-layers", "2"], r"--trainable-backbone-layers 2 has no effect: without --weights"),
+        (["--trainable-backbone-layers", "6", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
+         r"--trainable-backbone-layers \(model\.trainable_backbone_layers\) must be in 0\.\.5 for maskrcnn_resnet50"),
+        (["--model", "maskrcnn_tiny", "--trainable-backbone-layers", "2"], r"maskrcnn_tiny trains its whole backbone"),
     ],
 )  # fmt: skip
-def test_dataset_keys_of_another_dataset_are_refused(tmp_path, flags, pattern):
+def test_dataset_and_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, pattern):
     out = tmp_path / "out"
     rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
     one_line_error(rc, err, pattern)
@@ -938,24 +914,6 @@ def test_shapes_knobs_with_another_dataset_are_refused(tmp_path):
     cfg.write_text("data:\n  shapes:\n    num_train: 4\n")
     rc, _, err = cli(["--config", str(cfg), "--dataset", "coco", "--output-dir", str(out), "--device", "cpu"])
     one_line_error(rc, err, r"data\.shapes sets the embedded demo's data: it has no effect with --dataset coco")
-
-
-@pytest.mark.parametrize(
-    "flags, pattern",
-    [
-        (["--weights", "x.pth", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
-         r"--weights-backbone ResNet50_Weights\.IMAGENET1K_V1 has no effect with --weights x\.pth"),
-        (["--trainable-backbone-layers", "2"], r"--trainable-backbone-layers 2 has no effect: without --weights"),
-        (["--trainable-backbone-layers", "6", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
-         r"--trainable-backbone-layers \(model\.trainable_backbone_layers\) must be in 0\.\.5 for maskrcnn_resnet50"),
-        (["--model", "maskrcnn_tiny", "--trainable-backbone-layers", "2"], r"maskrcnn_tiny trains its whole backbone"),
-    ],
-)  # fmt: skip
-def test_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, pattern):
-    out = tmp_path / "out"
-    rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
-    one_line_error(rc, err, pattern)
-    assert files(out) == []
 
 
 @pytest.mark.parametrize("flags", [["--checkpoint-every-iters", "5"], ["--overwrite"]])
