@@ -87,7 +87,8 @@ class TrainingConfig:
     lr_step_size: int = setting(
         8,
         "--lr-step-size",
-        help="accepted for torchvision compatibility; torchvision's detection script does not use it either",
+        help="accepted at its default for torchvision compatibility (its detection script does not read it "
+        "either); another value is refused",
     )
     lr_steps: List[int] = setting([16, 22], "--lr-steps", help="epochs at which to decrease lr (multisteplr)")
     lr_gamma: float = setting(0.1, "--lr-gamma", help="lr decay factor (multisteplr)")
@@ -645,19 +646,24 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
 
 # Settings that one mode alone reads: a value other than the default under another mode cannot take effect
 # (torchvision's script ignores them there; here they are refused, naming the key and what reads it).
+_MULTISTEP = "only --lr-scheduler multisteplr reads it"
 ONLY_WITH: Dict[str, Tuple[Callable[[TrainConfig], bool], str]] = {
-    "data.lsj_size": (lambda c: c.data.augmentation == "lsj", "--data-augmentation lsj"),
-    "training.lr_steps": (lambda c: c.training.lr_scheduler == "multisteplr", "--lr-scheduler multisteplr"),
-    "training.lr_gamma": (lambda c: c.training.lr_scheduler == "multisteplr", "--lr-scheduler multisteplr"),
-    "training.momentum": (lambda c: c.training.opt.startswith("sgd"), "--opt sgd or sgd_nesterov (AdamW has none)"),
+    "data.lsj_size": (lambda c: c.data.augmentation == "lsj", "only --data-augmentation lsj reads it"),
+    "training.lr_steps": (lambda c: c.training.lr_scheduler == "multisteplr", _MULTISTEP),
+    "training.lr_gamma": (lambda c: c.training.lr_scheduler == "multisteplr", _MULTISTEP),
+    "training.momentum": (lambda c: c.training.opt.startswith("sgd"), "only --opt sgd or sgd_nesterov reads it"),
+    "training.lr_step_size": (
+        lambda c: False,
+        "no scheduler reads it (accepted at its default for torchvision's command lines): use --lr-steps",
+    ),
 }
 
 
 def _check_only_with(cfg: TrainConfig, source: str) -> None:
-    for path, (read, needs) in ONLY_WITH.items():
+    for path, (read, why) in ONLY_WITH.items():
         v = cfg.get(path)
         if v != BY_PATH[path].default and not read(cfg):
-            raise ConfigError(f"{_where(BY_PATH[path], source)} = {v!r} has no effect: only {needs} reads it")
+            raise ConfigError(f"{_where(BY_PATH[path], source)} = {v!r} has no effect: {why}")
 
 
 def _check_ranges(cfg: TrainConfig, source: str) -> None:
