@@ -652,6 +652,11 @@ ONLY_WITH: Dict[str, Tuple[Callable[[TrainConfig], bool], str]] = {
     "training.lr_steps": (lambda c: c.training.lr_scheduler == "multisteplr", _MULTISTEP),
     "training.lr_gamma": (lambda c: c.training.lr_scheduler == "multisteplr", _MULTISTEP),
     "training.momentum": (lambda c: c.training.opt.startswith("sgd"), "only --opt sgd or sgd_nesterov reads it"),
+    "training.warmup_factor": (lambda c: c.training.warmup_iters > 0, "only --warmup-iters >= 1 reads it"),
+    "training.gallery_images": (
+        lambda c: c.training.plots or c.training.gallery_images == 0,  # 0 asks for nothing
+        "only --plots reads it (the gallery is one of the plots)",
+    ),
     "training.lr_step_size": (
         lambda c: False,
         "no scheduler reads it (accepted at its default for torchvision's command lines): use --lr-steps",

@@ -588,6 +588,8 @@ ONLY_WITH_CASES = {
     "training.lr_steps": ([3, 4], ["--lr-scheduler", "cosineannealinglr"], ["--lr-scheduler", "multisteplr"]),
     "training.lr_gamma": (0.5, ["--lr-scheduler", "cosineannealinglr"], ["--lr-scheduler", "multisteplr"]),
     "training.momentum": (0.5, ["--opt", "adamw"], ["--opt", "sgd"]),
+    "training.warmup_factor": (0.1, ["--warmup-iters", "0"], ["--warmup-iters", "10"]),
+    "training.gallery_images": (4, ["--no-plots"], ["--plots"]),
     "training.lr_step_size": (5, [], None),  # read by no scheduler (nor by torchvision's detection script)
 }
 
