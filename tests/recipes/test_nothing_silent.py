@@ -845,9 +845,12 @@ def test_runs_started_together_get_the_lock_one_at_a_time(tmp_path):
         f"open(os.path.join({str(sync)!r}, str(os.getpid())), 'w').close()\n"
         f"while not os.path.exists(os.path.join({str(sync)!r}, 'go')): time.sleep(0.005)\n"
         "try:\n"
-        f"    t.acquire_lock({str(out)!r}); print('got'); sys.stdout.flush(); time.sleep(3)\n"
+        f"    t.acquire_lock({str(out)!r}); print('got')\n"
+        "    end = time.time() + 120  # hold the lock until the 3 others were refused (no race with a sleep)\n"
+        f"    while sum(n.startswith('r') for n in os.listdir({str(sync)!r})) < 3 and time.time() < end:\n"
+        "        time.sleep(0.01)\n"
         "except t.CheckpointError as e:\n"
-        "    print('refused', e)\n"
+        f"    print('refused', e); open(os.path.join({str(sync)!r}, 'r' + str(os.getpid())), 'w').close()\n"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=helpers.child_env())
