@@ -157,7 +157,8 @@ def _box_vs_segmentation_problem(bbox: Any, seg: Any, w: int, h: int) -> Optiona
 def rle_string_counts(text: str) -> Optional[List[int]]:
     """The run lengths of a compressed COCO RLE string (None: not one). Each count is 5-bit groups
     (character - 48), low group first, bit 0x20 set while more follow, 0x10 of the last the sign;
-    from the third count on, the value is a difference to the count two before it."""
+    from the fourth count on (index 3, pycocotools' ``m > 2``), the value is a difference to the count two
+    before it."""
     counts: List[int] = []
     i = 0
     while i < len(text):
@@ -193,10 +194,12 @@ def _rle_problem(seg: Any, w: int, h: int) -> Optional[Tuple[str, str]]:
             return "bad_mask", f"RLE counts string {counts[:20]!r}... is not a compressed COCO RLE"
         what = "compressed RLE counts"
     elif isinstance(counts, list):
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            odd = next(c for c in counts if not isinstance(c, int) or isinstance(c, bool))
-            return "bad_mask", f"RLE counts hold {odd!r}: uncompressed counts are integer run lengths"
-        runs, what = counts, "RLE counts"
+        # pycocotools reads the list as uint32: 10.0 is 10 (accepted, as there), 10.5 would be cut to 10.
+        whole = lambda c: isinstance(c, int) or (isinstance(c, float) and c.is_integer())  # noqa: E731
+        odd = next((c for c in counts if isinstance(c, bool) or not whole(c)), None)
+        if odd is not None:
+            return "bad_mask", f"RLE counts hold {odd!r}: uncompressed counts are whole run lengths"
+        runs, what = [int(c) for c in counts], "RLE counts"
     else:
         return "bad_mask", (
             f"RLE counts is a {type(counts).__name__}: COCO's are a list of run lengths or a compressed string"

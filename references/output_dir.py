@@ -5,7 +5,7 @@ then created, locked against a second run, and cleared of a killed run's temp fi
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from train_config import ConfigError, TrainConfig, TrainingConfig
 from training_checkpoint import (
@@ -41,22 +41,35 @@ def _check_writable(out_dir: str) -> None:
         raise ConfigError(f"--output-dir {out_dir!r}: {parent} is not writable")
 
 
+def resumes_in_place(t) -> bool:
+    """--resume continues the run whose checkpoint lies in --output-dir (not another folder's run)."""
+    return bool(t.resume) and os.path.dirname(os.path.realpath(t.resume)) == os.path.realpath(t.output_dir)
+
+
 def _check_reuse(t) -> None:
-    """A new run in a folder holding another run's checkpoint would mix the two runs' files."""
+    """A new run in a folder holding another run's checkpoint would mix the two runs' files; so would a
+    --resume of another folder's checkpoint into it."""
+    if t.overwrite and resumes_in_place(t):
+        raise ConfigError(
+            f"--overwrite with --resume {t.resume}: it would remove the files of the run that --resume continues "
+            f"in {t.output_dir}: drop --overwrite"
+        )
     ckpts, _ = run_files(t.output_dir)
-    if not ckpts or t.resume or t.overwrite:
+    if not ckpts or resumes_in_place(t) or t.overwrite:
         return
     shown = ", ".join(ckpts[:3]) + (f", ... ({len(ckpts)} checkpoints)" if len(ckpts) > 3 else "")
+    which = f"--resume {t.resume} continues a run of another folder, and " if t.resume else ""
     raise ConfigError(
-        f"--output-dir {t.output_dir} holds another run's checkpoint(s) ({shown}): pass --resume "
+        f"{which}--output-dir {t.output_dir} holds another run's checkpoint(s) ({shown}): pass --resume "
         f"{os.path.join(t.output_dir, 'checkpoint.pth')} to continue that run, --overwrite to replace its files, "
         f"or another --output-dir"
     )
 
 
-def prepare_output_dir(out_dir: str, overwrite: bool, weights: Optional[str] = None) -> Tuple[str, List[str]]:
+def prepare_output_dir(out_dir: str, overwrite: bool, keep: Sequence[str] = ()) -> Tuple[str, List[str]]:
     """Create --output-dir and lock it; remove the temp files of atomic writes a killed run left, and
-    with --overwrite the previous run's files. Returns (the lock file, the lines to say)."""
+    with --overwrite the previous run's files but ``keep`` (the --weights or --resume file still to be
+    read). Returns (the lock file, the lines to say)."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -66,20 +79,20 @@ def prepare_output_dir(out_dir: str, overwrite: bool, weights: Optional[str] = N
     except OSError as e:
         raise CheckpointError(f"--output-dir {out_dir}: cannot write its lock file: {e.strerror or e}") from None
     try:
-        return lock, ([stale_lock] if stale_lock else []) + _clear(out_dir, overwrite, weights)
+        return lock, ([stale_lock] if stale_lock else []) + _clear(out_dir, overwrite, keep)
     except BaseException:
         release_lock(lock)
         raise
 
 
-def _clear(out_dir: str, overwrite: bool, weights: Optional[str]) -> List[str]:
+def _clear(out_dir: str, overwrite: bool, keep: Sequence[str]) -> List[str]:
     said = []
     stale = remove_stale_temp_files(out_dir)
     if stale:
         said.append(f"removed {len(stale)} temp file(s) an interrupted run left in {out_dir}: {', '.join(stale)}")
     _, old = run_files(out_dir)
-    kept = os.path.realpath(weights) if weights else None  # --weights out/model_3.pth stays to be read
-    old = [n for n in old if os.path.realpath(os.path.join(out_dir, n)) != kept]
+    kept = {os.path.realpath(p) for p in keep if p}  # --weights out/model_3.pth stays to be read
+    old = [n for n in old if os.path.realpath(os.path.join(out_dir, n)) not in kept]
     if overwrite and old:
         try:
             remove_run_files(out_dir, old)

@@ -27,6 +27,7 @@ from training_checkpoint import (
     reconcile,
     restore_rng,
     saved_config,
+    torchvision_optimizer_state,
 )
 
 
@@ -197,8 +198,11 @@ def resume(run: Run, net, optimizer, lr_scheduler, warmup, scaler, state: TrainS
         net.load_state_dict(model_state_dict(ckpt, t.resume, "--resume"))
     except RuntimeError as e:
         raise CheckpointError(f"--resume: {t.resume} was saved from another model: {str(e).splitlines()[0]}") from None
+    opt_state = ckpt["optimizer"]
+    if not complete:  # torchvision's script orders (and drops) the --norm-weight-decay groups otherwise
+        opt_state = torchvision_optimizer_state(opt_state, optimizer.param_groups)
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(opt_state)
     except (KeyError, ValueError) as e:
         raise CheckpointError(
             f"--resume {t.resume}: its optimizer state does not fit this run's parameter groups: {e}"

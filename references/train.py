@@ -49,7 +49,7 @@ from output_dir import check_epochs_left, check_output_dir, prepare_output_dir  
 from run_context import Run  # noqa: E402
 from run_data import Data, build_data, resolve_class_weight  # noqa: E402
 from run_model import build_model_for, build_optimization, resume  # noqa: E402
-from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402, F401 (ConfigError: train.ConfigError)
+from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402
 from trainer import Trainer, iters_per_epoch  # noqa: E402
 from training_checkpoint import (  # noqa: E402
     CheckpointError,
@@ -104,28 +104,42 @@ def setup(argv: Optional[List[str]]) -> Optional[Run]:
     if device.type == "cuda" and info.launcher != "none":
         device = torch.device("cuda", info.local_rank)
     out_dir = t.output_dir
-    lock, said = None, []
-    if out_dir and distributed.is_main():
-        lock, said = prepare_output_dir(out_dir, t.overwrite and not t.resume, cfg.model.weights)
-    distributed.barrier()
-    try:
+    lock, said = _take_output_dir(out_dir, t, cfg.model.weights)
+    try:  # from here on the lock is released on every error (main's finally releases it after)
         run = Run(cfg, loss_cfg, device, info.rank, EventWriter(out_dir, distributed.is_main()), out_dir, ckpt)
+        run.lock = lock
+        run.writer.record(start_record(t.resume, ckpt))
+        for line in said:
+            run.writer.say(line)
+        if cuda_missing:
+            run.writer.say("CUDA is not available: running on the CPU")
+        _record_what_runs(run)
     except BaseException:
         release_lock(lock)
         raise
-    run.lock = lock
-    run.writer.record(start_record(t.resume, ckpt))
-    for line in said:
-        run.writer.say(line)
-    if cuda_missing:
-        run.writer.say("CUDA is not available: running on the CPU")
-    _record_what_runs(run)
     random.seed(t.seed + info.rank)
     torch.manual_seed(t.seed + info.rank)
     if t.use_deterministic_algorithms:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
     return run
+
+
+def _take_output_dir(out_dir: str, t, weights: Optional[str]):
+    """Rank 0 alone creates, clears and locks --output-dir; every rank learns whether it could (the
+    others would otherwise wait at a barrier for a rank 0 that refused the folder). (lock, lines to say)"""
+    lock, said, refusal = None, [], None
+    if out_dir and distributed.is_main():
+        try:
+            lock, said = prepare_output_dir(out_dir, t.overwrite, [weights, t.resume])
+        except (ConfigError, CheckpointError) as e:
+            refusal = e
+    refused_by_main = distributed.all_gather(str(refusal) if refusal else None)[0]  # a barrier too
+    if refusal is not None:
+        raise refusal
+    if refused_by_main:
+        raise CheckpointError(f"rank 0: {refused_by_main}")
+    return lock, said
 
 
 def start_record(resume_path: str, ckpt: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -87,7 +87,8 @@ class TrainingConfig:
     lr_step_size: int = setting(
         8,
         "--lr-step-size",
-        help="accepted for torchvision compatibility; torchvision's detection script does not use it either",
+        help="accepted at its default for torchvision compatibility (its detection script does not read it "
+        "either); another value is refused",
     )
     lr_steps: List[int] = setting([16, 22], "--lr-steps", help="epochs at which to decrease lr (multisteplr)")
     lr_gamma: float = setting(0.1, "--lr-gamma", help="lr decay factor (multisteplr)")
@@ -594,6 +595,7 @@ def _fill_derived(tree: Dict[str, Any], source: str) -> None:
 def validate(cfg: TrainConfig, source: str = "config", reads: Optional[Sequence[str]] = None) -> LossConfig:
     """Check every rule that involves more than one field; returns the loss config the model keys give."""
     _check_ranges(cfg, source)
+    _check_only_with(cfg, source)
     _check_training(cfg.training, source)
     _check_repeat_factors(cfg.data, source)
     _check_data(cfg, source, reads)
@@ -640,6 +642,33 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "model.num_classes": (lambda v: v >= 2, ">= 2 (the background and one class)"),
     "distributed.world_size": _AT_LEAST_1,
 }
+
+
+# Settings that one mode alone reads: a value other than the default under another mode cannot take effect
+# (torchvision's script ignores them there; here they are refused, naming the key and what reads it).
+_MULTISTEP = "only --lr-scheduler multisteplr reads it"
+ONLY_WITH: Dict[str, Tuple[Callable[[TrainConfig], bool], str]] = {
+    "data.lsj_size": (lambda c: c.data.augmentation == "lsj", "only --data-augmentation lsj reads it"),
+    "training.lr_steps": (lambda c: c.training.lr_scheduler == "multisteplr", _MULTISTEP),
+    "training.lr_gamma": (lambda c: c.training.lr_scheduler == "multisteplr", _MULTISTEP),
+    "training.momentum": (lambda c: c.training.opt.startswith("sgd"), "only --opt sgd or sgd_nesterov reads it"),
+    "training.warmup_factor": (lambda c: c.training.warmup_iters > 0, "only --warmup-iters >= 1 reads it"),
+    "training.gallery_images": (
+        lambda c: c.training.plots or c.training.gallery_images == 0,  # 0 asks for nothing
+        "only --plots reads it (the gallery is one of the plots)",
+    ),
+    "training.lr_step_size": (
+        lambda c: False,
+        "no scheduler reads it (accepted at its default for torchvision's command lines): use --lr-steps",
+    ),
+}
+
+
+def _check_only_with(cfg: TrainConfig, source: str) -> None:
+    for path, (read, why) in ONLY_WITH.items():
+        v = cfg.get(path)
+        if v != BY_PATH[path].default and not read(cfg):
+            raise ConfigError(f"{_where(BY_PATH[path], source)} = {v!r} has no effect: {why}")
 
 
 def _check_ranges(cfg: TrainConfig, source: str) -> None:

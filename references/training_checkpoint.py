@@ -347,6 +347,28 @@ def torchvision_args_config(args: Any) -> Dict[str, Any]:
     return tree
 
 
+def torchvision_optimizer_state(sd: Dict[str, Any], groups: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A torchvision reference checkpoint's optimizer state in this recipe's group order. Under
+    --norm-weight-decay torchvision's script builds the groups [normalization, other] and drops an empty
+    one (a ResNet's FrozenBatchNorm2d has no parameters); run_model.param_groups builds [other,
+    normalization] and keeps both. ``groups``: this run's optimizer.param_groups. Other layouts are
+    returned as they are (load_state_dict names what does not fit)."""
+    saved = sd.get("param_groups")
+    if len(groups) != 2 or not isinstance(saved, list):
+        return sd
+    other, norm = (len(g["params"]) for g in groups)
+    kinds = [k for k, size in (("norm", norm), ("other", other)) if size]  # torchvision's order, empties dropped
+    if len(saved) != len(kinds) or [len(g["params"]) for g in saved] != [norm if k == "norm" else other for k in kinds]:
+        return sd
+    by_kind = dict(zip(kinds, saved))
+
+    def empty(i: int) -> Dict[str, Any]:  # the dropped group: no parameters, this run's settings otherwise
+        return {**{k: v for k, v in saved[0].items() if k != "params"}, "weight_decay": groups[i]["weight_decay"]}
+
+    ordered = [by_kind.get("other") or {**empty(0), "params": []}, by_kind.get("norm") or {**empty(1), "params": []}]
+    return dict(sd, param_groups=ordered)
+
+
 def saved_config(ckpt: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], bool]:
     """(the config a checkpoint records, whether it is complete): ours, or torchvision's ``args``."""
     if isinstance(ckpt.get("config"), dict):

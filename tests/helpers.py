@@ -1,8 +1,12 @@
 """Test helpers: synthetic targets, the stock models, tiny models. Imported as ``helpers``."""
 
+import contextlib
 import copy
+import io
 import json
 import os
+import re
+import shutil
 
 import torch
 import yaml
@@ -112,7 +116,8 @@ def sampling_settings(model):
 TINY_SHAPES = {"num_train": 8, "num_val": 4, "image_size": 64, "min_size": 12, "max_size": 30, "empty_fraction": 0.25}
 
 
-def tiny_config(tmp_path, data_root, **training):
+def tiny_config(tmp_path, data_root, data=None, **training):
+    """A 1-epoch maskrcnn_tiny run on the 64 px shapes set; ``data``: extra data: keys (lsj_size: 64 with lsj)."""
     cfg = {
         "model": {"name": "maskrcnn_tiny", "kwargs": {"min_size": 64, "max_size": 64}},
         "data": {
@@ -122,7 +127,7 @@ def tiny_config(tmp_path, data_root, **training):
             "workers": 0,
             "aspect_ratio_group_factor": -1,
             "check_samples": 4,
-            "lsj_size": 64,
+            **(data or {}),
         },
         "training": {
             "device": "cpu",
@@ -191,3 +196,38 @@ def on_gloo_ranks(fn, world: int = 2) -> dict:
     out = mp.Manager().dict()
     mp.spawn(_gloo_entry, args=(world, port, fn, out), nprocs=world, join=True)
     return dict(out)
+
+
+# -- recipe runs on a private COCO-format copy of a shapes set, as the command line runs them ---------------
+def make_set(shapes, root):
+    """A private copy of a shapes set's training split (images may be rewritten): (annotation dict, image folder)."""
+    images = os.path.join(str(root), "images")
+    shutil.copytree(shapes["train_images"], images)
+    with open(shapes["train_ann"]) as f:
+        return json.load(f), images
+
+
+def write_json(root, data, name="ann.json"):
+    path = os.path.join(str(root), name)
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def cli(args):
+    """train.cli as the command line runs it: (exit code, stdout, stderr)."""
+    import train
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train.cli(args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_line_error(rc, err, pattern):
+    """Exit code 1 and one ``error:`` line matching ``pattern``, no traceback."""
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in err

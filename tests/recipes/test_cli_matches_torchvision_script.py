@@ -320,9 +320,10 @@ def test_lsj_sets_the_input_size_and_the_model_does_not_resize_back(tmp_path, mo
         return model, replaced
 
     monkeypatch.setattr(run_model, "build_model", build)
-    cfg = tiny_config(tmp_path, data_root, iters_per_epoch=2, plots=False)
+    cfg = tiny_config(tmp_path, data_root, data={"lsj_size": 64}, iters_per_epoch=2, plots=False)
     assert train.main(["--config", cfg, "--data-augmentation", "lsj", "--use-copypaste", "--no-data-report"]) == 0
-    # tiny_config's model resizes to 64 px; lsj_size is 64 there too, so use another size.
+    # tiny_config's model resizes to 64 px; lsj_size 64 too above, so use another size below.
+    cfg = tiny_config(tmp_path, data_root, iters_per_epoch=2, plots=False)  # hflip reads no data.lsj_size
     assert train.main(["--config", cfg, "--data-augmentation", "hflip", "--no-data-report", "--overwrite"]) == 0
     assert seen[0] == (64, 64)
     p = tmp_path / "lsj.yaml"

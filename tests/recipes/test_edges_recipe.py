@@ -1,10 +1,8 @@
 """The training recipe on bad inputs: each fails in one line naming the file / image / annotation at
 fault, or is handled and said. Every bad file is made here, on a 6-image COCO set."""
 
-import contextlib
 import copy
 import errno
-import io
 import json
 import multiprocessing
 import os
@@ -27,6 +25,7 @@ import training_checkpoint
 import writers
 from checks import DataError, check_samples, load_coco_checked
 from data import CocoDetection
+from helpers import cli, make_set, one_line_error, write_json
 from shapes import ShapesSpec, ensure_shapes
 
 SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
@@ -37,39 +36,8 @@ def shapes(tmp_path_factory):
     return ensure_shapes(str(tmp_path_factory.mktemp("edges_data")), SPEC)
 
 
-def make_set(shapes, root):
-    """A private copy of the 6-image set (images may be rewritten): (annotation dict, image folder)."""
-    images = os.path.join(str(root), "images")
-    shutil.copytree(shapes["train_images"], images)
-    with open(shapes["train_ann"]) as f:
-        return json.load(f), images
-
-
-def write_json(root, data, name="ann.json"):
-    path = os.path.join(str(root), name)
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return path
-
-
 def argv(ann, images, out, *extra, val_ann=None):
     return helpers.coco_json_argv(ann, images, out, "--check-samples", "2", *extra, val_ann=val_ann)
-
-
-def cli(args):
-    """train.cli as the command line runs it: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train.cli(args)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def one_line_error(rc, err, pattern):
-    assert rc == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert __import__("re").search(pattern, lines[0]), lines[0]
-    assert "Traceback" not in err
 
 
 def file_of(data, image_id):

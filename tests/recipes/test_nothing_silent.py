@@ -8,13 +8,13 @@ import io
 import json
 import os
 import re
-import shutil
 
 import pytest
 import torch
 
 import helpers
 import train
+from helpers import cli, make_set, one_line_error, write_json
 from shapes import ShapesSpec, ensure_shapes
 
 SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
@@ -25,38 +25,8 @@ def shapes(tmp_path_factory):
     return ensure_shapes(str(tmp_path_factory.mktemp("silent_data")), SPEC)
 
 
-def make_set(shapes, root):
-    """A private copy of the 6-image set: (annotation dict, image folder)."""
-    images = os.path.join(str(root), "images")
-    shutil.copytree(shapes["train_images"], images)
-    with open(shapes["train_ann"]) as f:
-        return json.load(f), images
-
-
-def write_json(root, data, name="ann.json"):
-    path = os.path.join(str(root), name)
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return path
-
-
 def argv(ann, images, out, *extra):
     return helpers.coco_json_argv(ann, images, out, "--check-samples", "2", "--no-data-report", *extra)
-
-
-def cli(args):
-    """train.cli as the command line runs it: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train.cli(args)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def one_line_error(rc, err, pattern):
-    assert rc == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def files(out):
@@ -79,7 +49,13 @@ def _torchvision_checkpoint(first_run, lr=0.02):
     """checkpoint.pth as torchvision's references/detection/train.py saves it: model, optimizer,
     lr_scheduler, args, epoch; the optimizer at lr 0.02, as its args say."""
     ck = torch.load(first_run["out"] / "checkpoint.pth", weights_only=True)
-    opt = ck["optimizer"]
+    groups = ck["optimizer"]["param_groups"]  # the recipe's [other, norm]; torchvision saves [norm, other], no empty
+    tv = [g for g in (groups[1], groups[0]) if g["params"]]
+    relabel = {old: new for new, old in enumerate(i for g in tv for i in g["params"])}
+    opt = {
+        "state": {relabel[k]: v for k, v in ck["optimizer"]["state"].items()},
+        "param_groups": [dict(g, params=[relabel[i] for i in g["params"]]) for g in tv],
+    }
     for g in opt["param_groups"]:
         g["lr"] = g["initial_lr"] = lr
     sched = dict(ck["lr_scheduler"], base_lrs=[lr] * len(opt["param_groups"]))
@@ -121,6 +97,35 @@ def test_resume_of_a_torchvision_checkpoint_refuses_what_cannot_take_effect(firs
     assert not any(f.endswith(".pth") for f in files(out))
 
 
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_a_torchvision_optimizer_state_lands_on_the_same_parameters(with_norm):
+    """torchvision's script: groups [normalization, other] under --norm-weight-decay, an empty one dropped
+    (written out here as its train.py builds them); the recipe's run_model.param_groups: [other, norm]."""
+    from torchvision.ops._utils import split_normalization_params
+
+    import run_model
+    from training_checkpoint import torchvision_optimizer_state
+
+    def net():
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)]
+        return torch.nn.Sequential(*(layers if with_norm else layers[::2]))
+
+    tv_model = net()
+    tv_groups = [
+        {"params": p, "weight_decay": w} for p, w in zip(split_normalization_params(tv_model), [0.0, 1e-4]) if p
+    ]
+    tv_opt = torch.optim.SGD(tv_groups, lr=0.02, momentum=0.9, weight_decay=1e-4)
+    tv_model(torch.randn(5, 3)).sum().backward()
+    tv_opt.step()
+    ours_model = net()
+    ours = torch.optim.SGD(run_model.param_groups(ours_model, 1e-4, 0.0), lr=0.02, momentum=0.9)
+    ours.load_state_dict(torchvision_optimizer_state(tv_opt.state_dict(), ours.param_groups))
+    assert [g["weight_decay"] for g in ours.param_groups] == [1e-4, 0.0]
+    for (name, p), q in zip(tv_model.named_parameters(), ours_model.parameters()):
+        assert torch.equal(ours.state[q]["momentum_buffer"], tv_opt.state[p]["momentum_buffer"]), name
+
+
 # -- 5. --wd on resume under --norm-weight-decay ---------------------------------------------------------
 @pytest.mark.slow
 def test_resume_with_a_new_wd_leaves_the_normalization_group_alone(first_run, tmp_path):
@@ -154,7 +159,7 @@ def test_resume_with_no_epoch_left_fails_before_the_data(first_run, tmp_path):
 
 # -- 2. annotations without area / iscrowd; the epoch's checkpoint does not wait for evaluation ----------
 def test_missing_area_and_iscrowd_are_filled_as_pycocotools_does(shapes, tmp_path):
-    from checks import load_coco_checked
+    from checks import DataError, load_coco_checked
     from data import decode_segmentation
 
     data, images = make_set(shapes, tmp_path)
@@ -181,7 +186,7 @@ def test_missing_area_and_iscrowd_are_filled_as_pycocotools_does(shapes, tmp_pat
     assert coco.anns[data["annotations"][1]["id"]]["num_keypoints"] == 2
     assert "1 annotation(s) without 'num_keypoints'" in report.summary()
     data["annotations"][1]["area"] = "big"
-    with pytest.raises(Exception, match=f"annotation {data['annotations'][1]['id']} .*area 'big' is not a number"):
+    with pytest.raises(DataError, match=f"annotation {data['annotations'][1]['id']} .*area 'big' is not a number"):
         load_coco_checked(write_json(tmp_path, data), images, "val", "stop", need_masks=False)
 
 
@@ -224,6 +229,20 @@ def test_a_folder_with_another_runs_checkpoint_is_refused_before_the_data(first_
     assert {n: os.path.getmtime(out / n) for n in files(out)} == before  # nothing written, nothing removed
 
 
+def test_a_resume_of_another_folders_run_into_a_used_folder_is_refused(tmp_path):
+    out, other = tmp_path / "out", tmp_path / "other"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"run A")
+    resume = str(other / "checkpoint.pth")  # run B: continuing it here would mix its files with run A's
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", resume))
+    one_line_error(rc, err, rf"--resume {re.escape(resume)} continues a run of another folder, and --output-dir "
+                   rf"{re.escape(str(out))} holds another run's checkpoint")  # fmt: skip
+    in_place = str(out / "checkpoint.pth")  # --overwrite would delete the run --resume continues
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", in_place, "--overwrite"))
+    one_line_error(rc, err, rf"--overwrite with --resume {re.escape(in_place)}: .*drop --overwrite")
+    assert files(out) == ["checkpoint.pth"] and (out / "checkpoint.pth").read_bytes() == b"run A"
+
+
 @pytest.mark.slow
 def test_overwrite_removes_the_previous_runs_files_and_says_so(shapes, tmp_path):
     data, images = make_set(shapes, tmp_path)
@@ -263,6 +282,34 @@ def test_a_second_run_in_a_locked_folder_fails_in_one_line(tmp_path):
     assert f"removed the lock of process {holder.pid}, which is no longer running" in stdout
     one_line_error(rc, err, r"annotation file not found: /nonexistent\.json")
     assert ".tv_lossfix.lock" not in files(out)  # released on the error too
+
+
+def test_the_lock_is_released_when_setup_fails_after_taking_it(tmp_path, monkeypatch):
+    import train_config
+
+    def fail(run):
+        raise train_config.ConfigError("failed after the lock")
+
+    monkeypatch.setattr(train, "_record_what_runs", fail)
+    out = tmp_path / "out"
+    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out))
+    one_line_error(rc, err, "failed after the lock")
+    assert ".tv_lossfix.lock" not in files(out)
+
+
+def test_under_ddp_rank_0_alone_locks_and_every_rank_learns_its_refusal(tmp_path, monkeypatch):
+    import distributed
+    import train_config
+
+    t = train_config.defaults().replace({"training.output_dir": str(tmp_path / "out")}).training
+    monkeypatch.setattr(distributed, "is_main", lambda: False)  # rank 1 of 2
+    monkeypatch.setattr(distributed, "all_gather", lambda obj: [None, obj])
+    assert train._take_output_dir(t.output_dir, t, None) == (None, [])
+    assert files(tmp_path / "out") == []  # rank 1 neither creates nor locks the folder: not refused by itself
+    busy = f"--output-dir {t.output_dir} is in use by process 7"
+    monkeypatch.setattr(distributed, "all_gather", lambda obj: [busy, obj])
+    with pytest.raises(train.CheckpointError, match=rf"^rank 0: {re.escape(busy)}$"):
+        train._take_output_dir(t.output_dir, t, None)  # ends, instead of waiting for rank 0 at a barrier
 
 
 # -- 3, 10 and every RLE form: checked against the image before any decode ---------------------------------
@@ -316,9 +363,9 @@ RLE_CASES = {
     "counts_sum_short": (_counts(10, 20, HW - 40), rf"RLE counts sum to {HW - 10} pixels, not height x width"),
     "counts_sum_long": (_counts(10, 20, HW), rf"sum to {HW + 30} pixels"),
     "negative_run": (_counts(10, -5, HW - 5), r"negative run length \(-5\)"),
-    "float_counts": (_counts(10.0, 20, HW - 30), r"RLE counts hold 10\.0"),
+    "fractional_counts": (_counts(10.5, 20, HW - 30.5), r"RLE counts hold 10\.5: uncompressed counts are whole"),
     "counts_dict": (lambda h, w: {"size": [h, w], "counts": {"a": 1}}, r"RLE counts is a dict"),
-    "compressed_short": (_cut_string, r"compressed RLE counts sum to|not a compressed COCO RLE"),
+    "compressed_short": (_cut_string, r"RLE counts string '.*'\.\.\. is not a compressed COCO RLE"),
     "compressed_bad_char": (lambda h, w: {"size": [h, w], "counts": "0\x7f1"}, r"not a compressed COCO RLE"),
     "no_counts": (lambda h, w: {"size": [h, w]}, r"RLE segmentation needs 'size' and 'counts'"),
     "point_pairs": ([[[10, 10], [30, 10], [30, 30], [10, 30]]], r"list of \[x, y\] pairs"),
@@ -334,7 +381,7 @@ def test_a_bad_segmentation_is_refused_naming_the_annotation(shapes, tmp_path, c
     ann, images, aid, iid = _one_annotation_set(shapes, tmp_path, seg)
     with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): .*{pattern}"):
         load_coco_checked(ann, images, "train", "stop", need_masks=True)
-    if case.startswith(("counts", "negative", "float", "compressed", "no_counts")):  # an RLE: checked for boxes too
+    if case.startswith(("counts", "negative", "fractional", "compressed", "no_counts")):  # an RLE: checked for boxes
         with pytest.raises(DataError, match=rf"annotation {aid} "):
             load_coco_checked(ann, images, "train", "stop", need_masks=False)
     _, _, _, report = load_coco_checked(ann, images, "train", "drop", need_masks=True)
@@ -357,6 +404,21 @@ def test_good_rles_pass_and_an_xyxy_box_is_caught_by_the_rles_extent(shapes, tmp
     with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): box \[20, 24, 30, 36\] matches its "
                        r"segmentation only as \[x1, y1, x2, y2\]"):  # fmt: skip
         load_coco_checked(ann, images, "train", "stop", need_masks=False)
+
+
+def test_whole_float_counts_are_read_as_pycocotools_reads_them(shapes, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from checks import load_coco_checked
+
+    def rle(h, w):  # a JSON writer that turned the run lengths into floats: 10.0 is 10 for pycocotools
+        r = _rle_of_box(20, 24, 10, 12, h, w)
+        return {"size": r["size"], "counts": [float(c) for c in r["counts"]]}
+
+    ann, images, aid, _ = _one_annotation_set(shapes, tmp_path, rle, bbox=[20, 24, 10, 12])
+    coco, _, _, _ = load_coco_checked(ann, images, "train", "stop", need_masks=True)
+    a = coco.anns[aid]
+    assert mask_utils.area(mask_utils.frPyObjects(a["segmentation"], 64, 64)) == 120
 
 
 def test_rle_string_counts_reads_what_pycocotools_writes():
@@ -518,6 +580,40 @@ def test_a_numeric_setting_out_of_range_fails_in_one_line(tmp_path, path):
     named = re.escape(path) + (rf" \({re.escape(flag[0])}\)" if flag else "")
     one_line_error(rc, err, rf"{named} must be .*got {re.escape(repr(BAD_VALUES[path]))}")
     assert files(out) == []
+
+
+# A setting that one mode alone reads, set under another mode: (the value, the flags of another mode, of its own).
+ONLY_WITH_CASES = {
+    "data.lsj_size": (96, ["--data-augmentation", "hflip"], ["--data-augmentation", "lsj"]),
+    "training.lr_steps": ([3, 4], ["--lr-scheduler", "cosineannealinglr"], ["--lr-scheduler", "multisteplr"]),
+    "training.lr_gamma": (0.5, ["--lr-scheduler", "cosineannealinglr"], ["--lr-scheduler", "multisteplr"]),
+    "training.momentum": (0.5, ["--opt", "adamw"], ["--opt", "sgd"]),
+    "training.warmup_factor": (0.1, ["--warmup-iters", "0"], ["--warmup-iters", "10"]),
+    "training.gallery_images": (4, ["--no-plots"], ["--plots"]),
+    "training.lr_step_size": (5, [], None),  # read by no scheduler (nor by torchvision's detection script)
+}
+
+
+@pytest.mark.parametrize("path", sorted(ONLY_WITH_CASES))
+def test_a_setting_its_mode_does_not_read_is_refused(tmp_path, path):
+    import yaml
+
+    import train_config
+
+    assert set(ONLY_WITH_CASES) == set(train_config.ONLY_WITH)
+    value, other_mode, own_mode = ONLY_WITH_CASES[path]
+    section, leaf = path.split(".")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({section: {leaf: value}}))
+    out = tmp_path / "out"
+    base = ["--config", str(cfg), "--output-dir", str(out), "--device", "cpu", "--data-path", "/nonexistent"]
+    rc, _, err = cli([*base, *other_mode])
+    named = rf"{re.escape(path)}\b.* = {re.escape(repr(value))}"
+    one_line_error(rc, err, rf"{named} has no effect: " + (f"only {re.escape(own_mode[0])}" if own_mode else ""))
+    assert files(out) == []
+    if own_mode:
+        loaded, _, _ = train_config.resolve(["--config", str(cfg), *own_mode])  # read there: accepted
+        assert loaded.get(path) == value
 
 
 def test_start_epoch_past_epochs_fails_before_the_data(tmp_path):
@@ -749,9 +845,12 @@ def test_runs_started_together_get_the_lock_one_at_a_time(tmp_path):
         f"open(os.path.join({str(sync)!r}, str(os.getpid())), 'w').close()\n"
         f"while not os.path.exists(os.path.join({str(sync)!r}, 'go')): time.sleep(0.005)\n"
         "try:\n"
-        f"    t.acquire_lock({str(out)!r}); print('got'); sys.stdout.flush(); time.sleep(3)\n"
+        f"    t.acquire_lock({str(out)!r}); print('got')\n"
+        "    end = time.time() + 120  # hold the lock until the 3 others were refused (no race with a sleep)\n"
+        f"    while sum(n.startswith('r') for n in os.listdir({str(sync)!r})) < 3 and time.time() < end:\n"
+        "        time.sleep(0.01)\n"
         "except t.CheckpointError as e:\n"
-        "    print('refused', e)\n"
+        f"    print('refused', e); open(os.path.join({str(sync)!r}, 'r' + str(os.getpid())), 'w').close()\n"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=helpers.child_env())
@@ -801,9 +900,15 @@ def test_a_non_finite_step_names_the_images_of_its_batch(tmp_path, data_root, mo
         (["--dataset", "coco", "--train-ann", "a.json"], r"--train-ann \(data\.train_ann \.\.\.\) are read with "
          r"--dataset coco_json only; --dataset coco finds its files under --data-path"),
         (["--dataset", "shapes", "--val-images", "imgs"], r"--val-images .* --dataset shapes finds its files itself"),
+        (["--weights", "x.pth", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
+         r"--weights-backbone ResNet50_Weights\.IMAGENET1K_V1 has no effect with --weights x\.pth"),
+        (["--trainable-backbone-layers", "2"], r"--trainable-backbone-layers 2 has no effect: without --weights"),
+        (["--trainable-backbone-layers", "6", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
+         r"--trainable-backbone-layers \(model\.trainable_backbone_layers\) must be in 0\.\.5 for maskrcnn_resnet50"),
+        (["--model", "maskrcnn_tiny", "--trainable-backbone-layers", "2"], r"maskrcnn_tiny trains its whole backbone"),
     ],
 )  # fmt: skip
-def test_dataset_keys_of_another_dataset_are_refused(tmp_path, flags, pattern):
+def test_dataset_and_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, pattern):
     out = tmp_path / "out"
     rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
     one_line_error(rc, err, pattern)
@@ -816,24 +921,6 @@ def test_shapes_knobs_with_another_dataset_are_refused(tmp_path):
     cfg.write_text("data:\n  shapes:\n    num_train: 4\n")
     rc, _, err = cli(["--config", str(cfg), "--dataset", "coco", "--output-dir", str(out), "--device", "cpu"])
     one_line_error(rc, err, r"data\.shapes sets the embedded demo's data: it has no effect with --dataset coco")
-
-
-@pytest.mark.parametrize(
-    "flags, pattern",
-    [
-        (["--weights", "x.pth", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
-         r"--weights-backbone ResNet50_Weights\.IMAGENET1K_V1 has no effect with --weights x\.pth"),
-        (["--trainable-backbone-layers", "2"], r"--trainable-backbone-layers 2 has no effect: without --weights"),
-        (["--trainable-backbone-layers", "6", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
-         r"--trainable-backbone-layers \(model\.trainable_backbone_layers\) must be in 0\.\.5 for maskrcnn_resnet50"),
-        (["--model", "maskrcnn_tiny", "--trainable-backbone-layers", "2"], r"maskrcnn_tiny trains its whole backbone"),
-    ],
-)  # fmt: skip
-def test_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, pattern):
-    out = tmp_path / "out"
-    rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
-    one_line_error(rc, err, pattern)
-    assert files(out) == []
 
 
 @pytest.mark.parametrize("flags", [["--checkpoint-every-iters", "5"], ["--overwrite"]])

@@ -19,7 +19,7 @@ from helpers import records, tiny_config
 
 @pytest.mark.slow
 def test_end_to_end_run_writes_everything(tmp_path, data_root):
-    cfg = tiny_config(tmp_path, data_root, plots=True, gallery_images=2)
+    cfg = tiny_config(tmp_path, data_root, data={"lsj_size": 64}, plots=True, gallery_images=2)
     assert train.main(["--config", cfg, "--clip-grad-norm", "10", "--use-copypaste", "--data-augmentation", "lsj"]) == 0
     out = tmp_path / "out"
     for name in (
