@@ -51,7 +51,7 @@ def build_model_for(run: Run, data: Data):
     # What the builder read from the checkpoint and replaced: the checkpoint is not read again here.
     _compare_class_names(run, report.checkpoint_settings, data.names, f"--weights {m.weights}")
     if report.replaced:
-        why = f"--weights {m.weights} with num_classes {data.num_classes}" if m.weights else "class-agnostic"
+        why = f"--weights {m.weights} with num_classes {data.num_classes}" if m.weights else "model settings"
         run.writer.say(f"{why}: replaced " + "; ".join(report.replaced))
     _config_anchors(run, model)
     if run.resume_ckpt is not None:
