@@ -22,6 +22,24 @@ from run_data import Data
 from train_config import ConfigError, TrainConfig, flatten
 from training_checkpoint import CheckpointError, apply_to_optimizer, load_scheduler_state, reconcile, restore_rng
 
+# The LVIS test settings of Detectron2 and MMDetection (torchvision: 0.05 and 100, which hide the low
+# scores a long-tail classifier gives its rare classes).
+LVIS_EVAL = {"box_score_thresh": 1e-4, "box_detections_per_img": 300}
+LONG_TAIL_LOSSES = ("sigmoid", "federated", "seesaw", "eqlv2")
+
+
+def _lvis_eval_settings(run: Run, kwargs: Dict[str, Any]) -> None:
+    """With a long-tail roi_head.cls_loss, evaluation (and the per-class diagnostics) use the LVIS test
+    settings unless model.kwargs gives them; said in one line either way."""
+    loss = run.loss_cfg.roi_head.cls_loss
+    if run.cfg.model.stock or loss not in LONG_TAIL_LOSSES:
+        return
+    added = {k: v for k, v in LVIS_EVAL.items() if k not in kwargs}
+    kwargs.update(added)
+    shown = ", ".join(f"{k} {kwargs[k]:g}" for k in LVIS_EVAL)
+    how = "LVIS test settings" if len(added) == len(LVIS_EVAL) else "LVIS test settings where model.kwargs gives none"
+    run.writer.say(f"model.roi_head.cls_loss {loss}: evaluation at {shown} ({how}; set model.kwargs to change)")
+
 
 def build_model_for(run: Run, data: Data):
     m, t = run.cfg.model, run.cfg.training
@@ -30,6 +48,7 @@ def build_model_for(run: Run, data: Data):
     # The policy sets the input size (torchvision passes this too); given always, so that a checkpoint
     # trained with another policy does not bring its own.
     kwargs["_skip_resize"] = run.cfg.data.augmentation in SIZE_SETTING_POLICIES and not t.test_only
+    _lvis_eval_settings(run, kwargs)
     notes: List[str] = []
     model, report = build_model(
         name=m.name,
