@@ -158,7 +158,8 @@ def seesaw_per_sample(
     logits: Tensor, labels: Tensor, cum_samples: Tensor, p: float = 0.8, q: float = 2.0, eps: float = 1e-2
 ) -> Tensor:
     """The per-RoI terms of :func:`seesaw_loss` (classes + objectness), [N]."""
-    cls_logits, obj_logits = _seesaw_split(logits)
+    # float32 at least: fp16 (autocast) would overflow LVIS-sized counts (> 65504) and their ratios.
+    cls_logits, obj_logits = _seesaw_split(logits if logits.dtype == torch.float64 else logits.float())
     k = cls_logits.shape[1]
     is_pos = labels > 0
     loss_obj = F.cross_entropy(obj_logits, (~is_pos).long(), reduction="none")
@@ -168,7 +169,7 @@ def seesaw_per_sample(
     onehot = one_hot(target, k, cls_logits.dtype)
     factor = torch.ones_like(cls_logits)
     if p > 0:
-        counts = cum_samples[1:].to(cls_logits.dtype).clamp(min=1)
+        counts = cum_samples[1:].to(cls_logits.dtype).clamp(min=1)  # float32 or float64
         ratio = counts[None, :] / counts[:, None]  # [i, j] = N_j / N_i
         mitigation = torch.where(ratio < 1.0, ratio.pow(p), torch.ones_like(ratio))
         factor = factor * mitigation[target]
@@ -215,7 +216,7 @@ def eqlv2_loss(
     channel), each class's positive and negative terms weighted by :func:`eqlv2_weights` of ``pos_neg``
     [K]; summed per RoI, ``sum(w * loss) / avg_factor`` (``None``: N, MMDetection's ``n_i``)."""
     target = one_hot(labels, logits.shape[1], logits.dtype)
-    pos_w, neg_w = eqlv2_weights(pos_neg.to(logits.dtype), mu, alpha, gamma)
+    pos_w, neg_w = eqlv2_weights(pos_neg, mu, alpha, gamma)
     w = pos_w * target + neg_w * (1 - target)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * w
     return L.weighted_reduce(loss.sum(dim=1), avg_factor, weight)
@@ -228,7 +229,7 @@ def eqlv2_grad_stats(
     foreground class in this batch ([K] each, background excluded), weighted as the loss weighs them."""
     with torch.no_grad():
         target = one_hot(labels, logits.shape[1], logits.dtype)
-        pos_w, neg_w = eqlv2_weights(pos_neg.to(logits.dtype), mu, alpha, gamma)
+        pos_w, neg_w = eqlv2_weights(pos_neg, mu, alpha, gamma)
         w = pos_w * target + neg_w * (1 - target)
         grad = (target * (torch.sigmoid(logits) - 1) + (1 - target) * torch.sigmoid(logits)).abs()
         pos = (grad * target * w).sum(dim=0)[1:]
@@ -405,7 +406,7 @@ class EQLv2(_Criterion):
 
     def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:
         target = one_hot(labels, logits.shape[1], logits.dtype)
-        pos_w, neg_w = eqlv2_weights(self.pos_neg.to(logits.dtype), self.mu, self.alpha, self.gamma)
+        pos_w, neg_w = eqlv2_weights(self.pos_neg, self.mu, self.alpha, self.gamma)
         w = pos_w * target + neg_w * (1 - target)
         return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * w).sum(dim=1)
 

@@ -502,3 +502,39 @@ def test_ohem_ranks_by_each_loss(name):
     assert all(torch.equal(v, crit.state_dict()[k]) for k, v in state.items())  # ranking updates nothing
     if name in ("sigmoid", "eqlv2"):  # the per-RoI terms of the loss itself (EQLv2 at its current weights)
         assert_same(rank.mean(), copy.deepcopy(crit)(logits.detach(), labels, None, None))
+
+
+def test_builder_loads_a_seesaw_checkpoint_with_its_object_logit_and_counts(tmp_path):
+    build = tv_lossfix.builders.build_with_report
+    kw = dict(weights=None, weights_backbone=None, num_classes=3)
+    model, _ = build("fasterrcnn_mobilenet_v3_large_320_fpn", loss_cfg={"roi_head": {"cls_loss": "seesaw"}}, **kw)
+    model.roi_heads.cls_criterion.cum_samples += torch.tensor([50.0, 7.0, 2.0])
+    path = tmp_path / "seesaw.pth"
+    torch.save({"model": model.state_dict(), "model_settings": tv_lossfix.model_settings(model)}, path)
+
+    again, report = build("fasterrcnn_mobilenet_v3_large_320_fpn", weights=str(path), weights_backbone=None)
+    assert again.roi_heads.cls_loss == "seesaw"  # the checkpoint's loss config
+    assert torch.equal(again.roi_heads.cls_criterion.cum_samples, model.roi_heads.cls_criterion.cum_samples)
+    obj = "roi_heads.box_predictor.cls_objectness.weight"
+    assert torch.equal(again.state_dict()[obj], model.state_dict()[obj])
+    assert not any("cls_objectness (new" in line for line in report.replaced)  # the trained one, loaded
+
+    from tv_lossfix.model_settings import ModelSettingsWarning
+
+    with pytest.warns(ModelSettingsWarning, match="checkpoint roi_head.cls_loss=seesaw, given roi_head.cls_loss=ce"):
+        ce, report = build(
+            "fasterrcnn_mobilenet_v3_large_320_fpn", weights=str(path), weights_backbone=None, loss_cfg={}
+        )
+    assert ce.roi_heads.cls_loss == "ce" and not isinstance(ce.roi_heads.box_predictor, SeesawPredictor)
+    assert any(
+        "roi_heads.cls_criterion.cum_samples not loaded (roi_head.cls_loss 'ce'" in line for line in report.replaced
+    )
+
+
+def test_seesaw_with_lvis_sized_counts_in_half_precision_is_finite():
+    # Counts past float16's 65504 (LVIS's frequent classes): the ratios are taken in float32.
+    logits, labels = batch(extra=1)
+    counts = torch.tensor([1e7, 2e6, 3.0, 70000.0, 1.0, 5.0, 9e5])
+    loss = C.seesaw_loss(logits.detach().half(), labels, counts)
+    ref = C.seesaw_loss(logits.detach().float(), labels, counts)
+    assert torch.isfinite(loss) and torch.allclose(loss.float(), ref, rtol=1e-2)
