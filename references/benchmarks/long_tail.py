@@ -14,7 +14,8 @@ split, so that every class's AP is measured on about as many objects. Every conf
 maskrcnn_tiny from scratch through ``train.main`` with rare_classes.py's recipe but the demo's AdamW
 (lr 0.001), and one budget (4 epochs x 30 iterations at batch 4; RFS repeats images within it), and
 evaluates once at the end at LVIS's score threshold (``box_score_thresh`` 1e-4; ``box_detections_per_img``
-100, ample for 2.6 objects per image) for every configuration. RFS uses the threshold data.suggest_repeat_threshold gives for the training set.
+100, ample for 2.6 objects per image) for every configuration. RFS uses the threshold that
+data.suggest_repeat_threshold gives for the training set.
 Runs are cached as in rare_classes.py (OUT/<config>/seed_<s>/result.json).
 """
 
