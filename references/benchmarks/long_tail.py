@@ -178,6 +178,8 @@ def step_costs(rounds: int, steps: int, threads: Optional[int]) -> str:
         cfg = {"cls_loss": n, **({"fed_image_counts": counts81} if n == "federated" else {})}
         crit[n] = tv_lossfix.cls_losses.build_criterion("roi_head", tv_lossfix.RoILossConfig(**cfg).to_dict(), 81)
     labels = torch.randint(0, 81, (1024,), generator=g)
+    for n in names:  # warm-up: first-call allocations and lazy inits stay out of the medians
+        sum(models[n](images, targets).values()).backward()
     step_t: Dict[str, List[float]] = {n: [] for n in names}
     loss_t: Dict[str, List[float]] = {n: [] for n in names}
     for _ in range(rounds):
