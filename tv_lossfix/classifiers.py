@@ -137,11 +137,16 @@ def load_extra_state(model: nn.Module, extra: Dict[str, Tensor], where: str) -> 
     fits = {k: v for k, v in extra.items() if k in own and own[k].shape == v.shape}
     if fits:
         target.load_state_dict(fits, strict=False)
-    lines = [
-        f"{where}: {k} not loaded (roi_head.cls_loss {target.roi_heads.cls_loss!r} has no use for it)"
-        for k in extra
-        if k not in fits
-    ]
+    lines = []
+    for k, v in extra.items():
+        if k in fits:
+            continue
+        why = (
+            f"shape {list(v.shape)}, here {list(own[k].shape)}: another class count"
+            if k in own
+            else f"roi_head.cls_loss {target.roi_heads.cls_loss!r} has no use for it"
+        )
+        lines.append(f"{where}: {k} not loaded ({why})")
     for line in lines:
         _LOG.info(line)
     return lines
