@@ -121,13 +121,17 @@ def configs(files: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def run_one(name: str, override: Dict[str, Any], base: Dict[str, Any], out: str, seeds: List[int], rerun: bool):
+def run_one(
+    name: str, override: Dict[str, Any], base: Dict[str, Any], out: str, seeds: List[int], rerun: bool, train=True
+):
     cfg = R.merge(json.loads(json.dumps(base)), override)
     runs = []
     for seed in seeds:
         cache = os.path.join(out, name, f"seed_{seed}", "result.json")
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         res = None if rerun else R.cached(cache, cfg)
+        if res is None and not train:
+            return {"override": override, "skipped": f"not run (seed {seed} has no result)"}
         if res is None:
             res = R.train_once(cfg, os.path.dirname(cache), seed)
             if "error" not in res:
@@ -216,6 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--cost-only", action="store_true", help="only the cost-per-step table")
     p.add_argument("--no-cost", action="store_true", help="skip the cost-per-step table")
+    p.add_argument("--report-only", action="store_true", help="the tables of the results kept, training nothing")
     args = p.parse_args(argv)
     if args.cost_only:
         print(step_costs(5, 3, args.num_threads))
@@ -233,7 +238,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     base["training"].update(opt="adamw", lr=0.001)
     out = os.path.join(args.out, "quick" if args.quick else f"e{sizes['epochs']}")
     available = configs(files)
-    results = {n: run_one(n, available[n], base, out, seeds, args.rerun) for n in args.configs}
+    train = not args.report_only
+    results = {n: run_one(n, available[n], base, out, seeds, args.rerun, train) for n in args.configs}
     R.LABELS.update({n: n for n in names})
     if "ce" in results:
         results["default"] = results.pop("ce")  # the verdicts compare against "default"
