@@ -38,6 +38,7 @@ from tv_lossfix.builders import (
 )
 from tv_lossfix.checkpoint import check_checkpoint_file, model_state_dict, read_checkpoint
 from tv_lossfix.class_agnostic import make_heads_class_agnostic
+from tv_lossfix.classifiers import load_extra_state, prepare_classifier, split_extra_state
 from tv_lossfix.model_settings import ModelSettingsWarning, apply_model_settings
 from tv_lossfix.sampling import check_builder_kwargs
 
@@ -336,13 +337,18 @@ def _tiny_from_checkpoint(
         raise ModelError(f"--weights {path} is not a maskrcnn_tiny checkpoint: it has no {key!r}")
     model = maskrcnn_tiny(state[key].shape[0], **checkpoint_build_kwargs(settings, kwargs, state, path))
     make_heads_class_agnostic(model.roi_heads, *_state_class_agnostic(state))  # so that an agnostic one loads
+    state, extra_state = split_extra_state(state)  # a long-tail classifier's layers: loaded once patched
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ModelError(f"--weights {path} does not match maskrcnn_tiny: {str(e).splitlines()[0]}") from None
     notes.extend(apply_model_settings(model, settings, explicit_settings(kwargs)) if settings else [])
     replaced = replace_predictors(model, num_classes, None, *_state_class_agnostic(state))
+    if not stock:
+        replaced += prepare_classifier(model.roi_heads, tv_lossfix.LossConfig.coerce(loss_cfg).roi_head)
     model = model if stock else tv_lossfix.patch_model(model, loss_cfg)
+    if extra_state and not stock:
+        notes.extend(load_extra_state(model, extra_state, f"--weights {path}"))
     return model, BuildReport(tuple(replaced), settings)
 
 
@@ -466,7 +472,11 @@ def build(
             if not stock:  # the builders make this check; the demo model is built here
                 check_builder_kwargs(tv_lossfix.LossConfig.coerce(loss_cfg), kwargs)
             model = EXTRA_MODELS[name](num_classes, **kwargs)
-            model, report = (model if stock else tv_lossfix.patch_model(model, loss_cfg)), BuildReport()
+            # A long-tail classifier's layers (Seesaw's object logit, a cosine classifier), said as the builders say.
+            lines = (
+                [] if stock else prepare_classifier(model.roi_heads, tv_lossfix.LossConfig.coerce(loss_cfg).roi_head)
+            )
+            model, report = (model if stock else tv_lossfix.patch_model(model, loss_cfg)), BuildReport(tuple(lines))
     elif stock:
         if weights is not None:
             raise ModelError("--stock builds torchvision's own model: it takes no --weights here")

@@ -25,7 +25,7 @@ from data import (
 )
 from diagnostics import rare_class_cure
 from run_context import Run
-from train_config import ConfigError, TrainConfig, dump, flatten, shapes_spec
+from train_config import ConfigError, TrainConfig, auto_fed_image_counts, dump, flatten, shapes_spec
 from training_checkpoint import CheckpointError, atomic_write_text
 
 
@@ -259,6 +259,67 @@ def resolve_class_weight(run: Run, data: Data) -> None:
             "counts": counts,
             "method": method,
             "beta": beta if method == "effective_number" else None,
+            "from": "checkpoint" if saved is not None else "training data",
+        }
+    )
+    if run.out_dir and distributed.is_main():
+        atomic_write_text(dump(run.cfg, run.loss_cfg), run.config_path)
+
+
+def training_image_counts(data: Data) -> List[int]:
+    """Training images holding each foreground label 1..K (non-crowd objects): Detectron2's ``image_count``."""
+    label_of = {c: label for label, c in data.label_to_cat.items()}
+    counts = [0] * (data.num_classes - 1)
+    for classes in image_classes(data.train_set.coco.dataset["annotations"], data.train_set.ids):
+        for c in classes:
+            if c in label_of:
+                counts[label_of[c] - 1] += 1
+    return counts
+
+
+def _checkpoint_fed_counts(ckpt: Optional[Dict[str, Any]]) -> Optional[List[int]]:
+    if not ckpt:
+        return None
+    roi = flatten(ckpt.get("config")).get("model.roi_head") or {}
+    counts = roi.get("fed_image_counts", ((ckpt.get("loss_cfg") or {}).get("roi_head") or {}).get("fed_image_counts"))
+    return [int(c) for c in counts] if isinstance(counts, (list, tuple)) else None
+
+
+def resolve_fed_image_counts(run: Run, data: Data) -> None:
+    """model.roi_head.cls_loss: federated without a fed_image_counts list (or with 'auto'): the images of each
+    class in the training set (on --resume, the checkpoint's list), in a new LossConfig, config.yaml and the
+    checkpoints (model_settings), as class_weight: auto."""
+    if not auto_fed_image_counts(run.cfg.model):
+        return
+    if data.train_set is None:
+        run.writer.say(
+            "model.roi_head.fed_image_counts: auto is not resolved under --test-only: evaluation computes no loss"
+        )
+        return
+    fresh = training_image_counts(data)
+    if not any(fresh):
+        raise DataError("model.roi_head.fed_image_counts: auto: the training annotations hold no object to count")
+    counts, saved = fresh, _checkpoint_fed_counts(run.resume_ckpt)
+    if saved is not None:
+        if len(saved) != data.num_classes - 1:
+            raise CheckpointError(
+                f"--resume: the checkpoint's model.roi_head.fed_image_counts has {len(saved)} entries, "
+                f"the model {data.num_classes - 1} foreground classes"
+            )
+        counts = saved
+        run.writer.say(
+            f"model.roi_head.fed_image_counts: auto on --resume keeps the checkpoint's {saved}"
+            + ("" if saved == fresh else f" (the training data gives {fresh}: give that list to use it)")
+        )
+    else:
+        run.writer.say(f"model.roi_head.fed_image_counts: auto -> {counts} (training images of each class)")
+    run.cfg = run.cfg.replace({"model.roi_head": {**run.cfg.model.roi_head, "fed_image_counts": list(counts)}})
+    roi = dataclasses.replace(run.loss_cfg.roi_head, fed_image_counts=tuple(counts))  # a new, validated config
+    run.loss_cfg = run.loss_cfg.replace(roi_head=roi)
+    run.writer.record(
+        {
+            "type": "fed_image_counts",
+            "fed_image_counts": list(counts),
             "from": "checkpoint" if saved is not None else "training data",
         }
     )

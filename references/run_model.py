@@ -30,6 +30,24 @@ from training_checkpoint import (
     torchvision_optimizer_state,
 )
 
+# The LVIS test settings of Detectron2 and MMDetection (torchvision: 0.05 and 100, which hide the low
+# scores a long-tail classifier gives its rare classes).
+LVIS_EVAL = {"box_score_thresh": 1e-4, "box_detections_per_img": 300}
+LONG_TAIL_LOSSES = ("sigmoid", "federated", "seesaw", "eqlv2")
+
+
+def _lvis_eval_settings(run: Run, kwargs: Dict[str, Any]) -> None:
+    """With a long-tail roi_head.cls_loss, evaluation (and the per-class diagnostics) use the LVIS test
+    settings unless model.kwargs gives them; said in one line either way."""
+    loss = run.loss_cfg.roi_head.cls_loss
+    if run.cfg.model.stock or loss not in LONG_TAIL_LOSSES:
+        return
+    added = {k: v for k, v in LVIS_EVAL.items() if k not in kwargs}
+    kwargs.update(added)
+    shown = ", ".join(f"{k} {kwargs[k]:g}" for k in LVIS_EVAL)
+    how = "LVIS test settings" if len(added) == len(LVIS_EVAL) else "LVIS test settings where model.kwargs gives none"
+    run.writer.say(f"model.roi_head.cls_loss {loss}: evaluation at {shown} ({how}; set model.kwargs to change)")
+
 
 def build_model_for(run: Run, data: Data):
     m, t = run.cfg.model, run.cfg.training
@@ -38,6 +56,7 @@ def build_model_for(run: Run, data: Data):
     # The policy sets the input size (torchvision passes this too); given always, so that a checkpoint
     # trained with another policy does not bring its own.
     kwargs["_skip_resize"] = run.cfg.data.augmentation in SIZE_SETTING_POLICIES and not t.test_only
+    _lvis_eval_settings(run, kwargs)
     notes: List[str] = []
     model, report = build_model(
         name=m.name,
@@ -65,7 +84,7 @@ def build_model_for(run: Run, data: Data):
             f"classes the checkpoint was trained for"
         )
     if report.replaced:
-        why = f"--weights {m.weights} with num_classes {data.num_classes}" if m.weights else "class-agnostic"
+        why = f"--weights {m.weights} with num_classes {data.num_classes}" if m.weights else "model settings"
         run.writer.say(f"{why}: replaced " + "; ".join(report.replaced))
     _config_anchors(run, model)
     if run.resume_ckpt is not None:

@@ -47,7 +47,7 @@ from models import (  # noqa: E402
 )
 from output_dir import check_epochs_left, check_output_dir, prepare_output_dir  # noqa: E402
 from run_context import Run  # noqa: E402
-from run_data import Data, build_data, resolve_class_weight  # noqa: E402
+from run_data import Data, build_data, resolve_class_weight, resolve_fed_image_counts  # noqa: E402
 from run_model import build_model_for, build_optimization, resume  # noqa: E402
 from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402
 from trainer import Trainer, iters_per_epoch  # noqa: E402
@@ -219,6 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         save_config(run)
         data = build_data(run)
         resolve_class_weight(run, data)
+        resolve_fed_image_counts(run, data)
         model, net = build_model_for(run, data)
         if run.cfg.training.test_only:
             return evaluate_only(run, model, net, data)

@@ -828,6 +828,13 @@ def auto_class_weight(m: ModelConfig) -> bool:
     return m.roi_head.get("class_weight") == "auto"
 
 
+def auto_fed_image_counts(m: ModelConfig) -> bool:
+    """``model.roi_head.cls_loss: federated`` with ``fed_image_counts: auto`` or none given: train.py counts
+    the training images of each class (Detectron2 reads them from the dataset's metadata)."""
+    roi = m.roi_head or {}
+    return roi.get("cls_loss") == "federated" and roi.get("fed_image_counts") in (None, "auto")
+
+
 def _check_class_weight_keys(m: ModelConfig, source: str) -> None:
     """model.class_weight_method / _beta shape ``class_weight: auto`` only: refused anywhere else."""
     if not auto_class_weight(m):
@@ -851,6 +858,8 @@ def _loss_config(m: ModelConfig, source: str) -> LossConfig:
     keys = {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
     if auto_class_weight(m):  # resolved later from the training data; the library refuses the marker
         keys["roi_head"] = {k: v for k, v in m.roi_head.items() if k != "class_weight"}
+    if auto_fed_image_counts(m):  # the same for the federated loss's image counts
+        keys["roi_head"] = {k: v for k, v in keys["roi_head"].items() if k != "fed_image_counts"}
     try:
         return LossConfig.from_dict({"model": keys})
     except LossConfigError as e:
@@ -909,6 +918,8 @@ def dump(cfg: TrainConfig, loss_cfg: LossConfig) -> str:
     model = {"rpn_head": loss_cfg.rpn_head.to_dict(), "roi_head": loss_cfg.roi_head.to_dict()}
     if auto_class_weight(cfg.model):  # not resolved yet (train.py rewrites config.yaml with the list)
         model["roi_head"]["class_weight"] = "auto"
+    if auto_fed_image_counts(cfg.model):
+        model["roi_head"]["fed_image_counts"] = "auto"
     model.update(loss_preset=None, preset=None)  # folded into the explicit values above
     out = cfg.to_dict()
     out["model"].update(model)

@@ -5,7 +5,7 @@ model = tv_lossfix.maskrcnn_resnet50_fpn(weights="DEFAULT", num_classes=3, loss_
 model = tv_lossfix.patch_model(torchvision_model, loss_cfg={"roi_head": {"cls_pos_weight": 2.0}})
 """
 
-from . import losses
+from . import cls_losses, losses
 from .builders import (
     BUILDERS,
     fasterrcnn_mobilenet_v3_large_320_fpn,
@@ -37,6 +37,7 @@ __all__ = [
     "RoILossConfig",
     "apply_model_settings",
     "class_weights_from_counts",
+    "cls_losses",
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_resnet50_fpn",

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import losses as L
+from .cls_losses import build_criterion
 
 
 @torch.jit.unused
@@ -27,6 +28,22 @@ def reduce_mean(x: Tensor) -> Tensor:
 def scale(loss: Tensor, weight: float) -> Tensor:
     # Skip the multiply at 1.0 so default settings keep stock numerics bit for bit.
     return loss if weight == 1.0 else loss * weight
+
+
+def set_criterion(head: nn.Module, cfg, num_classes: int) -> None:
+    """``head.cls_criterion``: the registered classification loss of ``cfg.cls_loss`` (tv_lossfix.cls_losses).
+
+    A criterion of the same class with buffers of the same shapes hands its statistics (Seesaw's
+    counts, EQLv2's gradient statistics) to the new one: setting the config again keeps them.
+    """
+    new = build_criterion(cfg._section, cfg.to_dict(), num_classes)
+    old = getattr(head, "cls_criterion", None)
+    if type(old) is type(new):
+        old_state, new_state = old.state_dict(), new.state_dict()
+        if old_state.keys() == new_state.keys() and all(old_state[k].shape == v.shape for k, v in new_state.items()):
+            new.load_state_dict(old_state)
+    param = next(head.parameters(), None)
+    head.cls_criterion = new.to(param.device) if param is not None else new
 
 
 def apply_loss_cfg(head: nn.Module, cfg, sync_avg_factor: bool) -> None:

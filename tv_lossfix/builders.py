@@ -36,6 +36,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ._suggest import did_you_mean
 from .checkpoint import CheckpointError, model_state_dict, read_checkpoint
 from .class_agnostic import make_heads_class_agnostic, new_mask_logits
+from .classifiers import load_extra_state, prepare_classifier, split_extra_state
 from .config import LossConfig
 from .model_settings import apply_model_settings, warn_conflicts
 from .patch import patch_model
@@ -309,8 +310,10 @@ def _from_checkpoint(
     agnostic: Tuple[bool, bool],
 ) -> Tuple[nn.Module, LossConfig, Dict[str, Any]]:
     """The model a checkpoint file holds, loaded, with its ``model_settings`` when it has them; returns
-    it, the loss config to patch it with (the checkpoint's when none is given) and the settings."""
+    it, the loss config to patch it with (the checkpoint's when none is given), the settings and the
+    long-tail classifier's keys (Seesaw's ``cls_objectness``, a loss's statistics), loaded after patching."""
     state, settings = read_weights_checkpoint(weights)
+    state, extra_state = split_extra_state(state)
     ckpt_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", weights, name)[0]
     if extra:
         extra["num_keypoints"] = _shape_of(
@@ -332,7 +335,7 @@ def _from_checkpoint(
         lines = apply_model_settings(model, settings, explicit_settings(kwargs))
         cfg, cfg_lines = restored_loss_cfg(settings, loss_cfg, cfg, kwargs)
         warn_conflicts(lines + cfg_lines)  # called by _build, called by the public builder
-    return model, cfg, settings
+    return model, cfg, settings, extra_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,10 +394,11 @@ def _build(
     extra = {"num_keypoints": None} if arch.model_cls is tvdet.KeypointRCNN else {}
     predictor_args = (num_classes, num_keypoints, class_agnostic_bbox, class_agnostic_mask)
     settings: Dict[str, Any] = {}
+    extra_state: Dict[str, torch.Tensor] = {}
 
     if is_checkpoint_path(weights):
         agnostic = (class_agnostic_bbox, class_agnostic_mask)
-        model, cfg, settings = _from_checkpoint(
+        model, cfg, settings, extra_state = _from_checkpoint(
             name, tv_builder, weights, progress, extra, kwargs, loss_cfg, cfg, agnostic
         )
         _freeze_backbone(model, _validate_trainable_layers(True, trainable_backbone_layers, arch.max_trainable, 3))
@@ -419,7 +423,14 @@ def _build(
             _log_replaced(name, replaced)
         else:  # new layers anyway: made class-agnostic and reported, not logged (no trained weights lost)
             replaced = make_heads_class_agnostic(model.roi_heads, class_agnostic_bbox, class_agnostic_mask)
-    return patch_model(model, cfg), BuildReport(tuple(replaced), settings)
+    # The long-tail classifier's layers (Seesaw's object logit, the cosine classifier), said like the others.
+    replaced = list(replaced) + prepare_classifier(model.roi_heads, cfg.roi_head)
+    model = patch_model(model, cfg)
+    if extra_state:
+        replaced += load_extra_state(model, extra_state, os.fspath(weights))
+        if any(k.startswith("roi_heads.box_predictor.cls_objectness.") for k in model.state_dict() if k in extra_state):
+            replaced = [line for line in replaced if "cls_objectness (new" not in line]  # trained one loaded
+    return model, BuildReport(tuple(replaced), settings)
 
 
 def build_with_report(name: str, **kwargs: Any) -> Tuple[nn.Module, BuildReport]:

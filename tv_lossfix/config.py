@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from ._suggest import did_you_mean
+from .cls_losses import cls_loss_names, param_owners
 
 __all__ = ["RPNLossConfig", "RoILossConfig", "LossConfig", "LossConfigError", "PRESETS", "TRAINING_MODEL_KEYS"]
 
@@ -25,9 +26,10 @@ RPN_AVG_FACTORS = ("sampled", "positive", "sampled_per_image")
 ROI_AVG_FACTORS = ("sampled", "positive")
 RPN_CLS_AVG_FACTORS = ("sampled", "sampled_per_image")
 ROI_CLS_AVG_FACTORS = ("sampled",)
-# Classification losses: the stock one first (the default), or the focal loss (Lin et al. 2017).
-RPN_CLS_LOSSES = ("bce", "focal")
-ROI_CLS_LOSSES = ("ce", "focal")
+# Classification losses: the stock one first (the default), then the others, from the registry of
+# tv_lossfix.cls_losses (a new loss is registered there, not listed here).
+RPN_CLS_LOSSES = cls_loss_names("rpn_head")
+ROI_CLS_LOSSES = cls_loss_names("roi_head")
 
 
 class LossConfigError(ValueError):
@@ -119,6 +121,9 @@ def _check_sampling(cfg: Any) -> None:
 # Keys only one head reads: under the other head the error says so (a did-you-mean would point at an
 # unrelated key, rpn_head.sampler -> num_samples), with the reason where it is not obvious.
 _ONE_HEAD_KEYS = {
+    **{key: "roi_head" for key in param_owners("roi_head") if key not in param_owners("rpn_head")},
+    "cosine_classifier": "roi_head",
+    "cosine_temperature": "roi_head",
     "sampler": "roi_head",
     "class_weight": "roi_head",
     "loss_mask_weight": "roi_head",
@@ -216,26 +221,61 @@ class _HeadLossConfig:
         return self == type(self)()
 
 
-def _check_focal_keys(cfg: _HeadLossConfig, losses: Tuple[str, ...], focal_keys: Tuple[str, ...]) -> None:
-    """``cls_loss`` is one of ``losses``; a focal key set while ``cls_loss`` is not focal is refused,
-    never ignored."""
+def _check_count_list(where: str, value: Any) -> Tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise LossConfigError(f"{where} must be a list of image counts, one per foreground class, got {value!r}")
+    out = []
+    for i, c in enumerate(value):
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0 or c != int(c):
+            raise LossConfigError(f"{where}[{i}] must be a non-negative integer, got {c!r}")
+        out.append(int(c))
+    if not out or max(out) == 0:
+        raise LossConfigError(f"{where} needs a positive count for at least one class, got {list(value)!r}")
+    return tuple(out)
+
+
+def _check_int(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LossConfigError(f"{where} must be an integer >= 1, got {value!r}")
+    return value
+
+
+# How each loss parameter is checked (keys of the losses registered in tv_lossfix.cls_losses).
+_PARAM_CHECKS = {
+    "focal_gamma": _check_weight,
+    "focal_alpha": lambda where, v: _check_alpha(v),
+    "fed_num_classes": _check_int,
+    "fed_freq_power": _check_weight,
+    "fed_image_counts": _check_count_list,
+    "seesaw_p": _check_weight,
+    "seesaw_q": _check_weight,
+    "eqlv2_mu": _check_weight,
+    "eqlv2_alpha": _check_weight,
+    "eqlv2_gamma": _check_weight,
+}
+
+
+def _check_cls_loss_keys(cfg: _HeadLossConfig) -> None:
+    """``cls_loss`` is a registered loss of the head; a loss parameter set while ``cls_loss`` is a loss
+    that does not read it is refused, never ignored; each set parameter is checked."""
     s = cfg._section
-    _check_choice(f"{s}.cls_loss", cfg.cls_loss, losses)
-    for key in focal_keys:
+    _check_choice(f"{s}.cls_loss", cfg.cls_loss, cls_loss_names(s))
+    for key, owners in param_owners(s).items():
         value = getattr(cfg, key)
-        if value is not None and cfg.cls_loss != "focal":
+        if value is None:
+            continue
+        if cfg.cls_loss not in owners:
             raise LossConfigError(
                 f"{s}.{key} is set ({value!r}) but {s}.cls_loss is {cfg.cls_loss!r}: "
-                f"{key} applies only with {s}.cls_loss: focal (set it, or drop {s}.{key})"
+                f"{key} applies only with {s}.cls_loss: {' or '.join(owners)} (set it, or drop {s}.{key})"
             )
-    if cfg.focal_gamma is not None:
-        object.__setattr__(cfg, "focal_gamma", _check_weight(f"{s}.focal_gamma", cfg.focal_gamma))
-        if cfg.focal_gamma > MAX_FOCAL_GAMMA:
-            raise LossConfigError(
-                f"{s}.focal_gamma {cfg.focal_gamma:g} must be <= {MAX_FOCAL_GAMMA:g}: the factor (1 - p_t)^gamma "
-                f"is {0.5**cfg.focal_gamma:.1e} at p_t = 0.5 (an untrained head), so the loss is ~0 and nothing "
-                f"trains (RetinaNet uses 2)"
-            )
+        object.__setattr__(cfg, key, _PARAM_CHECKS[key](f"{s}.{key}", value))
+    if cfg.focal_gamma is not None and cfg.focal_gamma > MAX_FOCAL_GAMMA:
+        raise LossConfigError(
+            f"{s}.focal_gamma {cfg.focal_gamma:g} must be <= {MAX_FOCAL_GAMMA:g}: the factor (1 - p_t)^gamma "
+            f"is {0.5**cfg.focal_gamma:.1e} at p_t = 0.5 (an untrained head), so the loss is ~0 and nothing "
+            f"trains (RetinaNet uses 2)"
+        )
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -267,9 +307,7 @@ class RPNLossConfig(_HeadLossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_focal_keys(self, RPN_CLS_LOSSES, ("focal_gamma", "focal_alpha"))
-        if self.focal_alpha is not None:
-            object.__setattr__(self, "focal_alpha", _check_alpha(self.focal_alpha))
+        _check_cls_loss_keys(self)
 
 
 @dataclass(frozen=True)
@@ -278,10 +316,27 @@ class RoILossConfig(_HeadLossConfig):
 
     ``cls_loss: focal`` replaces the classifier's cross-entropy by the softmax focal loss with
     ``focal_gamma`` (None: 2.0); ``class_weight`` is then its per-class alpha (1 without it).
+    The long-tail classifiers (see :mod:`tv_lossfix.cls_losses`; None means the default given):
+    ``sigmoid`` (Detectron2 USE_SIGMOID_CE), ``federated`` (USE_FED_LOSS: ``fed_num_classes`` 50,
+    ``fed_freq_power`` 0.5, ``fed_image_counts`` the training images of each foreground class, required),
+    ``seesaw`` (MMDetection SeesawLoss: ``seesaw_p`` 0.8, ``seesaw_q`` 2.0; one more classifier output),
+    ``eqlv2`` (EQLV2Loss: ``eqlv2_mu`` 0.8, ``eqlv2_alpha`` 4.0, ``eqlv2_gamma`` 12).
+    ``cosine_classifier``: the class scores of a cosine classifier (MMDetection's ``NormedLinear``,
+    ``cosine_temperature`` None: 20) instead of a linear layer, with any ``cls_loss``.
     """
 
     cls_loss: str = "ce"
     focal_gamma: Optional[float] = None
+    fed_num_classes: Optional[int] = None
+    fed_freq_power: Optional[float] = None
+    fed_image_counts: Optional[Tuple[int, ...]] = None
+    seesaw_p: Optional[float] = None
+    seesaw_q: Optional[float] = None
+    eqlv2_mu: Optional[float] = None
+    eqlv2_alpha: Optional[float] = None
+    eqlv2_gamma: Optional[float] = None
+    cosine_classifier: bool = False
+    cosine_temperature: Optional[float] = None
     class_weight: Optional[Tuple[float, ...]] = None
     loss_mask_weight: float = 1.0
     loss_keypoint_weight: float = 1.0
@@ -297,7 +352,22 @@ class RoILossConfig(_HeadLossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_focal_keys(self, ROI_CLS_LOSSES, ("focal_gamma",))
+        if isinstance(self.fed_image_counts, str) and self.fed_image_counts == "auto":
+            raise LossConfigError(
+                "roi_head.fed_image_counts 'auto' is resolved by references/train.py from the training annotations; "
+                "in your own code pass the number of training images of each foreground class"
+            )
+        _check_cls_loss_keys(self)
+        if not isinstance(self.cosine_classifier, bool):
+            raise LossConfigError(f"roi_head.cosine_classifier must be true or false, got {self.cosine_classifier!r}")
+        if self.cosine_temperature is not None:
+            if not self.cosine_classifier:
+                raise LossConfigError(
+                    f"roi_head.cosine_temperature is set ({self.cosine_temperature!r}) but roi_head.cosine_classifier "
+                    "is false: it applies only to the cosine classifier (set it, or drop roi_head.cosine_temperature)"
+                )
+            value = _check_weight("roi_head.cosine_temperature", self.cosine_temperature, True)
+            object.__setattr__(self, "cosine_temperature", value)
         cw = self.class_weight
         if isinstance(cw, str) and cw == "auto":
             raise LossConfigError(

@@ -1,5 +1,6 @@
 """Convert an existing torchvision two-stage detector to tv_lossfix's heads, in place."""
 
+import logging
 from typing import Any, Dict
 
 import torch
@@ -7,12 +8,15 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
+from .classifiers import check_classifier, prepare_classifier
 from .config import LossConfig
 from .roi_heads import LossFixRoIHeads, predictor_num_classes
 from .rpn import LossFixRPN
 from .sampling import check_sampling
 
 __all__ = ["patch_model", "training_stats", "get_loss_cfg"]
+
+_LOG = logging.getLogger(__name__)
 
 
 def _swap(module: nn.Module, stock: type, ours: type, where: str) -> None:
@@ -30,6 +34,10 @@ def patch_model(model: nn.Module, loss_cfg: Any = None) -> nn.Module:
 
     The conversion is in place: parameters, buffers, ``state_dict`` keys and inference are
     untouched, so stock checkpoints load before or after. Calling it again replaces the config.
+    The long-tail classifiers are the exception, as they must be: ``roi_head.cls_loss: seesaw`` adds
+    ``roi_heads.box_predictor.cls_objectness`` (its object logit), ``roi_head.cosine_classifier``
+    makes ``cls_score`` a ``NormedLinear`` (same parameters), Seesaw / EQLv2 keep their statistics
+    as buffers of ``roi_heads.cls_criterion``; each layer change is logged (logger ``tv_lossfix.patch``).
 
     Args:
         model: a ``torchvision.models.detection`` ``FasterRCNN``, ``MaskRCNN`` or ``KeypointRCNN``
@@ -59,8 +67,11 @@ def patch_model(model: nn.Module, loss_cfg: Any = None) -> nn.Module:
         cfg.roi_head.check_num_classes(num_classes)
     check_sampling(rpn, cfg.rpn_head)
     check_sampling(roi, cfg.roi_head)
+    check_classifier(roi, cfg.roi_head)
     _swap(rpn, RegionProposalNetwork, LossFixRPN, "model.rpn")
     _swap(roi, RoIHeads, LossFixRoIHeads, "model.roi_heads")
+    for line in prepare_classifier(roi, cfg.roi_head):
+        _LOG.info("patch_model: %s", line)
     rpn.set_loss_cfg(cfg.rpn_head, cfg.sync_avg_factor)
     roi.set_loss_cfg(cfg.roi_head, cfg.sync_avg_factor)
     target.loss_cfg = cfg
@@ -101,6 +112,9 @@ def training_stats(model: nn.Module) -> Dict[str, Tensor]:
             out[f"{prefix}/cls_avg_factor"] = state.get("cls_avg_factor", sampled)
             out[f"{prefix}/bbox_avg_factor"] = state.get("bbox_avg_factor", sampled)
             if "class_logits" in state:
-                prob = torch.softmax(state["class_logits"].float(), dim=-1).gather(1, state["labels"][:, None])[:, 0]
+                # The loss's own inference probabilities (softmax for the cross-entropy and focal losses).
+                prob = head.cls_criterion.scores(state["class_logits"].float()).gather(1, state["labels"][:, None])[
+                    :, 0
+                ]
                 out[f"{prefix}/fg_prob"] = (prob * is_pos).sum() / num_pos.clamp(min=1.0)
     return out

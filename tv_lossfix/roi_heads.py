@@ -11,10 +11,13 @@ from torchvision.models.detection.roi_heads import (
     maskrcnn_inference,
     project_masks_on_boxes,
 )
+from torchvision.ops import boxes as box_ops
 
 from . import losses as L
-from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
-from .config import RoILossConfig
+from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale, set_criterion
+from .classifiers import check_classifier
+from .cls_losses import registered
+from .config import LossConfigError, RoILossConfig
 from .sampling import SAMPLING_ATTRIBUTES, apply_sampling, check_sampling, fg_bg_sample, hard_examples
 
 __all__ = ["LossFixRoIHeads", "predictor_num_classes", "is_class_agnostic_box", "is_class_agnostic_mask"]
@@ -59,6 +62,8 @@ class LossFixRoIHeads(RoIHeads):
         "loss_keypoint_weight": float,
         "use_class_weight": bool,
         "class_weight": Tensor,
+        "softmax_scores": bool,
+        "extra_outputs": int,
     }
 
     def __init__(self, *args, loss_cfg: Optional[RoILossConfig] = None, sync_avg_factor: bool = False, **kwargs):
@@ -77,6 +82,31 @@ class LossFixRoIHeads(RoIHeads):
         if num_classes is not None:
             cfg.check_num_classes(num_classes)
         check_sampling(self, cfg)
+        check_classifier(self, cfg)
+        spec = registered("roi_head", cfg.cls_loss)
+        for key in spec.needs:
+            if getattr(cfg, key) is None:
+                raise LossConfigError(
+                    f"roi_head.cls_loss {cfg.cls_loss} needs roi_head.{key} (references/train.py resolves 'auto' "
+                    "from the training annotations)"
+                )
+        if (spec.stateful or cfg.fed_image_counts is not None) and num_classes is None:
+            raise LossConfigError(
+                f"roi_head.cls_loss {cfg.cls_loss} needs the class count of torchvision's box predictor "
+                f"(cls_score), but roi_heads.box_predictor is a {type(self.box_predictor).__name__}"
+            )
+        if (
+            cfg.fed_image_counts is not None
+            and num_classes is not None
+            and len(cfg.fed_image_counts) != num_classes - 1
+        ):
+            raise LossConfigError(
+                f"roi_head.fed_image_counts has {len(cfg.fed_image_counts)} entries but the model has "
+                f"{num_classes - 1} foreground classes: give one image count per class"
+            )
+        set_criterion(self, cfg, num_classes if num_classes is not None else 0)
+        self.softmax_scores = bool(self.cls_criterion.softmax_scores)
+        self.extra_outputs = int(spec.extra_outputs)
         apply_loss_cfg(self, cfg, sync_avg_factor)
         apply_sampling(self, cfg)
         self.sampler = str(cfg.sampler)
@@ -99,18 +129,18 @@ class LossFixRoIHeads(RoIHeads):
         if self.use_class_weight:
             # Shapes are host-side: no device sync. The predictor may have been replaced after
             # the config was set; a mismatch would index out of range or weight the wrong class.
-            if class_logits.shape[-1] != self.class_weight.shape[0]:
+            if class_logits.shape[-1] - self.extra_outputs != self.class_weight.shape[0]:
                 raise ValueError(
                     "roi_head.class_weight has " + str(self.class_weight.shape[0]) + " entries but the box "
-                    "predictor returns " + str(class_logits.shape[-1]) + " class logits (background "
+                    "predictor returns "
+                    + str(class_logits.shape[-1] - self.extra_outputs)
+                    + " class logits (background "
                     "included): set a class_weight with one entry per class (model.roi_heads.set_loss_cfg)"
                 )
             class_weight = self.class_weight
         # With the focal loss, class_weight[label] is its per-class alpha: the same per-sample factor.
         weight = L.sample_weights(is_pos, self.cls_pos_weight, labels, class_weight)
-        if self.cls_loss == "focal":
-            return L.focal_classification_loss(class_logits, labels, self.focal_gamma, avg, weight)
-        return L.classification_loss(class_logits, labels, avg, weight)
+        return self.cls_criterion(class_logits, labels, avg, weight)
 
     def box_losses(
         self,
@@ -230,19 +260,54 @@ class LossFixRoIHeads(RoIHeads):
         """Per-RoI classification loss of every candidate against its assigned label (OHEM's ranking), no gradient.
 
         The head's own classifier term ranks them, as MMDetection ranks by its configured ``loss_cls``:
-        cross-entropy or the softmax focal loss, times ``class_weight[label]`` when set; unit sample
-        weights (``cls_pos_weight`` is a loss weight, not a difficulty). The box head runs in its
+        the registered loss's per-RoI ``ranking`` (cross-entropy, focal, sigmoid, Seesaw, EQLv2; the
+        federated loss ranks by the sigmoid loss over every class), times ``class_weight[label]`` when
+        set; unit sample weights (``cls_pos_weight`` is a loss weight, not a difficulty). The box head runs in its
         current mode, as in MMDetection (a BatchNorm box head also updates its running statistics).
         """
         with torch.no_grad():
             class_logits, _ = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals, image_shapes)))
             # Ignored candidates (label -1) are scored as background; hard_examples never keeps them.
             target = torch.cat(labels).clamp(min=0)
-            alpha: Optional[Tensor] = self.class_weight if self.use_class_weight else None
-            # gamma 0 is the cross-entropy exactly (the focal factor is 1).
-            gamma = self.focal_gamma if self.cls_loss == "focal" else 0.0
-            loss = L.softmax_focal_loss(class_logits, target, alpha, gamma)
+            loss = self.cls_criterion.ranking(class_logits, target)
+            if self.use_class_weight:
+                loss = loss * self.class_weight[target]
         return loss
+
+    def postprocess_scores(
+        self,
+        class_scores: Tensor,
+        box_regression: Tensor,
+        proposals: List[Tensor],
+        image_shapes: List[Tuple[int, int]],
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """torchvision's ``postprocess_detections`` on probabilities already computed ([N, K + 1],
+        background first): the loss's own inference scores (sigmoid, Seesaw, EQLv2) instead of the
+        softmax. Same steps: clip, drop background, ``score_thresh``, small boxes, per-class NMS,
+        ``detections_per_img``."""
+        num_classes = class_scores.shape[-1]
+        pred_boxes = self.box_coder.decode(box_regression, proposals)
+        boxes_per_image = [p.shape[0] for p in proposals]
+        all_boxes: List[Tensor] = []
+        all_scores: List[Tensor] = []
+        all_labels: List[Tensor] = []
+        for boxes, scores, image_shape in zip(
+            pred_boxes.split(boxes_per_image, 0), class_scores.split(boxes_per_image, 0), image_shapes
+        ):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
+            boxes = boxes[:, 1:].reshape(-1, 4)
+            scores = scores[:, 1:].reshape(-1)
+            labels = labels[:, 1:].reshape(-1)
+            inds = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
 
     # -- forward -----------------------------------------------------------------------------
     def _check_target_types(self, targets: Optional[List[Dict[str, Tensor]]]) -> None:
@@ -358,12 +423,21 @@ class LossFixRoIHeads(RoIHeads):
             )
             losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         else:
-            if is_class_agnostic_box(class_logits, box_regression):
-                # torchvision's postprocessing decodes one delta per class: give every class the shared one.
-                box_regression = box_regression.repeat(1, class_logits.shape[-1])
-            boxes, scores, det_labels = self.postprocess_detections(
-                class_logits, box_regression, proposals, image_shapes
-            )
+            agnostic = is_class_agnostic_box(class_logits, box_regression)
+            if self.softmax_scores:
+                if agnostic:
+                    # torchvision's postprocessing decodes one delta per class: give every class the shared one.
+                    box_regression = box_regression.repeat(1, class_logits.shape[-1])
+                boxes, scores, det_labels = self.postprocess_detections(
+                    class_logits, box_regression, proposals, image_shapes
+                )
+            else:
+                class_scores = self.cls_criterion.scores(class_logits)
+                if agnostic:
+                    box_regression = box_regression.repeat(1, class_scores.shape[-1])
+                boxes, scores, det_labels = self.postprocess_scores(
+                    class_scores, box_regression, proposals, image_shapes
+                )
             for b, s, lab in zip(boxes, scores, det_labels):
                 result.append({"boxes": b, "labels": lab, "scores": s})
 

@@ -8,7 +8,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from . import losses as L
-from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale
+from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale, set_criterion
 from .config import RPNLossConfig
 from .sampling import SAMPLING_ATTRIBUTES, apply_sampling, check_sampling, fg_bg_sample
 
@@ -49,6 +49,7 @@ class LossFixRPN(RegionProposalNetwork):
         apply_sampling(self, cfg)
         # None: torchvision.ops.sigmoid_focal_loss's default; -1 (no alpha weighting) is kept as is.
         self.focal_alpha = 0.25 if cfg.focal_alpha is None else float(cfg.focal_alpha)
+        set_criterion(self, cfg, 2)  # the objectness loss, from the registry (tv_lossfix.cls_losses)
 
     def extra_repr(self) -> str:
         return loss_cfg_repr(self)
@@ -79,12 +80,7 @@ class LossFixRPN(RegionProposalNetwork):
             bbox_avg = avg_factor(self.bbox_avg_factor, is_pos, self.sync_avg_factor, pos, neg, num_images)
 
         weight = L.sample_weights(is_pos, self.cls_pos_weight)
-        logits = objectness.flatten()[sampled]
-        if self.cls_loss == "focal":
-            per_anchor = L.sigmoid_focal_loss(logits, is_pos, self.focal_alpha, self.focal_gamma)
-            loss_cls = L.weighted_reduce(per_anchor, cls_avg, weight)
-        else:
-            loss_cls = L.objectness_loss(logits, is_pos, cls_avg, weight)
+        loss_cls = self.cls_criterion(objectness.flatten()[sampled], is_pos, cls_avg, weight)
 
         ref_boxes: Optional[Tensor] = None
         if self.bbox_loss != "smooth_l1" and self.bbox_loss != "l1":

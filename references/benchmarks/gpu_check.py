@@ -29,7 +29,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFS = os.path.dirname(HERE)
@@ -251,6 +251,7 @@ def check_loss_syncs(device) -> Dict[str, Any]:
         pure.append(
             L.mask_loss(torch.randn(64, 5, 28, 28, device=device), labels[:64], torch.rand(64, 28, 28, device=device))
         )
+        pure += _long_tail_losses(logits, labels, avg, w)
         pure_error = ""
     except RuntimeError as e:
         pure_error = f"{e} at {traceback.format_exc().splitlines()[-3].strip()}"
@@ -274,6 +275,22 @@ def check_loss_syncs(device) -> Dict[str, Any]:
         "unexpected": unexpected,
         "why": why,
     }
+
+
+def _long_tail_losses(logits, labels, avg, w) -> List[torch.Tensor]:
+    """Each long-tail criterion's loss (with its statistics update), OHEM ranking and inference scores."""
+    out = []
+    for name, extra in (
+        ("sigmoid", {}),
+        ("federated", {"fed_image_counts": [10, 5, 2, 1]}),
+        ("seesaw", {}),
+        ("eqlv2", {}),
+    ):
+        settings = tv_lossfix.RoILossConfig(cls_loss=name, **extra).to_dict()
+        crit = tv_lossfix.cls_losses.build_criterion("roi_head", settings, logits.shape[1]).to(logits.device)
+        x = torch.cat([logits, logits[:, :1]], 1) if name == "seesaw" else logits
+        out += [crit(x, labels, avg, w), crit.ranking(x, labels).sum(), crit.scores(x).sum()]
+    return out
 
 
 def _head_syncs(device) -> Dict[str, Dict[str, int]]:

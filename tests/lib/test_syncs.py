@@ -139,3 +139,26 @@ def test_capped_and_ohem_selection_read_no_more_than_the_stock_sampler():
     ohem = host_reads(lambda: [hard_examples(loss, lab, 64, 0.25, 1.0) for loss, lab in zip(losses, labels)])
     assert stock == capped == (0, 3 * len(labels))
     assert ohem == (0, 2 * len(labels))
+
+
+# The long-tail classifiers (tv_lossfix.cls_losses): the federated draw, Seesaw's counts and EQLv2's
+# statistics are updated on the device too. (EQLv2's all-reduce is the identity outside DDP.)
+LONG_TAIL = {
+    "sigmoid": {"cls_loss": "sigmoid"},
+    "federated": {"cls_loss": "federated", "fed_image_counts": [40, 3], "fed_num_classes": 2},
+    "seesaw": {"cls_loss": "seesaw", "cosine_classifier": True},
+    "eqlv2": {"cls_loss": "eqlv2"},
+}
+
+
+@pytest.mark.parametrize("roi", list(LONG_TAIL.values()), ids=list(LONG_TAIL))
+def test_long_tail_box_head_loss_has_no_host_read(roi):
+    model = tiny_model("faster", loss_cfg={"roi_head": {**roi, "cls_pos_weight": 2.0}})
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.randint(0, 3, (64,), generator=g) for _ in range(2)]
+    targets = [torch.randn(64, 4, generator=g) for _ in range(2)]
+    proposals = [torch.cat([xy := torch.rand(64, 2, generator=g) * 50, xy + 10], 1) for _ in range(2)]
+    width = 3 + model.roi_heads.extra_outputs
+    logits, box = torch.randn(128, width, requires_grad=True), torch.randn(128, 12, requires_grad=True)
+    ours = host_reads(lambda: sum(model.roi_heads.box_losses(logits, box, labels, targets, proposals)).backward())
+    assert ours == (0, 0)

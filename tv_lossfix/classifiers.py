@@ -1,0 +1,152 @@
+"""The box classifier layers the long-tail losses use: Seesaw's objectness logit and a cosine classifier.
+
+* ``roi_head.cls_loss: seesaw`` needs MMDetection's ``C + 2`` classifier outputs: the classes and an
+  ``[object, background]`` pair. torchvision's ``cls_score`` keeps its ``K + 1`` outputs (background
+  first, so every checkpoint and class count reads as before) and one ``cls_objectness`` layer adds
+  the object logit: :class:`SeesawPredictor` returns ``[background, class 1..K, object]``.
+* ``roi_head.cosine_classifier``: ``cls_score`` becomes a :class:`NormedLinear`, MMDetection's
+  cosine classifier (``temperature * cos(feature, class weight)`` + bias, temperature 20). Its
+  parameters are ``nn.Linear``'s (same ``state_dict`` keys and shapes), so the conversion keeps the
+  weights either way.
+
+:func:`prepare_classifier` gives the box predictor what a config asks for and says what it changed,
+one line per layer (``patch_model`` logs them; the builders list them in their report).
+"""
+
+import logging
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+from .config import LossConfigError
+
+__all__ = ["NormedLinear", "SeesawPredictor", "prepare_classifier", "split_extra_state", "load_extra_state"]
+
+_LOG = logging.getLogger(__name__)
+# state_dict keys that only the long-tail classifiers have (a stock model built to load a checkpoint lacks them).
+EXTRA_STATE_PREFIXES = ("roi_heads.box_predictor.cls_objectness.", "roi_heads.cls_criterion.")
+
+
+class NormedLinear(nn.Linear):
+    """MMDetection's ``NormedLinear``: ``temperature * (x / (|x| + eps)) @ (W / (|W_row| + eps)).T + b``."""
+
+    temperature: float
+    eps: float
+
+    def __init__(self, in_features: int, out_features: int, temperature: float = 20.0, eps: float = 1e-6) -> None:
+        super().__init__(in_features, out_features)
+        self.temperature, self.eps = float(temperature), float(eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight / (torch.linalg.vector_norm(self.weight, 2.0, [1], True) + self.eps)
+        x = x / (torch.linalg.vector_norm(x, 2.0, [1], True) + self.eps)
+        return F.linear(x * self.temperature, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", temperature={self.temperature}"
+
+
+class SeesawPredictor(FastRCNNPredictor):
+    """torchvision's ``FastRCNNPredictor`` plus ``cls_objectness``: class logits ``[bg, 1..K, object]``."""
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if x.dim() == 4:
+            torch._assert(
+                list(x.shape[2:]) == [1, 1], "x has the wrong shape, expecting the last two dimensions [1, 1]"
+            )
+        x = x.flatten(start_dim=1)
+        return torch.cat([self.cls_score(x), self.cls_objectness(x)], dim=1), self.bbox_pred(x)
+
+
+def _check_predictor(heads: nn.Module, what: str) -> None:
+    pred = heads.box_predictor
+    if not isinstance(getattr(pred, "cls_score", None), nn.Linear) or not isinstance(pred, FastRCNNPredictor):
+        raise LossConfigError(
+            f"{what} replaces layers of torchvision's FastRCNNPredictor, but roi_heads.box_predictor is a "
+            f"{type(pred).__name__}: give it the outputs yourself and keep the defaults"
+        )
+
+
+def check_classifier(heads: nn.Module, cfg) -> None:
+    """Raise (nothing changed) if ``cfg`` (a RoILossConfig) needs layers the model's predictor lacks."""
+    if cfg.cls_loss == "seesaw" and not isinstance(heads.box_predictor, SeesawPredictor):
+        _check_predictor(heads, "roi_head.cls_loss: seesaw")
+    if cfg.cosine_classifier:
+        _check_predictor(heads, "roi_head.cosine_classifier")
+
+
+def prepare_classifier(heads: nn.Module, cfg) -> List[str]:
+    """Give ``heads.box_predictor`` the layers ``cfg`` (a RoILossConfig) needs, in place; one line per change.
+
+    Seesaw adds ``cls_objectness`` (``nn.Linear(in, 1)``, torchvision's initialisation) to a
+    ``FastRCNNPredictor``; another loss removes it. The cosine classifier converts ``cls_score`` to a
+    :class:`NormedLinear` and back (weights kept). Nothing changes when the predictor already fits.
+    """
+    check_classifier(heads, cfg)
+    lines: List[str] = []
+    pred = heads.box_predictor
+    if cfg.cls_loss == "seesaw" and not isinstance(pred, SeesawPredictor):
+        layer = pred.cls_score
+        pred.__class__ = SeesawPredictor
+        pred.cls_objectness = nn.Linear(layer.in_features, 1).to(layer.weight.device, layer.weight.dtype)
+        lines.append(
+            f"roi_heads.box_predictor.cls_objectness (new, 1 output: Seesaw's object logit; the classifier now "
+            f"returns {layer.out_features + 1} logits, background, {layer.out_features - 1} classes, object)"
+        )
+    elif cfg.cls_loss != "seesaw" and isinstance(pred, SeesawPredictor):
+        del pred.cls_objectness
+        pred.__class__ = FastRCNNPredictor
+        lines.append("roi_heads.box_predictor.cls_objectness removed (roi_head.cls_loss is not seesaw)")
+    layer = getattr(pred, "cls_score", None)
+    temperature = 20.0 if cfg.cosine_temperature is None else float(cfg.cosine_temperature)
+    if cfg.cosine_classifier and isinstance(layer, nn.Linear):
+        if not isinstance(layer, NormedLinear):
+            layer.__class__ = NormedLinear
+            layer.eps = 1e-6
+            layer.temperature = temperature
+            lines.append(
+                "roi_heads.box_predictor.cls_score: Linear -> NormedLinear "
+                f"(cosine, temperature {temperature:g}; weights kept)"
+            )
+        elif layer.temperature != temperature:
+            lines.append(
+                f"roi_heads.box_predictor.cls_score: NormedLinear temperature {layer.temperature:g} -> {temperature:g}"
+            )
+            layer.temperature = temperature
+    elif isinstance(layer, NormedLinear):
+        layer.__class__ = nn.Linear
+        del layer.temperature, layer.eps
+        lines.append("roi_heads.box_predictor.cls_score: NormedLinear -> Linear (weights kept)")
+    return lines
+
+
+def split_extra_state(state: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """(the stock model's keys, the long-tail classifier's: ``cls_objectness``, the loss statistics)."""
+    extra = {k: v for k, v in state.items() if k.startswith(EXTRA_STATE_PREFIXES)}
+    return {k: v for k, v in state.items() if k not in extra}, extra
+
+
+def load_extra_state(model: nn.Module, extra: Dict[str, Tensor], where: str) -> List[str]:
+    """Load the keys :func:`split_extra_state` set aside into a patched model; one line per key it has no
+    use for (the checkpoint trained another ``roi_head.cls_loss``), and none for the ones loaded."""
+    target = getattr(model, "module", model)
+    own = target.state_dict()
+    fits = {k: v for k, v in extra.items() if k in own and own[k].shape == v.shape}
+    if fits:
+        target.load_state_dict(fits, strict=False)
+    lines = []
+    for k, v in extra.items():
+        if k in fits:
+            continue
+        why = (
+            f"shape {list(v.shape)}, here {list(own[k].shape)}: another class count"
+            if k in own
+            else f"roi_head.cls_loss {target.roi_heads.cls_loss!r} has no use for it"
+        )
+        lines.append(f"{where}: {k} not loaded ({why})")
+    for line in lines:
+        _LOG.info(line)
+    return lines

@@ -1,0 +1,552 @@
+"""The classification losses of the two heads: one registry, one pure function per loss.
+
+A loss is registered once (:func:`register`) as a :class:`ClsLoss`: its name (the value of
+``rpn_head.cls_loss`` / ``roi_head.cls_loss``), the config keys it reads, how many classifier outputs
+it needs beyond the model's classes, and a small ``nn.Module`` (a *criterion*) that the head holds as
+``cls_criterion``. The criterion calls the pure function (tensors in, tensors out, no host read) and
+gives the three things every user of a classification loss needs:
+
+* ``forward(logits, labels, avg_factor, weight)``: the loss, ``sum(w * loss) / avg_factor``;
+* ``ranking(logits, labels)``: the per-sample loss OHEM ranks candidates by (no state update);
+* ``scores(logits)``: the inference probabilities, ``[N, K + 1]`` in torchvision's layout (column 0
+  background, columns 1..K the classes) whatever the classifier's own layout.
+
+The head calls them the same way for every loss, so adding one is a pure function, a criterion and
+a ``register`` call. A criterion is an ``nn.Module`` so that TorchScript compiles the one the head
+holds (a stored function would not compile) and so that a loss with running statistics (Seesaw's
+sample counts, EQLv2's gradient statistics) keeps them as buffers: in ``state_dict``, hence in
+checkpoints and kept on resume. Criteria without state have no buffers: ``state_dict`` keeps stock
+torchvision's keys.
+
+Logit layouts of the RoI classifier (torchvision's labels: 0 background, 1..K classes):
+
+* ``ce`` / ``focal`` / ``sigmoid`` / ``federated`` / ``eqlv2``: torchvision's ``K + 1`` logits. The
+  sigmoid losses (Detectron2) leave column 0 unused; EQLv2 reads it as its objectness logit (the
+  background channel MMDetection puts last).
+* ``seesaw``: ``K + 2`` logits, ``[background, class 1..K, object]``: MMDetection's ``C + 2`` outputs
+  (its classes, then the objectness pair ``[object, background]``) with the background logit kept in
+  torchvision's column 0. The extra ``object`` logit comes from ``box_predictor.cls_objectness``
+  (see :mod:`tv_lossfix.classifiers`).
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import losses as L
+
+__all__ = [
+    "ClsLoss",
+    "register",
+    "registered",
+    "cls_loss_names",
+    "build_criterion",
+    "sigmoid_ce_loss",
+    "federated_classes",
+    "fed_class_weights",
+    "seesaw_loss",
+    "seesaw_scores",
+    "eqlv2_weights",
+    "eqlv2_loss",
+    "eqlv2_grad_stats",
+    "eqlv2_scores",
+]
+
+
+# -- the pure functions of the long-tail losses ----------------------------------------------------
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``F.one_hot(labels, num_classes).to(dtype)`` without its range check, a host read on the CPU."""
+    return (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(dtype)
+
+
+def sigmoid_ce_loss(
+    logits: Tensor,
+    labels: Tensor,
+    avg_factor: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    class_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Detectron2's ``USE_SIGMOID_CE``: binary cross-entropy of each RoI against each of the K classes.
+
+    ``logits`` [N, K + 1] (column 0, background, unused: a background RoI is a 0 target for every
+    class), ``labels`` [N] in 0..K. Per RoI the K terms are summed (times ``class_mask[1:]``, [K + 1],
+    when given: the federated loss's classes), then ``sum(w * loss) / avg_factor``; ``avg_factor=None``
+    divides by N, Detectron2's normalizer.
+    """
+    fg = logits[:, 1:]
+    target = one_hot(labels, logits.shape[1], fg.dtype)[:, 1:]
+    loss = F.binary_cross_entropy_with_logits(fg, target, reduction="none")
+    if class_mask is not None:
+        loss = loss * class_mask[1:].to(loss.dtype)
+    return L.weighted_reduce(loss.sum(dim=1), avg_factor, weight)
+
+
+def fed_class_weights(image_counts: List[int], power: float) -> Tensor:
+    """Detectron2's ``get_fed_loss_cls_weights``: images per foreground class ** ``power``, float32 [K]."""
+    return torch.tensor(image_counts, dtype=torch.float32) ** power
+
+
+def federated_classes(labels: Tensor, class_weight: Tensor, num_fed_classes: int) -> Tensor:
+    """Detectron2's ``get_fed_loss_classes`` as a [K + 1] 0/1 mask (column 0, background, is 0).
+
+    The classes of ``labels`` (0..K) are kept; when they are fewer than ``num_fed_classes`` (the
+    background counted, as Detectron2 counts it), negatives are drawn without replacement with
+    probability ∝ ``class_weight`` ([K], image count ** power) until there are ``num_fed_classes``.
+
+    The draw is ``torch.multinomial(prob, n, replacement=False)``'s own algorithm (exponential race:
+    the n largest ``prob / q``, ``q ~ Exp(1)`` over every entry), written out so that it reads nothing
+    back: ``torch.multinomial`` checks its input on the host and needs ``n`` as a Python int, where here
+    ``n`` depends on the batch. Under the same random state the classes drawn are Detectron2's. Unlike
+    Detectron2, a draw always consumes the random numbers (Detectron2 skips it when the batch already
+    has enough classes), and a class of weight 0 (no training image) is never drawn.
+    """
+    k = class_weight.shape[0]
+    device = labels.device
+    # Detectron2's layout: classes 0..K-1, background K; our label l >= 1 is its class l - 1.
+    present = torch.zeros(k + 1, dtype=torch.bool, device=device)
+    present[torch.where(labels > 0, labels - 1, torch.full_like(labels, k))] = True
+    prob = torch.cat([class_weight.to(device=device, dtype=torch.float32), torch.zeros(1, device=device)])
+    prob = torch.where(present, torch.zeros_like(prob), prob)
+    keys = prob / torch.empty_like(prob).exponential_(1.0)
+    # Rank of each key among all (0 = largest): the first ``wanted`` of the draw's order.
+    rank = torch.zeros(k + 1, dtype=torch.long, device=device)
+    rank[keys.argsort(descending=True)] = torch.arange(k + 1, device=device)
+    wanted = num_fed_classes - present.sum()  # may be <= 0: no negatives
+    drawn = (rank < wanted) & (keys > 0)
+    keep = (present | drawn)[:k]
+    return torch.cat([torch.zeros(1, device=device), keep.to(torch.float32)])
+
+
+def _seesaw_split(logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """(class logits [N, K], objectness logits [N, 2] as ``[object, background]``) of our seesaw layout."""
+    k = logits.shape[1] - 2
+    return logits[:, 1 : k + 1], torch.stack([logits[:, k + 1], logits[:, 0]], dim=1)
+
+
+def seesaw_loss(
+    logits: Tensor,
+    labels: Tensor,
+    cum_samples: Tensor,
+    p: float = 0.8,
+    q: float = 2.0,
+    eps: float = 1e-2,
+    avg_factor: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+) -> Tensor:
+    """MMDetection's ``SeesawLoss`` (Wang et al., CVPR 2021) on our ``[bg, class 1..K, object]`` logits.
+
+    Two terms per RoI, reduced together as ``sum(w * (classes + objectness)) / avg_factor``
+    (MMDetection reduces each with the same weights and avg_factor and adds them):
+
+    * objectness: cross-entropy of ``[object, background]`` against object for a positive RoI;
+    * classes (positives only): cross-entropy of the K class logits where every other class j's
+      logit is raised by ``log(M_ij * C_ij)``: the mitigation ``M_ij = (N_j / N_i) ** p`` when class j
+      has fewer samples so far than the true class i (``N`` = ``cum_samples[1:]``, at least 1), else 1;
+      the compensation ``C_ij = (s_j / s_i) ** q`` when the (detached) softmax score of j exceeds the
+      true class's ``s_i`` (clamped at ``eps``), else 1.
+
+    ``cum_samples`` [K + 1] (background first) holds the samples seen per class, this batch included
+    (the criterion adds the batch first, as MMDetection does). ``avg_factor=None`` divides by N.
+    """
+    return L.weighted_reduce(seesaw_per_sample(logits, labels, cum_samples, p, q, eps), avg_factor, weight)
+
+
+def seesaw_per_sample(
+    logits: Tensor, labels: Tensor, cum_samples: Tensor, p: float = 0.8, q: float = 2.0, eps: float = 1e-2
+) -> Tensor:
+    """The per-RoI terms of :func:`seesaw_loss` (classes + objectness), [N]."""
+    # float32 at least: fp16 (autocast) would overflow LVIS-sized counts (> 65504) and their ratios.
+    cls_logits, obj_logits = _seesaw_split(logits if logits.dtype == torch.float64 else logits.float())
+    k = cls_logits.shape[1]
+    is_pos = labels > 0
+    loss_obj = F.cross_entropy(obj_logits, (~is_pos).long(), reduction="none")
+    # Every row is computed (a negative as class 1) and the negatives' terms dropped with where():
+    # no boolean indexing, no host read.
+    target = (labels - 1).clamp(min=0)
+    onehot = one_hot(target, k, cls_logits.dtype)
+    factor = torch.ones_like(cls_logits)
+    if p > 0:
+        counts = cum_samples[1:].to(cls_logits.dtype).clamp(min=1)  # float32 or float64
+        ratio = counts[None, :] / counts[:, None]  # [i, j] = N_j / N_i
+        mitigation = torch.where(ratio < 1.0, ratio.pow(p), torch.ones_like(ratio))
+        factor = factor * mitigation[target]
+    if q > 0:
+        scores = F.softmax(cls_logits.detach(), dim=1)
+        own = scores.gather(1, target[:, None]).clamp(min=eps)
+        ratio = scores / own
+        factor = factor * torch.where(ratio > 1.0, ratio.pow(q), torch.ones_like(ratio))
+    adjusted = cls_logits + factor.log() * (1 - onehot)
+    loss_cls = F.cross_entropy(adjusted, target, reduction="none")
+    loss_cls = torch.where(is_pos, loss_cls, torch.zeros_like(loss_cls))
+    return loss_cls + loss_obj
+
+
+def seesaw_scores(logits: Tensor) -> Tensor:
+    """MMDetection's Seesaw ``get_activation``: class softmax × P(object); background = P(background)."""
+    cls_logits, obj_logits = _seesaw_split(logits)
+    obj = F.softmax(obj_logits, dim=1)
+    return torch.cat([obj[:, 1:2], F.softmax(cls_logits, dim=1) * obj[:, 0:1]], dim=1)
+
+
+def eqlv2_weights(pos_neg: Tensor, mu: float, alpha: float, gamma: float) -> Tuple[Tensor, Tensor]:
+    """EQLv2's (positive, negative) weights per channel, [K + 1] each, background (column 0) 1 and 1.
+
+    ``neg = 1 / (1 + exp(-gamma (g - mu)))`` of the accumulated positive / negative gradient ratio
+    ``g`` of each class, ``pos = 1 + alpha (1 - neg)`` (Tan et al., CVPR 2021).
+    """
+    neg = 1 / (1 + torch.exp(-gamma * (pos_neg - mu)))
+    neg = torch.cat([torch.ones(1, dtype=neg.dtype, device=neg.device), neg])
+    return 1 + alpha * (1 - neg), neg
+
+
+def eqlv2_loss(
+    logits: Tensor,
+    labels: Tensor,
+    pos_neg: Tensor,
+    mu: float = 0.8,
+    alpha: float = 4.0,
+    gamma: float = 12.0,
+    avg_factor: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+) -> Tensor:
+    """MMDetection's ``EQLV2Loss``: BCE over all K + 1 logits (background included, as its objectness
+    channel), each class's positive and negative terms weighted by :func:`eqlv2_weights` of ``pos_neg``
+    [K]; summed per RoI, ``sum(w * loss) / avg_factor`` (``None``: N, MMDetection's ``n_i``)."""
+    target = one_hot(labels, logits.shape[1], logits.dtype)
+    pos_w, neg_w = eqlv2_weights(pos_neg, mu, alpha, gamma)
+    w = pos_w * target + neg_w * (1 - target)
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * w
+    return L.weighted_reduce(loss.sum(dim=1), avg_factor, weight)
+
+
+def eqlv2_grad_stats(
+    logits: Tensor, labels: Tensor, pos_neg: Tensor, mu: float, alpha: float, gamma: float
+) -> Tuple[Tensor, Tensor]:
+    """EQLv2's ``collect_grad``: the summed |dL/dlogit| of the positive and of the negative terms of each
+    foreground class in this batch ([K] each, background excluded), weighted as the loss weighs them."""
+    with torch.no_grad():
+        target = one_hot(labels, logits.shape[1], logits.dtype)
+        pos_w, neg_w = eqlv2_weights(pos_neg, mu, alpha, gamma)
+        w = pos_w * target + neg_w * (1 - target)
+        grad = (target * (torch.sigmoid(logits) - 1) + (1 - target) * torch.sigmoid(logits)).abs()
+        pos = (grad * target * w).sum(dim=0)[1:]
+        neg = (grad * (1 - target) * w).sum(dim=0)[1:]
+    return pos, neg
+
+
+def eqlv2_scores(logits: Tensor) -> Tensor:
+    """MMDetection's EQLv2 ``get_activation`` (``test_with_obj=True``): sigmoid of each class × (1 -
+    sigmoid of the background logit); column 0 is the background sigmoid."""
+    prob = torch.sigmoid(logits)
+    return torch.cat([prob[:, :1], prob[:, 1:] * (1 - prob[:, :1])], dim=1)
+
+
+@torch.jit.unused
+def _all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum over the DDP ranks (identity when not distributed); not scriptable (collectives)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+# -- the criteria (what the heads hold) ------------------------------------------------------------
+class _Criterion(nn.Module):
+    """Base of the criteria; ``scores`` defaults to the softmax (torchvision's inference)."""
+
+    softmax_scores: bool = True
+
+    def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return F.softmax(logits, -1)
+
+
+class CrossEntropy(_Criterion):
+    """torchvision's RoI classifier loss (``fastrcnn_loss``'s cross-entropy)."""
+
+    def forward(self, logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor], weight: Optional[Tensor]) -> Tensor:
+        return L.classification_loss(logits, labels, avg_factor, weight)
+
+    def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:
+        # The focal loss at gamma 0 is the cross-entropy exactly (the factor is 1): OHEM's ranking as before.
+        return L.softmax_focal_loss(logits, labels, None, 0.0)
+
+
+class SoftmaxFocal(_Criterion):
+    """The softmax focal loss (Lin et al. 2017); ``class_weight`` is its per-class alpha."""
+
+    def __init__(self, gamma: float) -> None:
+        super().__init__()
+        self.gamma = float(gamma)
+
+    def forward(self, logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor], weight: Optional[Tensor]) -> Tensor:
+        return L.focal_classification_loss(logits, labels, self.gamma, avg_factor, weight)
+
+    def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return L.softmax_focal_loss(logits, labels, None, self.gamma)
+
+
+class SigmoidCE(_Criterion):
+    """Detectron2's sigmoid classifier; sigmoid scores at inference (its ``predict_probs``)."""
+
+    softmax_scores = False
+
+    def forward(self, logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor], weight: Optional[Tensor]) -> Tensor:
+        return sigmoid_ce_loss(logits, labels, avg_factor, weight)
+
+    def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:
+        target = one_hot(labels, logits.shape[1], logits.dtype)[:, 1:]
+        return F.binary_cross_entropy_with_logits(logits[:, 1:], target, reduction="none").sum(dim=1)
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+
+class Federated(SigmoidCE):
+    """Detectron2's federated loss: the sigmoid loss over the batch's classes plus drawn negatives.
+
+    ``class_weight`` ([K], image count ** power) is a non-persistent buffer: it comes from the config
+    (``roi_head.fed_image_counts``, saved in checkpoints with the model settings). OHEM ranks by the
+    sigmoid loss over every class (a draw there would rank by noise).
+    """
+
+    def __init__(self, image_counts: List[int], power: float, num_fed_classes: int) -> None:
+        super().__init__()
+        self.num_fed_classes = int(num_fed_classes)
+        self.register_buffer("class_weight", fed_class_weights(image_counts, power), persistent=False)
+
+    def forward(self, logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor], weight: Optional[Tensor]) -> Tensor:
+        if self.class_weight.shape[0] + 1 != logits.shape[1]:
+            raise ValueError(
+                "roi_head.fed_image_counts has " + str(self.class_weight.shape[0]) + " entries but the box predictor "
+                "returns " + str(logits.shape[1]) + " class logits: give one count per foreground class"
+            )
+        mask = federated_classes(labels, self.class_weight, self.num_fed_classes)
+        return sigmoid_ce_loss(logits, labels, avg_factor, weight, mask)
+
+
+class Seesaw(_Criterion):
+    """MMDetection's ``SeesawLoss``; ``cum_samples`` ([K + 1], background first) is a buffer.
+
+    As in MMDetection the counts are per process (not all-reduced under DDP: MMDetection 3.3.0's
+    ``SeesawLoss`` adds each rank's own labels); the batch is added before the loss is computed.
+    """
+
+    softmax_scores = False
+
+    def __init__(self, num_classes: int, p: float, q: float, eps: float = 1e-2) -> None:
+        super().__init__()
+        self.p, self.q, self.eps = float(p), float(q), float(eps)
+        self.register_buffer("cum_samples", torch.zeros(num_classes, dtype=torch.float32))
+
+    def forward(self, logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor], weight: Optional[Tensor]) -> Tensor:
+        if self.cum_samples.shape[0] + 1 != logits.shape[1]:
+            raise ValueError(
+                "roi_head.cls_loss seesaw needs " + str(self.cum_samples.shape[0] + 1) + " class logits (the classes, "
+                "background included, and one objectness logit) but the box predictor returns "
+                + str(logits.shape[1])
+                + ": build the model with tv_lossfix's builders or patch_model, which add box_predictor.cls_objectness"
+            )
+        with torch.no_grad():
+            self.cum_samples.index_add_(0, labels, torch.ones_like(labels, dtype=self.cum_samples.dtype))
+        return seesaw_loss(logits, labels, self.cum_samples, self.p, self.q, self.eps, avg_factor, weight)
+
+    def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return seesaw_per_sample(logits, labels, self.cum_samples, self.p, self.q, self.eps)
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return seesaw_scores(logits)
+
+
+class EQLv2(_Criterion):
+    """MMDetection's ``EQLV2Loss``; its gradient statistics ``pos_grad``, ``neg_grad`` and ``pos_neg``
+    ([K] each) are buffers, ``pos_neg`` starting at 100 (weights 1 on the first step), as MMDetection.
+
+    Under DDP each step's statistics are summed over the ranks before they are added (the EQLv2
+    authors' ``dist.all_reduce``; MMDetection 3.3.0's port drops it), so every rank keeps the same
+    weights. That collective is why training a *scripted* model with EQLv2 raises: train eagerly, script
+    for inference.
+    """
+
+    softmax_scores = False
+
+    def __init__(self, num_classes: int, mu: float, alpha: float, gamma: float) -> None:
+        super().__init__()
+        self.mu, self.alpha, self.gamma = float(mu), float(alpha), float(gamma)
+        k = num_classes - 1
+        self.register_buffer("pos_grad", torch.zeros(k, dtype=torch.float32))
+        self.register_buffer("neg_grad", torch.zeros(k, dtype=torch.float32))
+        self.register_buffer("pos_neg", torch.full((k,), 100.0, dtype=torch.float32))
+
+    def forward(self, logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor], weight: Optional[Tensor]) -> Tensor:
+        if self.pos_neg.shape[0] + 1 != logits.shape[1]:
+            raise ValueError(
+                "roi_head.cls_loss eqlv2 was set up for " + str(self.pos_neg.shape[0] + 1) + " classes but the box "
+                "predictor returns " + str(logits.shape[1]) + " class logits: set the loss config again"
+            )
+        loss = eqlv2_loss(logits, labels, self.pos_neg, self.mu, self.alpha, self.gamma, avg_factor, weight)
+        pos, neg = eqlv2_grad_stats(logits, labels, self.pos_neg, self.mu, self.alpha, self.gamma)
+        if torch.jit.is_scripting():
+            raise RuntimeError(
+                "roi_head.cls_loss eqlv2 trains in eager mode only: its gradient statistics are all-reduced over "
+                "DDP ranks (torch.distributed is not scriptable); script the model for inference"
+            )
+        stats = _all_reduce_sum(torch.stack([pos, neg]))
+        self.pos_grad += stats[0]
+        self.neg_grad += stats[1]
+        self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))
+        return loss
+
+    def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:
+        target = one_hot(labels, logits.shape[1], logits.dtype)
+        pos_w, neg_w = eqlv2_weights(self.pos_neg, self.mu, self.alpha, self.gamma)
+        w = pos_w * target + neg_w * (1 - target)
+        return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * w).sum(dim=1)
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return eqlv2_scores(logits)
+
+
+class ObjectnessBCE(nn.Module):
+    """torchvision's RPN objectness loss (binary cross-entropy)."""
+
+    def forward(self, logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor], weight: Optional[Tensor]) -> Tensor:
+        return L.objectness_loss(logits, labels, avg_factor, weight)
+
+
+class ObjectnessFocal(nn.Module):
+    """The sigmoid focal loss of ``torchvision.ops.sigmoid_focal_loss`` on the RPN objectness."""
+
+    def __init__(self, alpha: float, gamma: float) -> None:
+        super().__init__()
+        self.alpha, self.gamma = float(alpha), float(gamma)
+
+    def forward(self, logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor], weight: Optional[Tensor]) -> Tensor:
+        return L.weighted_reduce(L.sigmoid_focal_loss(logits, labels, self.alpha, self.gamma), avg_factor, weight)
+
+
+# -- the registry ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ClsLoss:
+    """One classification loss of one head.
+
+    ``params``: the config keys only this loss reads, ``key -> default`` (a key set while another loss
+    is chosen is refused); ``build(settings, num_classes)`` makes the criterion from the resolved
+    settings (a dict of every key of the head's config) and the model's classes (background
+    included); ``extra_outputs``: classifier outputs beyond those classes (Seesaw: 1, the object
+    logit); ``needs``: config keys that must be given (data statistics); ``stateful``: has buffers.
+    """
+
+    name: str
+    head: str
+    build: Callable[[Dict[str, Any], int], nn.Module]
+    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra_outputs: int = 0
+    needs: Tuple[str, ...] = ()
+    stateful: bool = False
+    summary: str = ""
+
+
+_REGISTRY: Dict[Tuple[str, str], ClsLoss] = {}
+
+
+def register(spec: ClsLoss) -> ClsLoss:
+    """Add a loss (``spec.head`` is ``"rpn_head"`` or ``"roi_head"``); a name is registered once per head."""
+    if spec.head not in ("rpn_head", "roi_head"):
+        raise ValueError(f"ClsLoss.head must be 'rpn_head' or 'roi_head', got {spec.head!r}")
+    if (spec.head, spec.name) in _REGISTRY:
+        raise ValueError(f"{spec.head}.cls_loss {spec.name!r} is already registered")
+    _REGISTRY[(spec.head, spec.name)] = spec
+    return spec
+
+
+def registered(head: str, name: str) -> ClsLoss:
+    return _REGISTRY[(head, name)]
+
+
+def cls_loss_names(head: str) -> Tuple[str, ...]:
+    """The registered names for one head, in registration order (the stock loss first)."""
+    return tuple(n for h, n in _REGISTRY if h == head)
+
+
+def param_owners(head: str) -> Dict[str, List[str]]:
+    """config key -> the losses of ``head`` that read it."""
+    out: Dict[str, List[str]] = {}
+    for (h, n), spec in _REGISTRY.items():
+        if h == head:
+            for key in spec.params:
+                out.setdefault(key, []).append(n)
+    return out
+
+
+def resolved_param(settings: Dict[str, Any], spec: ClsLoss, key: str) -> Any:
+    value = settings.get(key)
+    return spec.params[key] if value is None else value
+
+
+def build_criterion(head: str, settings: Dict[str, Any], num_classes: int) -> nn.Module:
+    """The criterion of ``settings["cls_loss"]`` for a model with ``num_classes`` (background included);
+    ``settings`` holds the head's config keys, None meaning the loss's default."""
+    spec = registered(head, settings["cls_loss"])
+    return spec.build({**settings, **{k: resolved_param(settings, spec, k) for k in spec.params}}, num_classes)
+
+
+register(ClsLoss("bce", "rpn_head", lambda s, n: ObjectnessBCE(), summary="binary cross-entropy (torchvision)"))
+register(
+    ClsLoss(
+        "focal",
+        "rpn_head",
+        lambda s, n: ObjectnessFocal(s["focal_alpha"], s["focal_gamma"]),
+        params={"focal_gamma": 2.0, "focal_alpha": 0.25},
+        summary="sigmoid focal loss (torchvision.ops.sigmoid_focal_loss)",
+    )
+)
+register(ClsLoss("ce", "roi_head", lambda s, n: CrossEntropy(), summary="softmax cross-entropy (torchvision)"))
+register(
+    ClsLoss(
+        "focal",
+        "roi_head",
+        lambda s, n: SoftmaxFocal(s["focal_gamma"]),
+        params={"focal_gamma": 2.0},
+        summary="softmax focal loss; class_weight is its per-class alpha",
+    )
+)
+register(ClsLoss("sigmoid", "roi_head", lambda s, n: SigmoidCE(), summary="Detectron2 USE_SIGMOID_CE"))
+register(
+    ClsLoss(
+        "federated",
+        "roi_head",
+        lambda s, n: Federated(list(s["fed_image_counts"]), s["fed_freq_power"], s["fed_num_classes"]),
+        params={"fed_num_classes": 50, "fed_freq_power": 0.5, "fed_image_counts": None},
+        needs=("fed_image_counts",),
+        summary="Detectron2 USE_FED_LOSS",
+    )
+)
+register(
+    ClsLoss(
+        "seesaw",
+        "roi_head",
+        lambda s, n: Seesaw(n, s["seesaw_p"], s["seesaw_q"]),
+        params={"seesaw_p": 0.8, "seesaw_q": 2.0},
+        extra_outputs=1,
+        stateful=True,
+        summary="MMDetection SeesawLoss",
+    )
+)
+register(
+    ClsLoss(
+        "eqlv2",
+        "roi_head",
+        lambda s, n: EQLv2(n, s["eqlv2_mu"], s["eqlv2_alpha"], s["eqlv2_gamma"]),
+        params={"eqlv2_mu": 0.8, "eqlv2_alpha": 4.0, "eqlv2_gamma": 12.0},
+        stateful=True,
+        summary="MMDetection EQLV2Loss",
+    )
+)
