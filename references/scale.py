@@ -88,7 +88,7 @@ class ScaleFinding:
         else:
             cure = (
                 f"the objects need x{self.factor:.2f}: min_size {self.new_min_size}, max_size {self.new_max_size} "
-                f"(x{self.new_min_size / self.min_size:.2f}; pixels x{self.pixel_ratio:.1f}, so step time "
+                f"(x{self.new_min_size / self.min_size:.2f}; pixels x{self.pixel_ratio:.1f}, so step time up to "
                 f"x~{self.pixel_ratio:.1f})"
             )
         return f"{what}: too small to be resolved; {cure}"

@@ -118,6 +118,11 @@ def check_supported(cfg: TrainConfig) -> None:
             raise ConfigError(f"distributed.{k} = {v!r}: this CLI trains on one device (DDP: use module.py)")
     if cfg.model.stock:
         raise ConfigError("--stock: the Lightning module trains tv_lossfix heads (their statistics are logged)")
+    if cfg.data.tile_size:
+        raise ConfigError(
+            f"data.tile_size = {cfg.data.tile_size}: sliced evaluation is references/train.py's (and predict.py's); "
+            "the Lightning module evaluates whole images"
+        )
     clip = cfg.training.gradient_clip
     if clip.enabled and float(clip.norm_type) != 2.0:
         raise ConfigError(
