@@ -347,7 +347,7 @@ def test_tiled_training_sliced_evaluation_and_predict(tmp_path):
         [sys.executable, os.path.join(REFS, "train.py"), *argv], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "tiles: 8 training images -> 32 tiles of 96 px, overlap 40" in proc.stdout
+    assert "tiles: 8 training images -> 72 tiles of 96 px, overlap 40" in proc.stdout  # 3 x 3 tiles (0, 56, 64)
     evals = [json.loads(line) for line in open(out / "metrics.jsonl") if '"type": "eval"' in line]
     assert evals and evals[-1]["images"] == 4  # COCO evaluation on the 4 whole images
     dets = tmp_path / "dets.json"
