@@ -372,3 +372,15 @@ def test_tiled_training_sliced_evaluation_and_predict(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 1 and bad.stderr.startswith("error: predict.py: data.tile_overlap (96) must be smaller")
+
+
+def test_the_collapse_diagnostics_name_the_scale_first_with_its_cure():
+    finding = S.scale_rule(np.full(100, 5.0), np.array([[160, 160]]), 128, 128, 12, 4)
+    current = {"dets_per_image": 0.0, "max_score": 0.02, "score_thresh": 0.05, "per_class": {}}
+    cfg = train_config.defaults()
+    lines = D.collapse_warnings([], current, {}, cfg, 2.0, scale=finding)
+    assert lines[0].startswith("detections collapsed")
+    assert lines[1].startswith("  likely cause: objects too small for the model's input: object side after the resize")
+    assert lines[1].endswith("In the YAML: model.kwargs: {'min_size': 288, 'max_size': 288}")
+    silent = S.scale_rule(np.full(100, 20.0), np.array([[160, 160]]), 128, 128, 12, 4)
+    assert not any("too small" in line for line in D.collapse_warnings([], current, {}, cfg, 2.0, scale=silent))
