@@ -384,3 +384,19 @@ def test_the_collapse_diagnostics_name_the_scale_first_with_its_cure():
     assert lines[1].endswith("In the YAML: model.kwargs: {'min_size': 288, 'max_size': 288}")
     silent = S.scale_rule(np.full(100, 20.0), np.array([[160, 160]]), 128, 128, 12, 4)
     assert not any("too small" in line for line in D.collapse_warnings([], current, {}, cfg, 2.0, scale=silent))
+
+
+def test_past_the_cap_the_report_advises_tiles_and_is_silent_with_them():
+    model, _ = models.build_model(name="maskrcnn_tiny", num_classes=2, stock=True)  # 128 px
+    data = _coco([(12.0, 12.0)] * 40, hw=(2000, 2000), n_images=4)
+    for k, a in enumerate(data["annotations"]):  # spread over the image, not only its corner
+        a["bbox"][:2] = [100.0 + 45 * k, 200.0 + 40 * k]
+    report = A.data_report(None, model, dataset=data)
+    s = report.scale
+    # 12 px at 2000 -> 128 is 0.77 px: x13.1 would be 1677 px a side, past 1333: tiles of
+    # floor(128 / (10.04 / 0.768 * 0.064)) = 152 px, overlap ceil(0.2 * 152) = 31.
+    assert s["fires"] and s["new_min_size"] is None and (s["tile_size"], s["tile_overlap"]) == (152, 31)
+    assert report.config["data"] == {"tile_size": 152, "tile_overlap": 31}  # anchors searched on the tiles too
+    cfg = train_config.defaults().replace({"data.tile_size": 152, "data.tile_overlap": 31})
+    tiled = A.data_report(None, model, dataset=data, cfg=cfg)
+    assert not tiled.scale["fires"] and tiled.scale["p50"] == pytest.approx(12 * 128 / 152, rel=1e-6)
