@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import image_classes, repeat_factors, suggest_repeat_threshold  # noqa: E402
-from scale import ScaleFinding, scale_finding, tile_view  # noqa: E402
+from scale import ScaleFinding, finding_from_boxes, tile_view  # noqa: E402
 
 if TYPE_CHECKING:
     from train_config import TrainConfig
@@ -533,7 +533,7 @@ def data_report(
         repeat_factors=repeat_factor_advice(data, cat_names),
     )
     counts = label_counts(cats, cat_names, label_to_cat, _model_num_classes(model))
-    finding = scale_finding(model, data) if len(xyxy) else None
+    finding = finding_from_boxes(model, geo, data, xyxy) if len(xyxy) else None
     scaled = None
     if finding is not None:
         report.scale = finding.to_dict()

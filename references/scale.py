@@ -206,8 +206,11 @@ def scale_finding(model, data: Dict[str, Any], tile: Optional[Sequence[int]] = N
         data = tile_view(data, int(tile[0]), int(tile[1]))
     geo = AnchorGeometry(model)
     xyxy, _, _ = resized_boxes(data, geo)
-    if not len(xyxy):
-        return None
+    return finding_from_boxes(model, geo, data, xyxy) if len(xyxy) else None
+
+
+def finding_from_boxes(model, geo, data: Dict[str, Any], xyxy: np.ndarray) -> ScaleFinding:
+    """:func:`scale_rule` from boxes the caller already resized (analyze_data.resized_boxes of ``data``)."""
     sides = np.sqrt(np.maximum((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]), 0))
     anns = [a for a in data["annotations"] if not a.get("iscrowd", 0)]
     extent = np.asarray([max(a["bbox"][2], a["bbox"][3], 0) for a in anns], dtype=np.float64)
