@@ -3,20 +3,25 @@ r"""Evidence for the rare-class levers: per-class AP of each configuration, over
     python references/benchmarks/rare_classes.py                       # every configuration, seeds 0 1 2
     python references/benchmarks/rare_classes.py --configs default ohem --seeds 0 1 2 --datasets thin
     python references/benchmarks/rare_classes.py --quick --configs default   # smoke test, one seed, minutes
+    python references/benchmarks/rare_classes.py --datasets small tiny thin --configs default old-advice advice
 
-Writes two COCO-format sets with tiny_objects.write_split (noisy 160 px images, 1-4 objects each):
-``tiny``, tiny_objects.py's own classes (ellipse, cross, ring drawn 20 : 5 : 1, 60% of objects
-4-10 px), and ``thin``, round blobs next to a rare class of thin bars (10 : 1; a bar's height / width
-is 0.15 or 6.7, outside the default anchors' 0.5-2). Train and val are drawn separately (rng seeds 0
-and 1). Every configuration trains maskrcnn_tiny from scratch through ``train.main`` with one budget:
-the same epochs and iterations per epoch (repeat-factor sampling repeats images within that
-budget, it does not add steps), lr at the linear-scaling rule (0.02 x 4 / 16 = 0.005) with warmup
-over the first epoch and gradient clipping at 10, one evaluation at the end. A configuration is a
-YAML override of the model / data sections (CONFIGS); the two data-driven ones are computed on the
-training set: the repeat-factor threshold that data.suggest_repeat_threshold gives, and the YAML
-that the data report (analyze_data) prints, applied as printed (its YAML blocks and the
-``--flag value`` it advises outside warnings, nothing else). A configuration the recipe refuses
-(a key not built yet) is reported as such and skipped.
+Writes three COCO-format sets with tiny_objects.write_split (noisy 160 px images, 1-4 objects each):
+``tiny``, tiny_objects.py's own classes (ellipse, cross, ring drawn 20 : 5 : 1, 60% of objects 4-10
+px), ``thin``, round blobs next to a rare class of thin bars (10 : 1; a bar's height / width is 0.15
+or 6.7, outside the default anchors' 0.5-2), and ``small``: every object 4-10 px (dots, thin bars,
+rings at 9 : 1 : 1.3), a quarter of the images empty, trained at maskrcnn_tiny's own 128 px input as
+a new user would (tiny and thin at their native 160 px). Train and val are drawn separately (rng
+seeds 0 and 1). Every configuration trains maskrcnn_tiny from scratch through ``train.main`` with
+one budget: the same epochs and iterations per epoch (repeat-factor sampling repeats images within
+that budget, it does not add steps), lr at the linear-scaling rule (0.02 x 4 / 16 = 0.005) with
+warmup over the first epoch and gradient clipping at 10, one evaluation at the end. A configuration
+is a YAML override of the model / data sections (CONFIGS); the two data-driven ones are computed on
+the training set: the repeat-factor threshold that data.suggest_repeat_threshold gives; ``advice``,
+the config the data report's ``--write-config`` writes (the base config with all its advice merged
+in, nothing else); and ``old-advice``, what the report printed at commit OLD_REF (before the scale
+rule and the safe class weights: its YAML blocks and the ``--flag value`` it advised outside
+warnings, as printed), run from that commit's references/ extracted with git archive. A
+configuration the recipe refuses (a key not built yet) is reported as such and skipped.
 
 Prints, per dataset, markdown tables of bbox AP and AP50 (overall and per class, mean ± std over
 the seeds, sample std) and one line per configuration naming the classes where its mean AP differs
