@@ -7,8 +7,9 @@ is resized by the model's own transform like any image, so a tile of T px with m
 its objects M / T times. Each object's box is clipped to the tile and its mask cropped; a piece
 that keeps under MIN_VISIBLE of its box area is dropped (the log counts them): an object cut in
 half at a tile edge is mostly not the object, and with an overlap at least the largest object's
-side every object is whole in some tile. Tiles without objects are kept as negatives, as whole
-empty images are.
+side every object is whole in some tile (SAHI's ``slice_coco`` keeps pieces from 10% of their
+area; a tenth of a 6 px object is a pixel or two labelled as the whole class). Tiles without
+objects are kept as negatives, as whole empty images are (SAHI's default too).
 
 Inference (evaluation with the same keys, and references/predict.py): the model runs on every tile
 (and, with ``data.tile_whole_image``, on the whole image as it always would, which keeps the large
@@ -19,7 +20,9 @@ over the smaller box is at least MERGE_IOS, taking the union of their boxes and 
 tile the model's own NMS has already run. Intersection over the smaller box, not IoU, because the
 piece of an object a tile cuts is small against the whole one, so its IoU is low while it lies
 entirely inside. SAHI's default (greedy non-maximum merging on intersection over smaller) has the
-same idea; this is written from its description, merging across sources only.
+same idea (its defaults: intersection over smaller at 0.5, class by class, the whole-image pass
+on when there is more than one slice, slices overlapping by 20%); this is written from its
+description, and merges across sources only, where SAHI also merges within one slice.
 """
 
 from __future__ import annotations
