@@ -545,6 +545,16 @@ def data_report(
     return report
 
 
+def scale_finding(model, data: Dict[str, Any], tile: Optional[Sequence[int]] = None) -> Optional[ScaleFinding]:
+    """The scale rule (scale.py) for ``model`` on a COCO dict's boxes; ``tile``: (tile_size, tile_overlap)
+    when the config tiles. None without boxes. The collapse diagnostics call it."""
+    if tile:
+        data = tile_view(data, int(tile[0]), int(tile[1]))
+    geo = AnchorGeometry(model)
+    xyxy, _, _ = resized_boxes(data, geo)
+    return finding_from_boxes(model, geo, data, xyxy) if len(xyxy) else None
+
+
 def _at_advised_scale(finding: ScaleFinding, data: Dict[str, Any], geo: AnchorGeometry, cat_names):
     """The boxes, padded sizes, coverage, groups and table at the input the scale cure gives."""
     if finding.tile_size is not None:

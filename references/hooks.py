@@ -25,7 +25,6 @@ import distributed
 from diagnostics import collapse_warnings, linear_scaling_lr, lr_warning, per_class_table
 from evaluation import evaluate
 from run_data import rare_cure
-from scale import scale_finding
 from tiles import sliced
 from training_checkpoint import save_training_checkpoint
 
@@ -110,6 +109,8 @@ class Evaluation(HookBase):
     _finding: Any = False  # the input-scale rule on the training boxes, computed at the first warning check
 
     def _scale(self):
+        from analyze_data import scale_finding
+
         tr = self.trainer
         if self._finding is False:
             train_set, d = tr.data.train_set, tr.cfg.data

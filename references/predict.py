@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(path: str, device: torch.device):
     """(model in eval mode, class names, the checkpoint's data config) from a train.py checkpoint."""
+    from tv_lossfix.checkpoint import model_state_dict
+
     from models import build_model
     from training_checkpoint import checkpoint_model_name, load_training_checkpoint
 
@@ -51,7 +53,7 @@ def load_model(path: str, device: torch.device):
         from training_checkpoint import CheckpointError
 
         raise CheckpointError(f"--weights {path}: the checkpoint records no model name (not written by train.py)")
-    state = ckpt["model"]
+    state = model_state_dict(ckpt, path, "--weights")
     num_classes = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0])
     model, report = build_model(name=name, num_classes=num_classes, weights=path)
     names = list(report.checkpoint_settings.get("class_names") or [])
@@ -61,7 +63,7 @@ def load_model(path: str, device: torch.device):
 
 def tile_settings(args, data_cfg: Dict[str, Any]):
     """(tile, overlap, whole image) from the flags over the checkpoint's config; checked as train.py checks them."""
-    from tiles import check_tile_keys
+    from train_config import check_tile_keys
 
     tile = args.tile_size if args.tile_size is not None else data_cfg.get("tile_size")
     tile = tile or None  # --tile-size 0: off

@@ -13,15 +13,15 @@ Upscaling the input is the standard lever (Detectron2's ``INPUT.MIN_SIZE_TRAIN``
 (SAHI's) keep the magnification without the whole image.
 
 Everything here is plain numbers in, numbers out: :func:`scale_rule` decides from the boxes' sides
-after the resize; the data report and the collapse diagnostics call :func:`scale_finding` with the
-model and the annotations.
+after the resize; the data report and the collapse diagnostics (through analyze_data.scale_finding)
+call :func:`finding_from_boxes` with the model, its anchor geometry and the annotations.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -166,11 +166,9 @@ def scale_rule(
     return ScaleFinding(**base, fires=True, factor=factor, tile_size=tile, tile_overlap=overlap)
 
 
-def model_yardsticks(model, geo=None) -> Tuple[float, float]:
-    """(smallest anchor side, finest feature-map stride) of a torchvision detector as built."""
-    from analyze_data import AnchorGeometry
-
-    geo = geo or AnchorGeometry(model)
+def model_yardsticks(model, geo) -> Tuple[float, float]:
+    """(smallest anchor side, finest feature-map stride) of a torchvision detector as built; ``geo``:
+    its analyze_data.AnchorGeometry (the real feature-map grids)."""
     side = _round_up(max(geo.min_size, geo.max_size), geo.divisible)
     strides = [min(s) for _, _, s in geo.levels(side, side)]
     anchors = [float(s) for sizes in model.rpn.anchor_generator.sizes for s in sizes]
@@ -197,20 +195,10 @@ def tile_view(data: Dict[str, Any], tile_size: int, tile_overlap: int) -> Dict[s
     return {**data, "images": images, "annotations": anns}
 
 
-def scale_finding(model, data: Dict[str, Any], tile: Optional[Sequence[int]] = None) -> Optional[ScaleFinding]:
-    """:func:`scale_rule` for ``model`` (its real resize, anchors and strides) on a COCO dict's
-    non-crowd boxes; ``tile``: (tile_size, tile_overlap) when the config tiles. None without boxes."""
-    from analyze_data import AnchorGeometry, resized_boxes
-
-    if tile:
-        data = tile_view(data, int(tile[0]), int(tile[1]))
-    geo = AnchorGeometry(model)
-    xyxy, _, _ = resized_boxes(data, geo)
-    return finding_from_boxes(model, geo, data, xyxy) if len(xyxy) else None
-
-
 def finding_from_boxes(model, geo, data: Dict[str, Any], xyxy: np.ndarray) -> ScaleFinding:
-    """:func:`scale_rule` from boxes the caller already resized (analyze_data.resized_boxes of ``data``)."""
+    """:func:`scale_rule` for ``model`` (its real resize, anchors and strides; ``geo``: its
+    analyze_data.AnchorGeometry) on a COCO dict's non-crowd boxes, ``xyxy`` as analyze_data.resized_boxes
+    gives them."""
     sides = np.sqrt(np.maximum((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]), 0))
     anns = [a for a in data["annotations"] if not a.get("iscrowd", 0)]
     extent = np.asarray([max(a["bbox"][2], a["bbox"][3], 0) for a in anns], dtype=np.float64)

@@ -37,30 +37,6 @@ MERGE_IOS = 0.5  # detections of different tiles are one object from this inters
 MIN_TILE = 32  # one stride-32 cell: a smaller tile has no feature map to speak of
 
 
-def check_tile_keys(tile_size: Optional[int], overlap: Optional[int], whole_image: bool, source: str) -> Optional[int]:
-    """The tile keys' rules, before any data is read; returns the overlap to use (its default filled in)."""
-    from train_config import ConfigError
-
-    if tile_size is None:
-        if overlap is not None:
-            raise ConfigError(f"{source}: data.tile_overlap (--tile-overlap) has no effect without data.tile_size")
-        if not whole_image:
-            raise ConfigError(f"{source}: data.tile_whole_image false has no effect without data.tile_size")
-        return None
-    if tile_size < MIN_TILE:
-        raise ConfigError(f"{source}: data.tile_size (--tile-size) must be >= {MIN_TILE} px, got {tile_size}")
-    if overlap is None:
-        return int(round(OVERLAP_FRACTION * tile_size))
-    if overlap < 0:
-        raise ConfigError(f"{source}: data.tile_overlap (--tile-overlap) must be >= 0, got {overlap}")
-    if overlap >= tile_size:
-        raise ConfigError(
-            f"{source}: data.tile_overlap ({overlap}) must be smaller than data.tile_size ({tile_size}): "
-            f"the tiles would not advance"
-        )
-    return overlap
-
-
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
     """Starts of the tiles along one axis: ``tile - overlap`` apart, the last flush with the edge."""
     if length <= tile:

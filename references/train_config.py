@@ -597,8 +597,6 @@ def _fill_derived(tree: Dict[str, Any], source: str) -> None:
         d["bad_annotations"] = "drop" if d["dataset"] in ("coco", "coco_kp") else "stop"
     if d["data_path"] is None:
         d["data_path"] = "data" if d["dataset"] == "shapes" else TORCHVISION_COCO_PATH
-    from tiles import check_tile_keys
-
     d["tile_overlap"] = check_tile_keys(d["tile_size"], d["tile_overlap"], d["tile_whole_image"], source)
 
 
@@ -726,6 +724,30 @@ def _check_anchors(m: ModelConfig, source: str) -> None:
                 f"{source}: model.{name} must be a list of non-empty lists of positive numbers "
                 f"(one list per feature map), got {v!r}"
             )
+
+
+def check_tile_keys(tile_size: Optional[int], overlap: Optional[int], whole_image: bool, source: str) -> Optional[int]:
+    """The tile keys' rules, before any data is read; returns the overlap to use (its default filled in)."""
+    from tiles import MIN_TILE, OVERLAP_FRACTION
+
+    if tile_size is None:
+        if overlap is not None:
+            raise ConfigError(f"{source}: data.tile_overlap (--tile-overlap) has no effect without data.tile_size")
+        if not whole_image:
+            raise ConfigError(f"{source}: data.tile_whole_image false has no effect without data.tile_size")
+        return None
+    if tile_size < MIN_TILE:
+        raise ConfigError(f"{source}: data.tile_size (--tile-size) must be >= {MIN_TILE} px, got {tile_size}")
+    if overlap is None:
+        return int(round(OVERLAP_FRACTION * tile_size))
+    if overlap < 0:
+        raise ConfigError(f"{source}: data.tile_overlap (--tile-overlap) must be >= 0, got {overlap}")
+    if overlap >= tile_size:
+        raise ConfigError(
+            f"{source}: data.tile_overlap ({overlap}) must be smaller than data.tile_size ({tile_size}): "
+            f"the tiles would not advance"
+        )
+    return overlap
 
 
 def _check_size_kwargs(cfg: TrainConfig, source: str) -> None:

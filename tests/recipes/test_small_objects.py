@@ -74,9 +74,9 @@ def test_scale_rule_gives_tiles_past_the_cap():
 
 def test_scale_finding_reads_the_models_resize_anchors_and_strides():
     model, _ = models.build_model(name="maskrcnn_tiny", num_classes=3, stock=True)  # 128 px, anchors from 12
-    assert S.model_yardsticks(model) == (12.0, 4.0)
+    assert S.model_yardsticks(model, A.AnchorGeometry(model)) == (12.0, 4.0)
     data = _coco([(8.0, 8.0)] * 20, hw=(160, 160))  # 8 px at 160 -> 6.4 px at 128
-    f = S.scale_finding(model, data)
+    f = A.scale_finding(model, data)
     assert f.p50 == pytest.approx(6.4) and f.fires and (f.new_min_size, f.new_max_size) == (224, 224)
 
 
