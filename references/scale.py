@@ -28,10 +28,12 @@ import numpy as np
 RPN_FG_IOU = 0.7  # torchvision's rpn_fg_iou_thresh
 ANCHOR_FRACTION = math.sqrt(RPN_FG_IOU)  # 0.84: the side, in smallest anchors, that reaches 0.7 centred
 STRIDE_MULTIPLE = 2.0  # an object should span at least two cells of the finest feature map
-# Fires when the median object is under the required side, or a tenth of the objects are under half
-# of it: the median says the typical object is unresolved; the 10th percentile catches a small-object
-# class that the median (dominated by a larger common class) hides.
+# Fires when the median object of any class is under the required side, or a tenth of all objects
+# are under half of it. Per class, because the pooled quantiles follow the common class: a rare class
+# of objects too small to see hides behind it, and it is the class the advice must not give up. A
+# class needs MIN_CLASS_BOXES boxes to be judged on its own; the 10th percentile catches the rest.
 P10_FRACTION = 0.5
+MIN_CLASS_BOXES = 10
 SIZE_STEP = 32  # suggested sizes are rounded up to this (torchvision pads to size_divisible 32 anyway)
 # The largest input side the advice suggests: torchvision's and Detectron2's default max_size (1333).
 # Past it a step costs more than tiles of the image do, and memory grows with the whole image.
@@ -44,7 +46,7 @@ class ScaleFinding:
     """What :func:`scale_rule` found: the sides it judged, the yardsticks, and the cure when it fires."""
 
     p10: float  # object side (sqrt of box area) after the model's resize, 10th percentile
-    p50: float
+    p50: float  # the smallest median of the classes judged on their own (the pooled median without classes)
     smallest_anchor: float
     finest_stride: float
     required: float  # max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)
@@ -72,7 +74,8 @@ class ScaleFinding:
     def text(self) -> str:
         what = (
             f"object side after the resize to min_size {self.min_size} / max_size {self.max_size}: "
-            f"p10 {self.p10:.1f} px, p50 {self.p50:.1f} px, against the smallest anchor {self.smallest_anchor:g} px "
+            f"p10 {self.p10:.1f} px, p50 {self.p50:.1f} px (the smallest class's median), against the smallest "
+            f"anchor {self.smallest_anchor:g} px "
             f"and the finest stride {self.finest_stride:g} px (an object needs {self.required:.1f} px: "
             f"{ANCHOR_FRACTION:.2f} x the anchor reaches IoU {RPN_FG_IOU:g} centred, {STRIDE_MULTIPLE:g} strides)"
         )
@@ -119,13 +122,16 @@ def scale_rule(
     finest_stride: float,
     native_extent: Optional[np.ndarray] = None,
     divisible: int = 32,
+    classes: Optional[np.ndarray] = None,
 ) -> ScaleFinding:
     """The scale rule on the boxes' sides (sqrt of area) after the model's resize.
 
     ``image_hw``: [M, 2] native heights and widths of the training images (the cost is counted on
     them); ``native_extent``: the boxes' longer sides before the resize (the tile overlap must
-    hold the largest object; default ``sides``). Fires when ``p50 < required`` or
-    ``p10 < P10_FRACTION * required``, with
+    hold the largest object; default ``sides``); ``classes``: each box's class. Fires when
+    ``p50 < required`` or ``p10 < P10_FRACTION * required``, where p10 is over all boxes and p50 the
+    smallest median of the classes with MIN_CLASS_BOXES boxes or more (of all boxes without
+    ``classes``, or when no class has that many), with
     ``required = max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)``. The cure
     magnifies by ``factor = max(required / p50, P10_FRACTION * required / p10)``: min_size and max_size
     times the factor, rounded up to SIZE_STEP. When the largest resized image side would pass
@@ -138,6 +144,12 @@ def scale_rule(
     image_hw = np.asarray(image_hw, dtype=np.float64).reshape(-1, 2)
     required = max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)
     p10, p50 = (float(np.percentile(sides, q)) for q in (10, 50)) if len(sides) else (math.nan, math.nan)
+    if classes is not None and len(sides):
+        classes = np.asarray(classes)
+        medians = [float(np.median(sides[classes == c])) for c in np.unique(classes)]
+        counts = [int((classes == c).sum()) for c in np.unique(classes)]
+        judged = [m for m, n in zip(medians, counts) if n >= MIN_CLASS_BOXES]
+        p50 = min(judged) if judged else p50
     base = dict(
         p10=p10,
         p50=p50,
@@ -200,11 +212,13 @@ def finding_from_boxes(model, geo, data: Dict[str, Any], xyxy: np.ndarray) -> Sc
     analyze_data.AnchorGeometry) on a COCO dict's non-crowd boxes, ``xyxy`` as analyze_data.resized_boxes
     gives them."""
     sides = np.sqrt(np.maximum((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]), 0))
-    anns = [a for a in data["annotations"] if not a.get("iscrowd", 0)]
+    images = {im["id"] for im in data["images"]}
+    anns = [a for a in data["annotations"] if not a.get("iscrowd", 0) and a["image_id"] in images]
+    cats = np.asarray([a["category_id"] for a in anns])
     extent = np.asarray([max(a["bbox"][2], a["bbox"][3], 0) for a in anns], dtype=np.float64)
     hw = np.asarray([(im["height"], im["width"]) for im in data["images"]], dtype=np.float64)
     anchor, stride = model_yardsticks(model, geo)
-    return scale_rule(sides, hw, geo.min_size, geo.max_size, anchor, stride, extent, geo.divisible)
+    return scale_rule(sides, hw, geo.min_size, geo.max_size, anchor, stride, extent, geo.divisible, cats)
 
 
 def scale_cause(finding: Optional[ScaleFinding]) -> Optional[str]:

@@ -400,3 +400,16 @@ def test_past_the_cap_the_report_advises_tiles_and_is_silent_with_them():
     cfg = train_config.defaults().replace({"data.tile_size": 152, "data.tile_overlap": 31})
     tiled = A.data_report(None, model, dataset=data, cfg=cfg)
     assert not tiled.scale["fires"] and tiled.scale["p50"] == pytest.approx(12 * 128 / 152, rel=1e-6)
+
+
+def test_a_rare_class_too_small_fires_where_the_pooled_quantiles_do_not():
+    sides = np.concatenate([np.full(85, 20.0), np.full(15, 6.0)])
+    classes = np.array([1] * 85 + [2] * 15)
+    hw = np.array([[160, 160]])
+    assert not S.scale_rule(sides, hw, 128, 128, 12, 4).fires  # pooled: p10 6.0 >= 5.02, p50 20
+    f = S.scale_rule(sides, hw, 128, 128, 12, 4, classes=classes)
+    # Class 2's median 6 px: x10.04 / 6 = 1.673, 128 x 1.673 = 214.2 -> 224.
+    assert f.fires and f.p50 == 6.0 and f.new_min_size == 224
+    # Under MIN_CLASS_BOXES boxes a class is not judged on its own.
+    few = S.scale_rule(sides[:94], hw, 128, 128, 12, 4, classes=classes[:94])
+    assert not few.fires
