@@ -15,7 +15,7 @@ seeds 0 and 1). Every configuration trains maskrcnn_tiny from scratch through ``
 one budget: the same epochs and iterations per epoch (repeat-factor sampling repeats images within
 that budget, it does not add steps), lr at the linear-scaling rule (0.02 x 4 / 16 = 0.005) with
 warmup over the first epoch and gradient clipping at 10, one evaluation at the end. A configuration
-is a YAML override of the model / data sections (CONFIGS); the two data-driven ones are computed on
+is a YAML override of the model / data sections (CONFIGS); the data-driven ones are computed on
 the training set: the repeat-factor threshold that data.suggest_repeat_threshold gives; ``advice``,
 the config the data report's ``--write-config`` writes (the base config with all its advice merged
 in, nothing else); and ``old-advice``, what the report printed at commit OLD_REF (before the scale
