@@ -7,10 +7,16 @@ reaching the RPN's foreground threshold (0.7) and 0.3, per size bucket and per c
 coverage is poor it searches anchor sizes per level for aspect ratios that span the classes' shapes,
 and proposes the YAML of a setting that raises coverage while no size bucket or class loses more
 than a point at either threshold, with every group's coverage before and after (or says in one
-line that no setting tried does). From a 5:1 class imbalance on it prints the class_weight list and
-repeat-factor threshold that rebalance the classes, as YAML.
+line that no setting tried does). It judges the input scale: the objects' sides after the resize
+against the smallest anchor and the finest stride (scale.py), and when they are too small it
+prints the min_size / max_size that resolves them and its cost, or tiles; the anchor search then
+runs at that input size. From a 5:1 class imbalance on it gives the repeat-factor threshold and a
+class_weight list made safe (tempered; none while the scale is the problem: diagnostics.py).
+All of it is printed as one YAML config, which ``--write-config FILE`` merges into the config the
+report ran with and writes, for ``train.py --config FILE``.
 
     python references/analyze_data.py --config references/configs/shapes.yaml [--plot report.png]
+    python references/analyze_data.py --config my.yaml --write-config my_advised.yaml
 
 Takes the training script's flags and config; reads only the annotation JSON (no image is decoded).
 """
@@ -31,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import image_classes, repeat_factors, suggest_repeat_threshold  # noqa: E402
+from scale import ScaleFinding, finding_from_boxes, tile_view  # noqa: E402
 
 if TYPE_CHECKING:
     from train_config import TrainConfig
@@ -357,6 +364,8 @@ class DataReport:
     repeat_factors: Optional[Dict[str, Any]] = None  # the suggested repeat-factor sampling (repeat_factor_advice)
     rare_advice: Optional[Dict[str, Any]] = None  # the imbalance cure: class_weight list, repeat threshold
     anchor_note: Optional[str] = None  # why no anchors are suggested although coverage is poor
+    scale: Optional[Dict[str, Any]] = None  # scale.ScaleFinding.to_dict(): the input-scale rule
+    config: Dict[str, Any] = field(default_factory=dict)  # all the advice as one config (advice_config)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -374,6 +383,8 @@ class DataReport:
                 "repeat_factors",
                 "rare_advice",
                 "anchor_note",
+                "scale",
+                "config",
             )
         }
 
@@ -390,25 +401,40 @@ class DataReport:
         for key, c in self.coverage.items():
             if c["n"]:
                 lines.append(f"    {key:<24} {c['0.7']:6.1%} / {c['0.3']:6.1%}   ({int(c['n'])} boxes)")
+        if self.scale and not self.scale["fires"]:
+            lines.append("  input scale: " + ScaleFinding(**self.scale).text())
         lines += [f"  WARNING: {w}" for w in self.warnings]
-        if self.rare_advice and self.rare_advice["yaml"]:
-            lines += ["    " + line for line in self.rare_advice["yaml"]]
         if self.repeat_factors and self.repeat_factors["threshold"] is not None:
             lines.append(_repeat_line(self.repeat_factors))
         if self.advice:
-            lines += _anchor_advice_lines(self.advice)
+            lines += _anchor_advice_lines(self.advice, bool(self.scale and self.scale["fires"]))
         if self.anchor_note:
             lines.append(f"  anchor advice: {self.anchor_note}")
+        lines += advice_lines(self.config)
         return "\n".join(lines)
 
 
-def _anchor_advice_lines(a: Dict[str, Any]) -> List[str]:
+def advice_lines(config: Dict[str, Any]) -> List[str]:
+    """The advice as one indented YAML block, as --write-config merges it into the config."""
+    if not config:
+        return ["  advice: no change to the scale, anchors or class balance"]
+    import yaml
+
+    block = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=200).splitlines()
+    return [
+        "  advice, as one config (the lr stays at the linear-scaling rule; analyze_data.py --write-config FILE "
+        "writes this config with it):"
+    ] + ["    " + line for line in block]
+
+
+def _anchor_advice_lines(a: Dict[str, Any], scaled: bool = False) -> List[str]:
+    at = " at the advised input scale" if scaled else ""
     lines = [
-        f"  suggested anchors raise coverage >= 0.7 from {a['before']:.1%} to {a['after']:.1%} "
+        f"  suggested anchors (model.anchor_sizes {a['anchor_sizes']}, model.aspect_ratios {a['aspect_ratios']}) "
+        f"raise coverage >= 0.7{at} from {a['before']:.1%} to {a['after']:.1%} "
         f"(>= 0.3: {a['before_03']:.1%} -> {a['after_03']:.1%}) and lower no size bucket or class by more than "
-        f"{MAX_DROP * 100:g} point at either; in the YAML:",
-        f"    model:\n      anchor_sizes: {a['anchor_sizes']}\n      aspect_ratios: {a['aspect_ratios']}",
-        "  coverage now -> with them (>= 0.7 / >= 0.3):",
+        f"{MAX_DROP * 100:g} point at either",
+        f"  coverage{at}, current anchors -> with them (>= 0.7 / >= 0.3):",
     ]
     for key, c in a["coverage"].items():
         lines.append(
@@ -481,6 +507,9 @@ def data_report(
     ``cfg``: the training config, so that no advice repeats a setting it already has.
     """
     data = dataset if dataset is not None else coco.dataset
+    tile = (cfg.data.tile_size, cfg.data.tile_overlap) if cfg is not None and cfg.data.tile_size else None
+    if tile:  # the model sees tiles: the sizes and anchor grids the report measures are theirs
+        data = tile_view(data, *tile)
     cat_names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
     geo = AnchorGeometry(model)
     xyxy, cats, padded = resized_boxes(data, geo)
@@ -504,8 +533,61 @@ def data_report(
         repeat_factors=repeat_factor_advice(data, cat_names),
     )
     counts = label_counts(cats, cat_names, label_to_cat, _model_num_classes(model))
-    _warn_and_advise(report, xyxy, padded, best, model, geo, cats, groups, counts, cfg)
+    finding = finding_from_boxes(model, geo, data, xyxy) if len(xyxy) else None
+    scaled = None
+    if finding is not None:
+        report.scale = finding.to_dict()
+        if finding.fires:
+            report.warnings.append("input scale: " + finding.text())
+            scaled = _at_advised_scale(finding, data, geo, cat_names)
+    _warn_and_advise(report, xyxy, padded, best, model, geo, cats, groups, counts, cfg, scaled)
+    report.config = advice_config(report, cfg)
     return report
+
+
+def scale_finding(model, data: Dict[str, Any], tile: Optional[Sequence[int]] = None) -> Optional[ScaleFinding]:
+    """The scale rule (scale.py) for ``model`` on a COCO dict's boxes; ``tile``: (tile_size, tile_overlap)
+    when the config tiles. None without boxes. The collapse diagnostics call it."""
+    if tile:
+        data = tile_view(data, int(tile[0]), int(tile[1]))
+    geo = AnchorGeometry(model)
+    xyxy, _, _ = resized_boxes(data, geo)
+    return finding_from_boxes(model, geo, data, xyxy) if len(xyxy) else None
+
+
+def _at_advised_scale(finding: ScaleFinding, data: Dict[str, Any], geo: AnchorGeometry, cat_names):
+    """The boxes, padded sizes, coverage, groups and table at the input the scale cure gives."""
+    if finding.tile_size is not None:
+        data = tile_view(data, finding.tile_size, finding.tile_overlap)
+    else:
+        geo = copy.copy(geo)  # shares the meta backbone and the grid cache (grids depend on the padded size)
+        geo.min_size, geo.max_size = finding.new_min_size, finding.new_max_size
+    xyxy, cats, padded = resized_boxes(data, geo)
+    best = coverage(xyxy, padded, geo)
+    side = np.sqrt(np.maximum((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]), 0))
+    groups = coverage_groups(side, cats, cat_names)
+    return xyxy, padded, best, geo, groups, coverage_table(best, groups)
+
+
+def advice_config(report: DataReport, cfg: Optional[TrainConfig]) -> Dict[str, Any]:
+    """Every piece of advice as one config: the scale cure, anchors, the safe class_weight list and
+    the repeat-factor threshold. Mapping-valued keys (model.kwargs, model.roi_head) keep what the
+    config already holds: the config replaces them whole."""
+    out: Dict[str, Any] = {}
+    if report.scale and report.scale["fires"]:
+        for sec, keys in ScaleFinding(**report.scale).config(dict(cfg.model.kwargs) if cfg else {}).items():
+            out.setdefault(sec, {}).update(keys)
+    if report.advice:
+        out.setdefault("model", {}).update(
+            anchor_sizes=report.advice["anchor_sizes"], aspect_ratios=report.advice["aspect_ratios"]
+        )
+    cure = report.rare_advice or {}
+    if cure.get("class_weight") is not None:
+        roi = dict(cfg.model.roi_head) if cfg else {}
+        out.setdefault("model", {})["roi_head"] = {**roi, "class_weight": [round(w, 3) for w in cure["class_weight"]]}
+    if cure.get("repeat_factor_threshold") is not None:
+        out.setdefault("data", {})["repeat_factor_threshold"] = float(f"{cure['repeat_factor_threshold']:.4g}")
+    return out
 
 
 def _model_num_classes(model) -> Optional[int]:
@@ -525,7 +607,7 @@ def label_counts(
     return [per_cat.get(label_to_cat.get(label), 0) for label in range(1, k + 1)]
 
 
-def _warn_and_advise(report: DataReport, xyxy, padded, best, model, geo, cats, groups, counts, cfg) -> None:
+def _warn_and_advise(report: DataReport, xyxy, padded, best, model, geo, cats, groups, counts, cfg, scaled) -> None:
     poor = [k for k, c in report.coverage.items() if _is_poor(k, c, report.coverage["all"])]
     for k in poor:
         c = report.coverage[k]
@@ -534,8 +616,12 @@ def _warn_and_advise(report: DataReport, xyxy, padded, best, model, geo, cats, g
             f"({c['0.3']:.0%} reach 0.3): the RPN sees few positives for them"
         )
     _imbalance_advice(report, counts, cfg)
+    table = report.coverage
+    if scaled is not None:  # the anchors are searched at the input size the scale cure gives
+        xyxy, padded, best, geo, groups, table = scaled
+        poor = [k for k, c in table.items() if _is_poor(k, c, table["all"])]
     if poor and len(xyxy):
-        _anchor_advice(report, xyxy, padded, best, model, geo, cats, groups)
+        _anchor_advice(report, xyxy, padded, best, model, geo, cats, groups, table)
 
 
 # An imbalance of 5:1 or more gets the cure printed. From there the rare class gets a fifth or less
@@ -554,11 +640,15 @@ def _imbalance_advice(report: DataReport, counts: List[int], cfg: Optional[Train
     from diagnostics import rare_class_cure
 
     threshold = (report.repeat_factors or {}).get("threshold")
-    cure = rare_class_cure(counts, threshold, cfg)
+    cure = rare_class_cure(counts, threshold, cfg, scale_fires=bool(report.scale and report.scale["fires"]))
     present = {k: v for k, v in report.objects.items() if v}
     rare, common = min(present, key=present.get), max(present, key=present.get)
     if cure["yaml"]:
-        tail = "rebalance them (YAML to paste):"
+        tail = "rebalance them (in the advice below)" + (
+            f"; no class_weight list: {cure['withheld']}" if cure["withheld"] else ""
+        )
+    elif cure["withheld"]:
+        tail = f"no class_weight list: {cure['withheld']}"
     elif cure["already"]:
         tail = f"{' and '.join(cure['already'])} already set: watch the rare classes' rows in the per-class table"
     else:
@@ -570,22 +660,22 @@ def _imbalance_advice(report: DataReport, counts: List[int], cfg: Optional[Train
     report.rare_advice = cure
 
 
-def _anchor_advice(report: DataReport, xyxy, padded, best, model, geo, cats, groups) -> None:
+def _anchor_advice(report: DataReport, xyxy, padded, best, model, geo, cats, groups, table) -> None:
     """Suggest anchors only when a setting raises coverage by MIN_GAIN and lowers no group by more
     than MAX_DROP at 0.7 or 0.3 on the whole set; else say in one line why none is suggested."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-    gen = model.rpn.anchor_generator
+    gen, before = model.rpn.anchor_generator, table
     tried = suggest_anchors(xyxy, padded, geo, gen.sizes, list(gen.aspect_ratios[0]), cats, groups)
     rejected = []
     for sizes, ratios, _ in tried:
         new_gen = AnchorGenerator(tuple(tuple(s) for s in sizes), tuple(tuple(ratios[0]) for _ in sizes))
         after = coverage(xyxy, padded, geo.with_generator(new_gen))
-        table = coverage_table(after, groups)
-        lowered = lowered_groups(report.coverage, table)
+        after_table = coverage_table(after, groups)
+        lowered = lowered_groups(before, after_table)
         gain = sum(float((after >= t).mean() - (best >= t).mean()) for t in THRESHOLDS)
         if not lowered and gain >= MIN_GAIN:
-            report.advice = _advice(sizes, ratios, best, after, report.coverage, table, gen, new_gen)
+            report.advice = _advice(sizes, ratios, best, after, before, after_table, gen, new_gen)
             return
         rejected.append((gain, f"anchor_sizes {sizes}, aspect_ratios {ratios}", lowered))
     # Name a setting that lowers a group if one was tried (the conflict), else the best gain.
@@ -728,7 +818,45 @@ def build_parser():
         help=f"also write the object sizes and the anchor coverage, coloured by class ({', '.join(PLOT_SUFFIXES)}); "
         "missing folders are created",
     )
+    p.add_argument(
+        "--write-config",
+        metavar="FILE.yaml",
+        default=None,
+        help="write the config the report ran with (--config and flags), with all its advice merged in, as a "
+        "config for train.py --config FILE.yaml",
+    )
     return p
+
+
+def check_config_path(path: str) -> None:
+    """--write-config FILE: a one-line ConfigError when it cannot be written (before any data is read)."""
+    from train_config import ConfigError
+
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"--write-config {path}: is a folder; give a file name, e.g. {os.path.join(path, 'advised.yaml')}"
+        )
+    if not path.lower().endswith((".yaml", ".yml")):
+        raise ConfigError(f"--write-config {path}: the file name must end in .yaml or .yml")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--write-config {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--write-config {path}: {parent} is not writable")
+
+
+def write_advised_config(cfg: TrainConfig, advice: Dict[str, Any], path: str) -> str:
+    """The config with the advice merged in (validated as train.py validates it), written atomically."""
+    from train_config import dump, finalize, flatten
+    from training_checkpoint import atomic_write_text
+
+    changes = flatten(advice)
+    advised = cfg.replace(changes, source="the data report's advice")
+    advised, loss_cfg = finalize(advised.to_dict(), source="the data report's advice", reads=("train_ann",))
+    keys = ", ".join(changes) or "none"
+    head = f"# the data report's advice (analyze_data.py --write-config), merged into the config it ran with: {keys}\n"
+    atomic_write_text(head + dump(advised, loss_cfg), path)
+    return keys
 
 
 def _read_annotations(path: Optional[str]) -> Dict[str, Any]:
@@ -767,6 +895,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args, rest = build_parser().parse_known_args(argv)
     new_dirs = check_plot_path(args.plot) if args.plot else []  # before the data pass, not after
+    if args.write_config:
+        check_config_path(args.write_config)
     cfg, loss_cfg, print_only = resolve(rest, reads=("train_ann",))
     if print_only:
         print(dump(cfg, loss_cfg), end="")
@@ -784,6 +914,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     set_anchors(model, m.anchor_sizes, m.aspect_ratios)
     report = data_report(None, model, label_to_cat=label_to_cat, dataset=data, cfg=cfg)
     print(report.text())
+    if args.write_config:
+        keys = write_advised_config(cfg, report.config, args.write_config)
+        print(
+            f"wrote {args.write_config}: the config with the advice ({keys}); train with --config {args.write_config}"
+        )
     if args.plot:
         geo = AnchorGeometry(model)
         xyxy, cats, padded = resized_boxes(data, geo)

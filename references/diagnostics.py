@@ -167,6 +167,34 @@ def lr_warning(lr: float, images_per_step: int, warmup_iters: int, opt: str = "s
 
 
 # -- the rare-class cure ----------------------------------------------------------------------------
+# A class_weight list cuts the common class's share of the classifier's gradient. Pasted bare it
+# lowered every class on sets whose rare classes the model could not yet resolve (the README's
+# "class_weight: auto" row: the common class -0.13 AP with its weight at 0.15); the advice prints a
+# list only with what makes it safe:
+# * tempered: w_c ** tau, renormalised to a foreground mean of 1, with the largest tau in [0, 1]
+#   that leaves no class under 1 / MAX_WEIGHT_CUT (the common class keeps at least half its weight);
+# * never while the objects are too small for the model's input (the scale rule fires): weights
+#   cannot rebalance classes the model cannot see, and they take the gradient of the one it learns.
+MAX_WEIGHT_CUT = 2.0
+
+
+def tempered_class_weights(weights: Sequence[float], max_cut: float = MAX_WEIGHT_CUT) -> tuple:
+    """(background-first weights tempered as above, tau): ``weights[1:]`` ** tau over its mean."""
+    fg = np.asarray(weights[1:], dtype=np.float64)
+
+    def at(tau: float) -> np.ndarray:
+        w = fg**tau
+        return w / w.mean()
+
+    if at(1.0).min() >= 1 / max_cut - 1e-12:
+        return [float(weights[0]), *at(1.0).tolist()], 1.0
+    lo, hi = 0.0, 1.0  # min(w) / mean(w) falls as tau grows: bisect for min(w) = 1 / max_cut
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid).min() >= 1 / max_cut else (lo, mid)
+    return [float(weights[0]), *at(lo).tolist()], lo
+
+
 def rare_class_cure(
     counts: Sequence[int],
     repeat_threshold: Optional[float],
@@ -174,14 +202,17 @@ def rare_class_cure(
     method: str = "effective_number",
     beta: Optional[float] = None,
     names: Optional[Sequence[str]] = None,
+    scale_fires: bool = False,
 ) -> Dict[str, Any]:
     """The rare-class levers as values to paste, leaving out what ``cfg`` already sets.
 
     ``counts``: training objects per foreground label in label order (1..K); ``repeat_threshold``:
-    data.suggest_repeat_threshold's value (None: no class needs repeating). Returns the
-    ``class_weight`` list of tv_lossfix.class_weights_from_counts (None when already set or when it
-    would not favour any class), the ``repeat_factor_threshold`` (None likewise), the keys
-    ``already`` set, and the ``yaml`` lines and one-line ``text`` that print them.
+    data.suggest_repeat_threshold's value (None: no class needs repeating); ``scale_fires``: the
+    scale rule (scale.py) found the objects too small. Returns the ``class_weight`` list
+    (tv_lossfix.class_weights_from_counts tempered by :func:`tempered_class_weights`; None when
+    already set, when it would not favour any class, or while ``scale_fires``, with the reason in
+    ``withheld``), the ``repeat_factor_threshold`` (None likewise), the keys ``already`` set, and the
+    ``yaml`` lines and one-line ``text`` that print them.
     """
     from tv_lossfix import class_weights_from_counts
 
@@ -193,11 +224,21 @@ def rare_class_cure(
     weights = class_weights_from_counts(list(counts), method, beta) if any(counts) else None
     if weights is not None and (max(weights[1:]) - min(weights[1:]) < 1e-6 or "model.roi_head.class_weight" in already):
         weights = None  # equal counts: nothing to rebalance
+    withheld, tau = None, None
+    if weights is not None and scale_fires:
+        weights, withheld = None, "the objects are too small for the model's input: cure the scale first"
+    if weights is not None:
+        weights, tau = tempered_class_weights(weights)
     threshold = None if "data.repeat_factor_threshold" in already else repeat_threshold
     shown = [round(w, 3) for w in weights] if weights is not None else None
     origin = (
         f"{method}{f' (beta {0.999 if beta is None else beta:g})' if method == 'effective_number' else ''} "
         f"of {list(counts)} objects per class"
+        + (
+            f", tempered (power {tau:.2f}) so that no class is cut by more than {MAX_WEIGHT_CUT:g}x"
+            if tau and tau < 1
+            else ""
+        )
     )
     yaml_lines, parts = [], []
     if shown is not None:
@@ -211,6 +252,8 @@ def rare_class_cure(
         "method": method,
         "beta": beta,
         "class_weight": weights,
+        "tempered_power": tau,
+        "withheld": withheld,
         "repeat_factor_threshold": threshold,
         "already": already,
         # classes (by name, ``names`` in label order) with no training object: no weight or repeat helps them
@@ -452,6 +495,7 @@ def collapse_warnings(
     iteration: int = 10**9,
     judge_after: int = 0,
     cure: Optional[Dict[str, Any]] = None,
+    scale: Any = None,
 ) -> List[str]:
     """Warnings for the current evaluation, each followed by at most three likely causes with numbers.
 
@@ -459,7 +503,8 @@ def collapse_warnings(
     ``train``: the last epoch's means of losses, grad_norm and the heads' statistics. Nothing is
     said before ``iteration`` reaches ``judge_after``: an untrained model is not a collapsed one.
     ``cure``: :func:`rare_class_cure` of the training data, printed with the per-class warnings and
-    the under-confidence cause.
+    the under-confidence cause. ``scale``: analyze_data.scale_finding of the training boxes; when it fires,
+    objects too small for the model's input is the first cause named, with its cure.
     """
     if iteration < judge_after:
         return []
@@ -472,7 +517,10 @@ def collapse_warnings(
         c for c in (f(current, train, cfg, cure) if f in _TAKE_CURE else f(current, train, cfg) for f in CAUSES) if c
     ]
     loss = _cause_loss_rose(current, train, cfg, history)
-    causes = ([loss] if loss else []) + causes
+    from scale import scale_cause
+
+    small = scale_cause(scale)
+    causes = ([loss] if loss else []) + ([small] if small else []) + causes
     few = _cause_few_positives(current, train, cfg)
     # No positive at all, or a sampler the config narrowed: the cause, not one of several.
     if few and (train.get("roi/pos_per_image", 4) < 1 or _sampler_set(cfg)) and few in causes:

@@ -25,6 +25,7 @@ import distributed
 from diagnostics import collapse_warnings, linear_scaling_lr, lr_warning, per_class_table
 from evaluation import evaluate
 from run_data import rare_cure
+from tiles import sliced
 from training_checkpoint import save_training_checkpoint
 
 
@@ -105,6 +106,19 @@ class Evaluation(HookBase):
     """The epoch's ``eval`` record; every --eval-every epochs and after the last, the COCO evaluation
     with the per-class table and the collapse warnings in it."""
 
+    _finding: Any = False  # the input-scale rule on the training boxes, computed at the first warning check
+
+    def _scale(self):
+        from analyze_data import scale_finding
+
+        tr = self.trainer
+        if self._finding is False:
+            train_set, d = tr.data.train_set, tr.cfg.data
+            tile = (d.tile_size, d.tile_overlap) if d.tile_size else None
+            net = getattr(tr.model, "module", tr.model)
+            self._finding = scale_finding(net, train_set.coco.dataset, tile) if train_set is not None else None
+        return self._finding
+
     def after_epoch(self, epoch: int, stats: Dict[str, float]) -> None:
         tr, t = self.trainer, self.trainer.cfg.training
         record = {
@@ -121,8 +135,15 @@ class Evaluation(HookBase):
 
     def _evaluate(self, epoch: int, record: Dict[str, Any], train_stats: Dict[str, float]) -> None:
         tr, data, say = self.trainer, self.trainer.data, self.trainer.writer.say
+        d = tr.cfg.data
         res = evaluate(
-            tr.model, data.val_loader, tr.run.device, data.coco_val, data.label_to_cat, tr.writer, data.names
+            sliced(tr.model, d.tile_size, d.tile_overlap, d.tile_whole_image),
+            data.val_loader,
+            tr.run.device,
+            data.coco_val,
+            data.label_to_cat,
+            tr.writer,
+            data.names,
         )
         if not distributed.is_main():
             return
@@ -132,7 +153,15 @@ class Evaluation(HookBase):
         judge_after = max(tr.cfg.training.judge_after_iters, state.warmup_total)
         cure = rare_cure(tr.run, data)
         warnings = collapse_warnings(
-            state.history, record, train_stats, tr.cfg, data.gt_per_image, state.iteration, judge_after, cure
+            state.history,
+            record,
+            train_stats,
+            tr.cfg,
+            data.gt_per_image,
+            state.iteration,
+            judge_after,
+            cure,
+            self._scale(),
         )
         for w in warnings:
             say(("WARNING: " if not w.startswith("  ") else "") + w)

@@ -131,6 +131,16 @@ def _build_train_data(run: Run, data: Data, files, label_map, masks: bool, kps: 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     data.train_set = CocoDetection(coco, files["train_images"], label_map, preset, d.backend, masks, kps)
+    if d.tile_size:
+        from tiles import TiledDataset
+
+        data.train_set = TiledDataset(
+            CocoDetection(coco, files["train_images"], label_map, None, d.backend, masks, kps),
+            d.tile_size,
+            d.tile_overlap,
+            preset,
+        )
+        run.writer.say(data.train_set.summary())
     data.base_sampler = _base_sampler(run, data.train_set)
     if d.aspect_ratio_group_factor >= 0:
         groups = aspect_ratio_groups(data.train_set.aspect_ratios(), d.aspect_ratio_group_factor)
@@ -159,7 +169,8 @@ def _base_sampler(run: Run, train_set):
 
 def _repeat_factor_sampler(run: Run, train_set, seed: int) -> RepeatFactorSampler:
     d, coco = run.cfg.data, train_set.coco
-    classes = image_classes(coco.dataset["annotations"], train_set.ids)
+    tiled = getattr(train_set, "item_classes", None)  # tiles: each tile's classes
+    classes = tiled() if tiled else image_classes(coco.dataset["annotations"], train_set.ids)
     factors, per_class = repeat_factors(classes, d.repeat_factor_threshold, d.repeat_sqrt)
     sampler = RepeatFactorSampler(factors, seed, distributed.rank(), distributed.world())
     names = {c: coco.cats[c].get("name", str(c)) if c in coco.cats else str(c) for c in per_class}

@@ -49,6 +49,7 @@ from output_dir import check_epochs_left, check_output_dir, prepare_output_dir  
 from run_context import Run  # noqa: E402
 from run_data import Data, build_data, resolve_class_weight, resolve_fed_image_counts  # noqa: E402
 from run_model import build_model_for, build_optimization, resume  # noqa: E402
+from tiles import sliced  # noqa: E402
 from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402
 from trainer import Trainer, iters_per_epoch  # noqa: E402
 from training_checkpoint import (  # noqa: E402
@@ -204,7 +205,9 @@ def evaluate_only(run: Run, model, net, data: Data) -> int:
                 f"{run.cfg.model.name}: {str(e).splitlines()[0]}"
             ) from None
     torch.backends.cudnn.deterministic = True  # as torchvision's --test-only
-    res = evaluate(model, data.val_loader, run.device, data.coco_val, data.label_to_cat, run.writer, data.names)
+    d = run.cfg.data
+    sliced_model = sliced(model, d.tile_size, d.tile_overlap, d.tile_whole_image)
+    res = evaluate(sliced_model, data.val_loader, run.device, data.coco_val, data.label_to_cat, run.writer, data.names)
     if distributed.is_main():
         run.writer.say(per_class_table(res["per_class"], res["score_thresh"]))
         run.writer.record({"type": "eval", "epoch": run.cfg.training.start_epoch, **res})

@@ -204,6 +204,21 @@ class DataConfig:
         negative=("--no-repeat-sqrt", "factor t / f(c) instead"),
     )
     shapes: Dict[str, Any] = setting({}, help="shapes dataset knobs (see references/shapes.py ShapesSpec)")
+    tile_size: Optional[int] = setting(
+        None,
+        "--tile-size",
+        help="tiled (sliced) training and evaluation: square tiles of this many native pixels, each resized by the "
+        "model as an image (references/tiles.py; default: off)",
+    )
+    tile_overlap: Optional[int] = setting(
+        None, "--tile-overlap", help="pixels neighbouring tiles share (default: 20%% of data.tile_size)"
+    )
+    tile_whole_image: bool = setting(
+        True,
+        "--tile-whole-image",
+        help="sliced inference also runs the whole image and merges its detections with the tiles'",
+        negative=("--no-tile-whole-image", "tiles only"),
+    )
 
 
 @dataclass(frozen=True)
@@ -589,6 +604,7 @@ def _fill_derived(tree: Dict[str, Any], source: str) -> None:
         d["bad_annotations"] = "drop" if d["dataset"] in ("coco", "coco_kp") else "stop"
     if d["data_path"] is None:
         d["data_path"] = "data" if d["dataset"] == "shapes" else TORCHVISION_COCO_PATH
+    d["tile_overlap"] = check_tile_keys(d["tile_size"], d["tile_overlap"], d["tile_whole_image"], source)
 
 
 # -- every rule across fields, before any data is read -----------------------------------------------
@@ -601,6 +617,7 @@ def validate(cfg: TrainConfig, source: str = "config", reads: Optional[Sequence[
     _check_data(cfg, source, reads)
     _check_model_and_data(cfg)
     _check_anchors(cfg.model, source)
+    _check_size_kwargs(cfg, source)
     _check_class_weight_keys(cfg.model, source)
     loss_cfg = _loss_config(cfg.model, source)
     _check_stock(cfg.model, loss_cfg, source)
@@ -821,6 +838,48 @@ def _check_anchors(m: ModelConfig, source: str) -> None:
                 f"{source}: model.{name} must be a list of non-empty lists of positive numbers "
                 f"(one list per feature map), got {v!r}"
             )
+
+
+def check_tile_keys(tile_size: Optional[int], overlap: Optional[int], whole_image: bool, source: str) -> Optional[int]:
+    """The tile keys' rules, before any data is read; returns the overlap to use (its default filled in)."""
+    from tiles import MIN_TILE, OVERLAP_FRACTION
+
+    if tile_size is None:
+        if overlap is not None:
+            raise ConfigError(f"{source}: data.tile_overlap (--tile-overlap) has no effect without data.tile_size")
+        if not whole_image:
+            raise ConfigError(f"{source}: data.tile_whole_image false has no effect without data.tile_size")
+        return None
+    if tile_size < MIN_TILE:
+        raise ConfigError(f"{source}: data.tile_size (--tile-size) must be >= {MIN_TILE} px, got {tile_size}")
+    if overlap is None:
+        return int(round(OVERLAP_FRACTION * tile_size))
+    if overlap < 0:
+        raise ConfigError(f"{source}: data.tile_overlap (--tile-overlap) must be >= 0, got {overlap}")
+    if overlap >= tile_size:
+        raise ConfigError(
+            f"{source}: data.tile_overlap ({overlap}) must be smaller than data.tile_size ({tile_size}): "
+            f"the tiles would not advance"
+        )
+    return overlap
+
+
+def _check_size_kwargs(cfg: TrainConfig, source: str) -> None:
+    """model.kwargs min_size / max_size (the input scale the data report advises): positive integers
+    (min_size also a list of them, torchvision's multi-scale training); tiles are for image models."""
+    kw = cfg.model.kwargs
+    for key in ("min_size", "max_size"):
+        if key not in kw:
+            continue
+        v = kw[key]
+        items = v if key == "min_size" and isinstance(v, (list, tuple)) and v else [v]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in items):
+            what = "a positive integer" + (" or a list of them" if key == "min_size" else "")
+            raise ConfigError(f"{source}: model.kwargs.{key} must be {what}, got {v!r}")
+    if cfg.data.tile_size and "keypoint" in cfg.model.name:
+        raise ConfigError(
+            f"{source}: data.tile_size: tiles clip boxes and masks, not keypoints: drop it for {cfg.model.name}"
+        )
 
 
 def auto_class_weight(m: ModelConfig) -> bool:

@@ -3,20 +3,25 @@ r"""Evidence for the rare-class levers: per-class AP of each configuration, over
     python references/benchmarks/rare_classes.py                       # every configuration, seeds 0 1 2
     python references/benchmarks/rare_classes.py --configs default ohem --seeds 0 1 2 --datasets thin
     python references/benchmarks/rare_classes.py --quick --configs default   # smoke test, one seed, minutes
+    python references/benchmarks/rare_classes.py --datasets small tiny thin --configs default old-advice advice
 
-Writes two COCO-format sets with tiny_objects.write_split (noisy 160 px images, 1-4 objects each):
-``tiny``, tiny_objects.py's own classes (ellipse, cross, ring drawn 20 : 5 : 1, 60% of objects
-4-10 px), and ``thin``, round blobs next to a rare class of thin bars (10 : 1; a bar's height / width
-is 0.15 or 6.7, outside the default anchors' 0.5-2). Train and val are drawn separately (rng seeds 0
-and 1). Every configuration trains maskrcnn_tiny from scratch through ``train.main`` with one budget:
-the same epochs and iterations per epoch (repeat-factor sampling repeats images within that
-budget, it does not add steps), lr at the linear-scaling rule (0.02 x 4 / 16 = 0.005) with warmup
-over the first epoch and gradient clipping at 10, one evaluation at the end. A configuration is a
-YAML override of the model / data sections (CONFIGS); the two data-driven ones are computed on the
-training set: the repeat-factor threshold that data.suggest_repeat_threshold gives, and the YAML
-that the data report (analyze_data) prints, applied as printed (its YAML blocks and the
-``--flag value`` it advises outside warnings, nothing else). A configuration the recipe refuses
-(a key not built yet) is reported as such and skipped.
+Writes three COCO-format sets with tiny_objects.write_split (noisy 160 px images, 1-4 objects each):
+``tiny``, tiny_objects.py's own classes (ellipse, cross, ring drawn 20 : 5 : 1, 60% of objects 4-10
+px), ``thin``, round blobs next to a rare class of thin bars (10 : 1; a bar's height / width is 0.15
+or 6.7, outside the default anchors' 0.5-2), and ``small``: every object 4-10 px (dots, thin bars,
+rings at 9 : 1 : 1.3), a quarter of the images empty, trained at maskrcnn_tiny's own 128 px input as
+a new user would (tiny and thin at their native 160 px). Train and val are drawn separately (rng
+seeds 0 and 1). Every configuration trains maskrcnn_tiny from scratch through ``train.main`` with
+one budget: the same epochs and iterations per epoch (repeat-factor sampling repeats images within
+that budget, it does not add steps), lr at the linear-scaling rule (0.02 x 4 / 16 = 0.005) with
+warmup over the first epoch and gradient clipping at 10, one evaluation at the end. A configuration
+is a YAML override of the model / data sections (CONFIGS); the data-driven ones are computed on
+the training set: the repeat-factor threshold that data.suggest_repeat_threshold gives; ``advice``,
+the config the data report's ``--write-config`` writes (the base config with all its advice merged
+in, nothing else); and ``old-advice``, what the report printed at commit OLD_REF (before the scale
+rule and the safe class weights: its YAML blocks and the ``--flag value`` it advised outside
+warnings, as printed), run from that commit's references/ extracted with git archive. A
+configuration the recipe refuses (a key not built yet) is reported as such and skipped.
 
 Prints, per dataset, markdown tables of bbox AP and AP50 (overall and per class, mean ± std over
 the seeds, sample std) and one line per configuration naming the classes where its mean AP differs
@@ -74,10 +79,52 @@ def thin_draw(draw, cls: int, box, color) -> None:
     (draw.ellipse if cls == 0 else draw.rectangle)(box, fill=color)
 
 
+SMALL_CLASSES, SMALL_FREQ = ("dot", "bar", "ring"), (9, 1, 1.3)
+
+
+def small_box(rng: np.random.Generator, cls: int, size: int) -> tuple:
+    """Every object 4-10 px at native size: dots and rings square, bars 6-10 px long and a quarter as wide."""
+    if cls == 1:
+        length = rng.uniform(6, 10)
+        w, h = length, max(2.0, 0.25 * length)
+        if rng.random() < 0.5:
+            w, h = h, w
+    else:
+        w = h = rng.uniform(4, 10)
+    x, y = rng.uniform(0, size - w - 1), rng.uniform(0, size - h - 1)
+    return (x, y, x + w, y + h)
+
+
+def small_draw(draw, cls: int, box, color) -> None:
+    if cls == 0:
+        draw.ellipse(box, fill=color)
+    elif cls == 1:
+        draw.rectangle(box, fill=color)
+    else:
+        draw.ellipse(box, outline=color, width=max(int((box[2] - box[0]) / 4), 1))
+
+
 DATASETS: Dict[str, Dict[str, Any]] = {
     "tiny": {},  # tiny_objects.write_split's defaults
     "thin": {"classes": THIN_CLASSES, "freq": THIN_FREQ, "draw_fn": thin_draw, "box_fn": thin_box},
+    # objects 4-10 px in 160 px images, 9 : 1 : 1.3, a quarter of the images empty; trained at
+    # maskrcnn_tiny's own input size (128), as a new user would
+    "small": {
+        "classes": SMALL_CLASSES,
+        "freq": SMALL_FREQ,
+        "draw_fn": small_draw,
+        "box_fn": small_box,
+        "empty_fraction": 0.25,
+    },
 }
+# model.kwargs per set: tiny and thin at their native 160 px (the README's first tables), small at the model's default
+MODEL_KWARGS: Dict[str, Dict[str, Any]] = {
+    "tiny": {"min_size": SIZE, "max_size": SIZE},
+    "thin": {"min_size": SIZE, "max_size": SIZE},
+    "small": {},
+}
+# The report whose advice "old-advice" pastes: main before the scale rule and the safe class weights.
+OLD_REF = "44d53e8"
 
 
 def write_dataset(root: str, name: str, sizes: Dict[str, int]) -> Dict[str, str]:
@@ -106,16 +153,45 @@ def repeat_threshold_override(files: Dict[str, str], base: Dict[str, Any], out: 
 
 
 def advice_override(files: Dict[str, str], base: Dict[str, Any], out: str) -> Optional[Dict[str, Any]]:
-    """The YAML the data report prints for the training set and the default model, as printed."""
+    """The data report's advice as its --write-config file gives it: the whole config to train with."""
     import analyze_data
+    from train_config import read_yaml
 
     path = write_config(base, os.path.join(out, "report.yaml"))
+    written = os.path.join(out, "advised.yaml")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        analyze_data.main(["--config", path])
+        analyze_data.main(["--config", path, "--write-config", written])
     with open(os.path.join(out, "report.txt"), "w", encoding="utf-8") as f:
         f.write(buf.getvalue())
-    return merge(printed_yaml(buf.getvalue()), printed_flags(buf.getvalue())) or None
+    return read_yaml(written)
+
+
+def old_advice_override(files: Dict[str, str], base: Dict[str, Any], out: str) -> Optional[Dict[str, Any]]:
+    """The advice the report printed at OLD_REF (its YAML blocks and --flag values, as printed then):
+    that commit's references/ is extracted from git and its analyze_data.py run on the same config."""
+    import subprocess
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(HERE))
+    old = os.path.join(out, f"references-{OLD_REF}")
+    if not os.path.exists(os.path.join(old, "references", "analyze_data.py")):
+        tar = os.path.join(out, f"{OLD_REF}.tar")
+        subprocess.run(["git", "-C", root, "archive", "-o", tar, OLD_REF, "references"], check=True)
+        with tarfile.open(tar) as t:
+            t.extractall(old, filter="data")
+    path = write_config(base, os.path.join(out, "report.yaml"))
+    env = {**os.environ, "PYTHONPATH": root}
+    text = subprocess.run(
+        [sys.executable, os.path.join(old, "references", "analyze_data.py"), "--config", path],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
+    with open(os.path.join(out, "report.txt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    return merge(printed_yaml(text), printed_flags(text)) or None
 
 
 def printed_flags(text: str) -> Dict[str, Any]:
@@ -164,6 +240,7 @@ CONFIGS: Dict[str, Any] = {
     "class_weight-auto": {"model": {"roi_head": {"class_weight": "auto"}}},
     "class-agnostic": {"model": {"class_agnostic_bbox": True, "class_agnostic_mask": True}},
     "advice": advice_override,
+    "old-advice": old_advice_override,
 }
 LABELS = {
     "repeat-factor": "repeat-factor (suggested threshold)",
@@ -171,7 +248,8 @@ LABELS = {
     "pos_fraction-0.5": "pos_fraction 0.5",
     "focal-2": "focal γ=2",
     "class_weight-auto": "class_weight auto",
-    "advice": "advice as printed",
+    "advice": "advice as printed (--write-config)",
+    "old-advice": f"old advice (as {OLD_REF} printed it)",
 }
 
 
@@ -184,11 +262,16 @@ def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return base
 
 
-def base_config(files: Dict[str, str], sizes: Dict[str, int]) -> Dict[str, Any]:
+def base_config(
+    files: Dict[str, str], sizes: Dict[str, int], kwargs: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     iters = sizes["train"] // BATCH
     epochs = sizes["epochs"]
     return {
-        "model": {"name": "maskrcnn_tiny", "kwargs": {"min_size": SIZE, "max_size": SIZE}},
+        "model": {
+            "name": "maskrcnn_tiny",
+            "kwargs": {"min_size": SIZE, "max_size": SIZE} if kwargs is None else kwargs,
+        },
         "data": {**files, "dataset": "coco_json", "workers": 0, "aspect_ratio_group_factor": -1, "report": False},
         "training": {
             "device": "cpu",
@@ -270,9 +353,11 @@ def cached(path: str, cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return res if res.get("config") == json.loads(json.dumps(cfg)) else None
 
 
-def run_config(name: str, files, sizes, out: str, seeds: List[int], rerun: bool, threads=None) -> Dict[str, Any]:
+def run_config(
+    name: str, files, sizes, out: str, seeds: List[int], rerun: bool, threads=None, kwargs=None
+) -> Dict[str, Any]:
     """All seeds of one configuration: {"override", "runs"} or {"skipped": why}."""
-    base = merge(base_config(files, sizes), {"training": {"num_threads": threads}})
+    base = merge(base_config(files, sizes, kwargs), {"training": {"num_threads": threads}})
     folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
     spec = CONFIGS[name]
@@ -354,7 +439,11 @@ def dataset_section(name: str, results: Dict[str, Dict[str, Any]], n_seeds: int)
     if not done:
         return f"### {name}\n\nno configuration ran"
     classes = list(done[0]["runs"][0]["per_class"])
-    overrides = [f"- {LABELS.get(k, k)}: `{json.dumps(r['override'])}`" for k, r in results.items() if "override" in r]
+    overrides = [
+        f"- {LABELS.get(k, k)}: " + (f"`{json.dumps(r['override'])}`" if not callable(CONFIGS[k]) else "its report.txt")
+        for k, r in results.items()
+        if "override" in r
+    ]
     parts = [
         f"### {name} ({n_seeds} seed(s); bbox AP, mean ± std)",
         table(results, classes, "bbox_AP"),
@@ -389,7 +478,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         files = write_dataset(os.path.join(args.out, "data"), ds, sizes)
         print(f"== {ds}: {files['train_ann']}", flush=True)
         results = {
-            c: run_config(c, files, sizes, os.path.join(out, ds), seeds, args.rerun, args.num_threads)
+            c: run_config(c, files, sizes, os.path.join(out, ds), seeds, args.rerun, args.num_threads, MODEL_KWARGS[ds])
             for c in args.configs
         }
         sections.append(dataset_section(ds, results, len(seeds)))

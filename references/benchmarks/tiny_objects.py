@@ -55,11 +55,13 @@ def write_split(
     freq=FREQ,
     draw_fn=_draw,
     box_fn=square_box,
+    empty_fraction: float = 0.0,
 ) -> str:
     """n noisy images with 1-4 objects each as COCO JSON + PNG; returns the JSON's path.
 
     The defaults write this benchmark's set; ``classes`` / ``freq`` / ``draw_fn(draw, cls, box, color)``
-    / ``box_fn(rng, cls, size)`` let another benchmark write its own classes with the same format.
+    / ``box_fn(rng, cls, size)`` let another benchmark write its own classes with the same format;
+    ``empty_fraction``: the chance of an image without objects (0: no draw, the sets above unchanged).
     """
     os.makedirs(os.path.join(root, name), exist_ok=True)
     images, anns = [], []
@@ -68,7 +70,8 @@ def write_split(
         bg = (rng.normal(110, 35, size=(size, size, 3))).clip(0, 255).astype(np.uint8)
         im = Image.fromarray(bg)
         draw = ImageDraw.Draw(im)
-        for _ in range(rng.integers(1, 5)):
+        empty = empty_fraction > 0 and rng.random() < empty_fraction
+        for _ in range(0 if empty else rng.integers(1, 5)):
             cls = int(rng.choice(len(classes), p=p))
             box = box_fn(rng, cls, size)
             mask = Image.new("L", (size, size))

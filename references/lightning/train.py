@@ -144,6 +144,11 @@ def check_supported(cfg: TrainConfig) -> None:
             raise ConfigError(f"distributed.{k} = {v!r}: this CLI trains on one device (DDP: use module.py)")
     if cfg.model.stock:
         raise ConfigError("--stock: the Lightning module trains tv_lossfix heads (their statistics are logged)")
+    if cfg.data.tile_size:
+        raise ConfigError(
+            f"data.tile_size = {cfg.data.tile_size}: sliced evaluation is references/train.py's (and predict.py's); "
+            "the Lightning module evaluates whole images"
+        )
     for section, used in (("model", USED_MODEL_KEYS), ("data", USED_DATA_KEYS)):
         base_section = getattr(base, section)
         for k, v in dataclasses.asdict(getattr(cfg, section)).items():

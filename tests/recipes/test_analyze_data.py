@@ -106,15 +106,20 @@ def test_resize_matches_the_models_transform():
     assert tuple(out.image_sizes[0]) == (nh, nw)
 
 
-def test_report_flags_tiny_objects_and_its_advice_raises_coverage():
+def test_report_flags_poor_coverage_and_its_advice_raises_coverage():
     model, _ = models.build_model(name="maskrcnn_tiny", num_classes=4, stock=True, kwargs={"image_size": 128})
-    data = _coco([5, 6, 7, 30], image_hw=(128, 128), n_images=20)
+    # Objects between two anchor sizes (12 and 24), large enough for the scale rule (scale.py).
+    data = _coco([17, 18, 19, 30], image_hw=(128, 128), n_images=20)
     report = A.data_report(None, model, dataset=data)
     text = report.text()
-    assert report.coverage["small"]["0.3"] < 0.9 and "WARNING: all: only 4% of 80 boxes" in text
+    assert not report.scale["fires"] and "input scale: object side after the resize" in text
+    assert report.coverage["small"]["0.7"] < 0.2 and "WARNING: all: only 10% of 80 boxes" in text
     assert "small: only" not in text  # a bucket is flagged only when it is worse than the whole
     advice = report.advice
     assert advice and advice["after"] > advice["before"] + 0.1
+    assert report.config == {
+        "model": {"anchor_sizes": advice["anchor_sizes"], "aspect_ratios": advice["aspect_ratios"]}
+    }
     assert "anchor_sizes:" in text and "aspect_ratios:" in text
     # Following the advice (the YAML keys below) gives the coverage it promised.
     models.set_anchors(model, advice["anchor_sizes"], advice["aspect_ratios"])

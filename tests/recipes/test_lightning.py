@@ -212,6 +212,7 @@ def test_module_takes_a_yaml_loss_config_and_refuses_unknown_training_keys(tmp_p
         ),
         (["--nan-policy", "skip"], "training.nan_policy = 'skip' is references/train.py's"),
         (["--stock"], "--stock: the Lightning module trains tv_lossfix heads"),
+        (["--tile-size", "96"], "data.tile_size = 96: sliced evaluation is references/train.py's"),
         (["--gradient-clip-val", "-1"], "--gradient-clip-val must be >= 0"),
     ],
 )

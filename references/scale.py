@@ -1,0 +1,230 @@
+"""The input-scale rule: are the objects, after the model's own resize, big enough for its smallest
+anchor and its finest feature map? If not, the ``min_size`` / ``max_size`` that makes them so, and
+what it costs; above a documented cap, tiles instead.
+
+Why the two yardsticks. A square box of side ``s`` centred on a square anchor of side ``a > s``
+overlaps it with IoU ``(s / a)^2``: it reaches the RPN's foreground threshold 0.7 only from
+``s = sqrt(0.7) a = 0.84 a``, and an anchor off-centre by the grid does worse. Below that the RPN
+gets a positive for the box only from its low-quality match, and the RoI head sees few proposals
+on it. And an object under about two cells of the finest feature map (two strides) is one or two
+feature values mixed with background, whatever the anchors: RoIAlign then samples mostly background.
+Upscaling the input is the standard lever (Detectron2's ``INPUT.MIN_SIZE_TRAIN``, torchvision's
+``min_size``); for images already past a sensible input size, tiled (sliced) training and inference
+(SAHI's) keep the magnification without the whole image.
+
+Everything here is plain numbers in, numbers out: :func:`scale_rule` decides from the boxes' sides
+after the resize; the data report and the collapse diagnostics (through analyze_data.scale_finding)
+call :func:`finding_from_boxes` with the model, its anchor geometry and the annotations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+RPN_FG_IOU = 0.7  # torchvision's rpn_fg_iou_thresh
+ANCHOR_FRACTION = math.sqrt(RPN_FG_IOU)  # 0.84: the side, in smallest anchors, that reaches 0.7 centred
+STRIDE_MULTIPLE = 2.0  # an object should span at least two cells of the finest feature map
+# Fires when the median object of any class is under the required side, or a tenth of all objects
+# are under half of it. Per class, because the pooled quantiles follow the common class: a rare class
+# of objects too small to see hides behind it, and it is the class the advice must not give up. A
+# class needs MIN_CLASS_BOXES boxes to be judged on its own; the 10th percentile catches the rest.
+P10_FRACTION = 0.5
+MIN_CLASS_BOXES = 10
+SIZE_STEP = 32  # suggested sizes are rounded up to this (torchvision pads to size_divisible 32 anyway)
+# The largest input side the advice suggests: torchvision's and Detectron2's default max_size (1333).
+# Past it a step costs more than tiles of the image do, and memory grows with the whole image.
+MAX_INPUT_SIDE = 1333
+TILE_OVERLAP_FRACTION = 0.2  # SAHI's default overlap ratio; at least the largest object's side, too
+
+
+@dataclass(frozen=True)
+class ScaleFinding:
+    """What :func:`scale_rule` found: the sides it judged, the yardsticks, and the cure when it fires."""
+
+    p10: float  # object side (sqrt of box area) after the model's resize, 10th percentile
+    p50: float  # the smallest median of the classes judged on their own (the pooled median without classes)
+    smallest_anchor: float
+    finest_stride: float
+    required: float  # max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)
+    min_size: int  # the model's current resize
+    max_size: int
+    fires: bool
+    factor: float = 1.0  # magnification the objects need (1 when silent)
+    new_min_size: Optional[int] = None  # the cure by resize (None when tiles are the cure)
+    new_max_size: Optional[int] = None
+    pixel_ratio: float = 1.0  # padded input pixels after / before, over the images
+    tile_size: Optional[int] = None  # the cure by tiles, in native pixels
+    tile_overlap: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def config(self, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The cure as config sections ({} when silent); ``kwargs``: the current model.kwargs, kept."""
+        if not self.fires:
+            return {}
+        if self.tile_size is not None:
+            return {"data": {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap}}
+        return {"model": {"kwargs": {**(kwargs or {}), "min_size": self.new_min_size, "max_size": self.new_max_size}}}
+
+    def text(self) -> str:
+        what = (
+            f"object side after the resize to min_size {self.min_size} / max_size {self.max_size}: "
+            f"p10 {self.p10:.1f} px, p50 {self.p50:.1f} px (the smallest class's median), against the smallest "
+            f"anchor {self.smallest_anchor:g} px "
+            f"and the finest stride {self.finest_stride:g} px (an object needs {self.required:.1f} px: "
+            f"{ANCHOR_FRACTION:.2f} x the anchor reaches IoU {RPN_FG_IOU:g} centred, {STRIDE_MULTIPLE:g} strides)"
+        )
+        if not self.fires:
+            return what + ": large enough"
+        if self.tile_size is not None:
+            cure = (
+                f"the input would need x{self.factor:.2f}, past {MAX_INPUT_SIDE} px a side: tiles of "
+                f"{self.tile_size} px "
+                f"(overlap {self.tile_overlap}) resized to min_size {self.min_size} magnify the objects as much "
+                f"(data.tile_size / data.tile_overlap; evaluation and predict.py slice the same way)"
+            )
+        else:
+            cure = (
+                f"the objects need x{self.factor:.2f}: min_size {self.new_min_size}, max_size {self.new_max_size} "
+                f"(x{self.new_min_size / self.min_size:.2f}; pixels x{self.pixel_ratio:.1f}, so step time up to "
+                f"x~{self.pixel_ratio:.1f})"
+            )
+        return f"{what}: too small to be resolved; {cure}"
+
+
+def _round_up(x: float, step: int = SIZE_STEP) -> int:
+    return int(math.ceil(x / step - 1e-9) * step)
+
+
+def resized_hw(h: np.ndarray, w: np.ndarray, min_size: float, max_size: float) -> Tuple[np.ndarray, np.ndarray]:
+    """GeneralizedRCNNTransform's resize of images h x w (arrays): the new heights and widths."""
+    scale = np.minimum(min_size / np.minimum(h, w), max_size / np.maximum(h, w))
+    return np.floor(h * scale), np.floor(w * scale)
+
+
+def padded_pixels(hw: np.ndarray, min_size: float, max_size: float, divisible: int = 32) -> float:
+    """Input pixels of the images ([M, 2] heights and widths) after the resize and the padding."""
+    nh, nw = resized_hw(hw[:, 0], hw[:, 1], min_size, max_size)
+    return float((np.ceil(nh / divisible) * divisible * np.ceil(nw / divisible) * divisible).sum())
+
+
+def scale_rule(
+    sides: np.ndarray,
+    image_hw: np.ndarray,
+    min_size: int,
+    max_size: int,
+    smallest_anchor: float,
+    finest_stride: float,
+    native_extent: Optional[np.ndarray] = None,
+    divisible: int = 32,
+    classes: Optional[np.ndarray] = None,
+) -> ScaleFinding:
+    """The scale rule on the boxes' sides (sqrt of area) after the model's resize.
+
+    ``image_hw``: [M, 2] native heights and widths of the training images (the cost is counted on
+    them); ``native_extent``: the boxes' longer sides before the resize (the tile overlap must
+    hold the largest object; default ``sides``); ``classes``: each box's class. Fires when
+    ``p50 < required`` or ``p10 < P10_FRACTION * required``, where p10 is over all boxes and p50 the
+    smallest median of the classes with MIN_CLASS_BOXES boxes or more (of all boxes without
+    ``classes``, or when no class has that many), with
+    ``required = max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)``. The cure
+    magnifies by ``factor = max(required / p50, P10_FRACTION * required / p10)``: min_size and max_size
+    times the factor, rounded up to SIZE_STEP. When the largest resized image side would pass
+    MAX_INPUT_SIDE, the cure is tiles instead: the model keeps its sizes and a square tile of
+    ``floor(min_size / (factor * s))`` native pixels (``s``: the median image's current resize
+    scale) is magnified as much; the overlap is the larger of TILE_OVERLAP_FRACTION of the tile and
+    the largest object's native side, so every object is whole in some tile.
+    """
+    sides = np.asarray(sides, dtype=np.float64)
+    image_hw = np.asarray(image_hw, dtype=np.float64).reshape(-1, 2)
+    required = max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)
+    p10, p50 = (float(np.percentile(sides, q)) for q in (10, 50)) if len(sides) else (math.nan, math.nan)
+    if classes is not None and len(sides):
+        classes = np.asarray(classes)
+        medians = [float(np.median(sides[classes == c])) for c in np.unique(classes)]
+        counts = [int((classes == c).sum()) for c in np.unique(classes)]
+        judged = [m for m, n in zip(medians, counts) if n >= MIN_CLASS_BOXES]
+        p50 = min(judged) if judged else p50
+    base = dict(
+        p10=p10,
+        p50=p50,
+        smallest_anchor=float(smallest_anchor),
+        finest_stride=float(finest_stride),
+        required=required,
+        min_size=int(min_size),
+        max_size=int(max_size),
+    )
+    fires = bool(len(sides)) and (p50 < required or p10 < P10_FRACTION * required)
+    if not fires:
+        return ScaleFinding(**base, fires=False)
+    factor = max(required / max(p50, 1e-6), P10_FRACTION * required / max(p10, 1e-6))
+    new_min, new_max = _round_up(min_size * factor), _round_up(max_size * factor)
+    nh, nw = resized_hw(image_hw[:, 0], image_hw[:, 1], new_min, new_max)
+    if float(np.maximum(nh, nw).max()) <= MAX_INPUT_SIDE:
+        before = padded_pixels(image_hw, min_size, max_size, divisible)
+        ratio = padded_pixels(image_hw, new_min, new_max, divisible) / max(before, 1.0)
+        return ScaleFinding(
+            **base, fires=True, factor=factor, new_min_size=new_min, new_max_size=new_max, pixel_ratio=ratio
+        )
+    current = np.minimum(min_size / image_hw.min(axis=1), max_size / image_hw.max(axis=1))
+    tile = int(math.floor(min_size / (factor * float(np.median(current)))))
+    native = np.asarray(native_extent if native_extent is not None else sides, dtype=np.float64)
+    overlap = int(math.ceil(max(TILE_OVERLAP_FRACTION * tile, float(native.max()) if len(native) else 0.0)))
+    return ScaleFinding(**base, fires=True, factor=factor, tile_size=tile, tile_overlap=overlap)
+
+
+def model_yardsticks(model, geo) -> Tuple[float, float]:
+    """(smallest anchor side, finest feature-map stride) of a torchvision detector as built; ``geo``:
+    its analyze_data.AnchorGeometry (the real feature-map grids)."""
+    side = _round_up(max(geo.min_size, geo.max_size), geo.divisible)
+    strides = [min(s) for _, _, s in geo.levels(side, side)]
+    anchors = [float(s) for sizes in model.rpn.anchor_generator.sizes for s in sizes]
+    return min(anchors), float(min(strides))
+
+
+def tile_view(data: Dict[str, Any], tile_size: int, tile_overlap: int) -> Dict[str, Any]:
+    """A COCO dict as the model sees it under tiles: each image at most tile_size a side, each box
+    moved into the tile that starts at or before it (its offset modulo the tiles' step), so that the
+    resize and the anchor grid the report measures are the tiles'."""
+    step = max(tile_size - tile_overlap, 1)
+    images, anns = [], []
+    for im in data["images"]:
+        images.append({**im, "height": min(im["height"], tile_size), "width": min(im["width"], tile_size)})
+    size = {im["id"]: (im["height"], im["width"]) for im in images}
+    for a in data["annotations"]:
+        if a["image_id"] not in size:
+            continue
+        h, w = size[a["image_id"]]
+        x, y, bw, bh = a["bbox"]
+        x = min(x % step if w == tile_size else x, max(w - bw, 0.0))
+        y = min(y % step if h == tile_size else y, max(h - bh, 0.0))
+        anns.append({**a, "bbox": [x, y, bw, bh]})
+    return {**data, "images": images, "annotations": anns}
+
+
+def finding_from_boxes(model, geo, data: Dict[str, Any], xyxy: np.ndarray) -> ScaleFinding:
+    """:func:`scale_rule` for ``model`` (its real resize, anchors and strides; ``geo``: its
+    analyze_data.AnchorGeometry) on a COCO dict's non-crowd boxes, ``xyxy`` as analyze_data.resized_boxes
+    gives them."""
+    sides = np.sqrt(np.maximum((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]), 0))
+    images = {im["id"] for im in data["images"]}
+    anns = [a for a in data["annotations"] if not a.get("iscrowd", 0) and a["image_id"] in images]
+    cats = np.asarray([a["category_id"] for a in anns])
+    extent = np.asarray([max(a["bbox"][2], a["bbox"][3], 0) for a in anns], dtype=np.float64)
+    hw = np.asarray([(im["height"], im["width"]) for im in data["images"]], dtype=np.float64)
+    anchor, stride = model_yardsticks(model, geo)
+    return scale_rule(sides, hw, geo.min_size, geo.max_size, anchor, stride, extent, geo.divisible, cats)
+
+
+def scale_cause(finding: Optional[ScaleFinding]) -> Optional[str]:
+    """The collapse diagnostics' line for a scale problem, or None."""
+    if finding is None or not finding.fires:
+        return None
+    cure = finding.config()
+    keys = "; ".join(f"{sec}.{k}: {v}" for sec, d in cure.items() for k, v in d.items())
+    return f"objects too small for the model's input: {finding.text()}. In the YAML: {keys}"
