@@ -149,10 +149,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from errors import USER_ERRORS
+    from errors import run_cli
 
-    try:
-        sys.exit(main())
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli(main))

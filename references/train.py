@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -33,7 +32,7 @@ from tv_lossfix.checkpoint import model_state_dict  # noqa: E402
 
 import distributed  # noqa: E402
 from diagnostics import per_class_table  # noqa: E402
-from errors import USER_ERRORS  # noqa: E402
+from errors import run_cli  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from hooks import default_hooks  # noqa: E402
 from models import (  # noqa: E402
@@ -240,24 +239,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         distributed.cleanup()
 
 
-def error_line(e: BaseException) -> str:
-    """A user error's message. One raised in a DataLoader worker arrives wrapped in the worker's
-    traceback (torch's ExceptionWrapper): the original message is what follows its "Type: " line."""
-    msg = str(e)
-    if msg.startswith("Caught ") and "Original Traceback" in msg:
-        found = re.search(rf"^(?:[\w.]+\.)?{type(e).__name__}: ", msg, re.M)
-        if found:
-            msg = msg[found.end() :].rstrip()
-    return msg
-
-
 def cli(argv: Optional[List[str]] = None) -> int:
     """``main`` as a command: a user error ends the run in one line on stderr, exit code 1."""
     try:
-        return main(argv)
-    except USER_ERRORS as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
-        return 1
+        return run_cli(lambda: main(argv))
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which stops with a checkpoint itself)
         print("interrupted (SIGINT) before training began or after it ended: nothing more saved", file=sys.stderr)
         return 130

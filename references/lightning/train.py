@@ -30,7 +30,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException  # n
 
 import train as recipe  # noqa: E402 (for check_before_data: the recipe's checks that need no data)
 from data import SIZE_SETTING_POLICIES  # noqa: E402
-from errors import USER_ERRORS  # noqa: E402
+from errors import run_cli  # noqa: E402
 from hooks import report_before_step_one  # noqa: E402
 from module import OPTIM_KEYS, DetectionModule, EvalData  # noqa: E402
 from run_context import Run  # noqa: E402
@@ -295,8 +295,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli(main))

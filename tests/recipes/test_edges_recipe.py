@@ -18,8 +18,8 @@ from PIL import Image
 
 from tv_lossfix import LossConfig, LossConfigError
 
+import errors
 import helpers
-import train
 import train_config
 import training_checkpoint
 import writers
@@ -335,7 +335,7 @@ def test_class_weight_of_the_wrong_length_is_one_line(shapes, tmp_path):
     rc, _, err = cli(argv(write_json(tmp_path, data), images, out, "--config", str(cfg), "--no-data-report"))
     one_line_error(rc, err, r"class_weight has 3 entries .*5")  # 4 shapes + background
     assert not (out / "checkpoint.pth").exists()
-    assert issubclass(LossConfigError, train.USER_ERRORS)
+    assert issubclass(LossConfigError, errors.USER_ERRORS)
 
 
 # -- 10. no objects, string sizes, EXIF orientation ---------------------------------------------------

@@ -7,6 +7,7 @@ from torchvision.models import detection as tvdet
 
 from tv_lossfix.checkpoint import CheckpointNotFoundError
 
+import errors
 import models
 import train
 from helpers import tiny_config
@@ -18,10 +19,10 @@ def test_a_missing_checkpoint_is_one_line_from_weights_and_resume(tmp_path, data
     for flag in ("--weights", "--resume"):
         assert train.cli(["--config", cfg, flag, str(missing)]) == 1
         assert capsys.readouterr().err == f"error: {flag}: checkpoint not found: {missing}\n"
-        # The library's type: a CheckpointError (train.USER_ERRORS) and a FileNotFoundError.
+        # The library's type: a CheckpointError (errors.USER_ERRORS) and a FileNotFoundError.
         with pytest.raises(CheckpointNotFoundError, match=f"^{flag}: checkpoint not found: {missing}$"):
             train.main(["--config", cfg, flag, str(missing)])
-    assert issubclass(CheckpointNotFoundError, train.USER_ERRORS)
+    assert issubclass(CheckpointNotFoundError, errors.USER_ERRORS)
     assert not (tmp_path / "out").exists()  # stopped before the run made its output folder
 
 
