@@ -410,6 +410,22 @@ def test_normed_linear_by_hand():
     assert_same(layer(x), want)
 
 
+def test_seesaw_cosine_classifier_is_one_normed_layer_over_all_its_outputs():
+    # MMDetection: cls_predictor_cfg NormedLinear builds fc_cls with SeesawLoss's C + 2 outputs, so the
+    # objectness logits are cosine logits too (configs/seesaw_loss/*.py).
+    model = tiny_model("faster", loss_cfg={"roi_head": LONG_TAIL["cosine"]})
+    pred = model.roi_heads.box_predictor
+    assert isinstance(pred.cls_score, NormedLinear) and isinstance(pred.cls_objectness, NormedLinear)
+    x = torch.randn(7, pred.cls_score.in_features)
+    w = torch.cat([pred.cls_score.weight, pred.cls_objectness.weight])
+    b = torch.cat([pred.cls_score.bias, pred.cls_objectness.bias])
+    want = 20.0 * (x / (x.norm(dim=1, keepdim=True) + 1e-6)) @ (w / (w.norm(dim=1, keepdim=True) + 1e-6)).T + b
+    with torch.no_grad():
+        assert_same(pred(x)[0], want)
+    tv_lossfix.patch_model(model, {"roi_head": {"cls_loss": "seesaw"}})  # cosine off: both back to Linear
+    assert type(pred.cls_score) is torch.nn.Linear and type(pred.cls_objectness) is torch.nn.Linear
+
+
 @pytest.mark.parametrize("name", ["sigmoid", "federated", "seesaw", "eqlv2"])
 def test_training_and_inference_through_the_model(name):
     model = tiny_model("mask", loss_cfg={"roi_head": LONG_TAIL[name]})
