@@ -355,7 +355,12 @@ class Seesaw(_Criterion):
                 + ": build the model with tv_lossfix's builders or patch_model, which add box_predictor.cls_objectness"
             )
         with torch.no_grad():
-            self.cum_samples.index_add_(0, labels, torch.ones_like(labels, dtype=self.cum_samples.dtype))
+            # The batch's count per class in integers, then one float add per class (MMDetection adds
+            # each class's batch count): adding 1 per sample to a float32 count stops at 2 ** 24, a
+            # count LVIS's frequent classes pass.
+            batch = torch.zeros(self.cum_samples.shape[0], dtype=torch.long, device=labels.device)
+            batch.index_add_(0, labels, torch.ones_like(labels))
+            self.cum_samples += batch.to(self.cum_samples.dtype)
         return seesaw_loss(logits, labels, self.cum_samples, self.p, self.q, self.eps, avg_factor, weight)
 
     def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -214,6 +214,21 @@ def test_seesaw_equals_mmdetection_values_gradients_and_counts(p, q):
     )
 
 
+def test_seesaw_counts_past_float32s_integer_range_grow_by_the_batch_count():
+    # MMDetection adds each class's batch count (cum_samples[u] += (labels == u).sum()): a count at
+    # 2 ** 24 still grows by 4 (16777220 is a float32); one +1 per sample would leave it at 2 ** 24.
+    crit = C.Seesaw(K + 1, 0.8, 2.0)
+    crit.cum_samples[2] = 2.0**24
+    logits, _ = batch(n=6, extra=1)
+    labels = torch.tensor([2, 2, 0, 2, 2, 5])
+    peer = torch.cat([crit.cum_samples[1:], crit.cum_samples[:1]]).clone()
+    for u in to_peer_labels(labels).unique():
+        peer[u] += (to_peer_labels(labels) == u.item()).sum()
+    crit(logits.detach().float(), labels, None, None)
+    assert crit.cum_samples[2] == 2.0**24 + 4
+    assert torch.equal(torch.cat([crit.cum_samples[1:], crit.cum_samples[:1]]), peer)
+
+
 def test_seesaw_scores_are_mmdetections_activation():
     logits, _ = batch(extra=1)
     ours = C.seesaw_scores(logits.detach())
