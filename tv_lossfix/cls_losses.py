@@ -239,7 +239,9 @@ def eqlv2_grad_stats(
 
 def eqlv2_scores(logits: Tensor) -> Tensor:
     """MMDetection's EQLv2 ``get_activation`` (``test_with_obj=True``): sigmoid of each class × (1 -
-    sigmoid of the background logit); column 0 is the background sigmoid."""
+    sigmoid of the background logit); column 0 is the background sigmoid. MMDetection 3.3.0's BBoxHead
+    calls it only for a loss with ``custom_cls_channels``, which ``EQLV2Loss`` lacks (its head would take
+    the softmax); this is the loss's own, and the EQLv2 authors', activation."""
     prob = torch.sigmoid(logits)
     return torch.cat([prob[:, :1], prob[:, 1:] * (1 - prob[:, :1])], dim=1)
 
