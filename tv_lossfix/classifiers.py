@@ -4,7 +4,8 @@
   ``[object, background]`` pair. torchvision's ``cls_score`` keeps its ``K + 1`` outputs (background
   first, so every checkpoint and class count reads as before) and one ``cls_objectness`` layer adds
   the object logit: :class:`SeesawPredictor` returns ``[background, class 1..K, object]``.
-* ``roi_head.cosine_classifier``: ``cls_score`` becomes a :class:`NormedLinear`, MMDetection's
+* ``roi_head.cosine_classifier``: ``cls_score`` (with Seesaw also ``cls_objectness``: MMDetection's
+  ``NormedLinear`` is its whole ``C + 2`` output layer) becomes a :class:`NormedLinear`, MMDetection's
   cosine classifier (``temperature * cos(feature, class weight)`` + bias, temperature 20). Its
   parameters are ``nn.Linear``'s (same ``state_dict`` keys and shapes), so the conversion keeps the
   weights either way.
@@ -70,6 +71,24 @@ def _check_predictor(heads: nn.Module, what: str) -> None:
         )
 
 
+def _set_cosine(layer: nn.Linear, where: str, cosine: bool, temperature: float) -> List[str]:
+    """Convert ``layer`` in place to / from :class:`NormedLinear` (weights kept); one line per change."""
+    if cosine and not isinstance(layer, NormedLinear):
+        layer.__class__ = NormedLinear
+        layer.eps = 1e-6
+        layer.temperature = temperature
+        return [f"{where}: Linear -> NormedLinear (cosine, temperature {temperature:g}; weights kept)"]
+    if cosine and layer.temperature != temperature:
+        line = f"{where}: NormedLinear temperature {layer.temperature:g} -> {temperature:g}"
+        layer.temperature = temperature
+        return [line]
+    if not cosine and isinstance(layer, NormedLinear):
+        layer.__class__ = nn.Linear
+        del layer.temperature, layer.eps
+        return [f"{where}: NormedLinear -> Linear (weights kept)"]
+    return []
+
+
 def check_classifier(heads: nn.Module, cfg) -> None:
     """Raise (nothing changed) if ``cfg`` (a RoILossConfig) needs layers the model's predictor lacks."""
     if cfg.cls_loss == "seesaw" and not isinstance(heads.box_predictor, SeesawPredictor):
@@ -82,8 +101,9 @@ def prepare_classifier(heads: nn.Module, cfg) -> List[str]:
     """Give ``heads.box_predictor`` the layers ``cfg`` (a RoILossConfig) needs, in place; one line per change.
 
     Seesaw adds ``cls_objectness`` (``nn.Linear(in, 1)``, torchvision's initialisation) to a
-    ``FastRCNNPredictor``; another loss removes it. The cosine classifier converts ``cls_score`` to a
-    :class:`NormedLinear` and back (weights kept). Nothing changes when the predictor already fits.
+    ``FastRCNNPredictor``; another loss removes it. The cosine classifier converts ``cls_score`` (and
+    Seesaw's ``cls_objectness``) to a :class:`NormedLinear` and back (weights kept). Nothing changes
+    when the predictor already fits.
     """
     check_classifier(heads, cfg)
     lines: List[str] = []
@@ -100,26 +120,14 @@ def prepare_classifier(heads: nn.Module, cfg) -> List[str]:
         del pred.cls_objectness
         pred.__class__ = FastRCNNPredictor
         lines.append("roi_heads.box_predictor.cls_objectness removed (roi_head.cls_loss is not seesaw)")
-    layer = getattr(pred, "cls_score", None)
     temperature = 20.0 if cfg.cosine_temperature is None else float(cfg.cosine_temperature)
-    if cfg.cosine_classifier and isinstance(layer, nn.Linear):
-        if not isinstance(layer, NormedLinear):
-            layer.__class__ = NormedLinear
-            layer.eps = 1e-6
-            layer.temperature = temperature
-            lines.append(
-                "roi_heads.box_predictor.cls_score: Linear -> NormedLinear "
-                f"(cosine, temperature {temperature:g}; weights kept)"
-            )
-        elif layer.temperature != temperature:
-            lines.append(
-                f"roi_heads.box_predictor.cls_score: NormedLinear temperature {layer.temperature:g} -> {temperature:g}"
-            )
-            layer.temperature = temperature
-    elif isinstance(layer, NormedLinear):
-        layer.__class__ = nn.Linear
-        del layer.temperature, layer.eps
-        lines.append("roi_heads.box_predictor.cls_score: NormedLinear -> Linear (weights kept)")
+    # MMDetection's cosine classifier is its whole fc_cls: with Seesaw that is the C + 2 outputs, the
+    # objectness pair included, so cls_objectness is converted with cls_score (a plain object logit
+    # beside a cosine background logit would put the two on different scales).
+    for name in ("cls_score", "cls_objectness"):
+        layer = getattr(pred, name, None)
+        if isinstance(layer, nn.Linear):
+            lines.extend(_set_cosine(layer, "roi_heads.box_predictor." + name, cfg.cosine_classifier, temperature))
     return lines
 
 

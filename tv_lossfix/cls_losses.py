@@ -239,7 +239,9 @@ def eqlv2_grad_stats(
 
 def eqlv2_scores(logits: Tensor) -> Tensor:
     """MMDetection's EQLv2 ``get_activation`` (``test_with_obj=True``): sigmoid of each class × (1 -
-    sigmoid of the background logit); column 0 is the background sigmoid."""
+    sigmoid of the background logit); column 0 is the background sigmoid. MMDetection 3.3.0's BBoxHead
+    calls it only for a loss with ``custom_cls_channels``, which ``EQLV2Loss`` lacks (its head would take
+    the softmax); this is the loss's own, and the EQLv2 authors', activation."""
     prob = torch.sigmoid(logits)
     return torch.cat([prob[:, :1], prob[:, 1:] * (1 - prob[:, :1])], dim=1)
 
@@ -355,7 +357,12 @@ class Seesaw(_Criterion):
                 + ": build the model with tv_lossfix's builders or patch_model, which add box_predictor.cls_objectness"
             )
         with torch.no_grad():
-            self.cum_samples.index_add_(0, labels, torch.ones_like(labels, dtype=self.cum_samples.dtype))
+            # The batch's count per class in integers, then one float add per class (MMDetection adds
+            # each class's batch count): adding 1 per sample to a float32 count stops at 2 ** 24, a
+            # count LVIS's frequent classes pass.
+            batch = torch.zeros(self.cum_samples.shape[0], dtype=torch.long, device=labels.device)
+            batch.index_add_(0, labels, torch.ones_like(labels))
+            self.cum_samples += batch.to(self.cum_samples.dtype)
         return seesaw_loss(logits, labels, self.cum_samples, self.p, self.q, self.eps, avg_factor, weight)
 
     def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -214,6 +214,21 @@ def test_seesaw_equals_mmdetection_values_gradients_and_counts(p, q):
     )
 
 
+def test_seesaw_counts_past_float32s_integer_range_grow_by_the_batch_count():
+    # MMDetection adds each class's batch count (cum_samples[u] += (labels == u).sum()): a count at
+    # 2 ** 24 still grows by 4 (16777220 is a float32); one +1 per sample would leave it at 2 ** 24.
+    crit = C.Seesaw(K + 1, 0.8, 2.0)
+    crit.cum_samples[2] = 2.0**24
+    logits, _ = batch(n=6, extra=1)
+    labels = torch.tensor([2, 2, 0, 2, 2, 5])
+    peer = torch.cat([crit.cum_samples[1:], crit.cum_samples[:1]]).clone()
+    for u in to_peer_labels(labels).unique():
+        peer[u] += (to_peer_labels(labels) == u.item()).sum()
+    crit(logits.detach().float(), labels, None, None)
+    assert crit.cum_samples[2] == 2.0**24 + 4
+    assert torch.equal(torch.cat([crit.cum_samples[1:], crit.cum_samples[:1]]), peer)
+
+
 def test_seesaw_scores_are_mmdetections_activation():
     logits, _ = batch(extra=1)
     ours = C.seesaw_scores(logits.detach())
@@ -408,6 +423,22 @@ def test_normed_linear_by_hand():
     w = layer.weight
     want = 20.0 * (x / (x.norm(dim=1, keepdim=True) + 1e-6)) @ (w / (w.norm(dim=1, keepdim=True) + 1e-6)).T + layer.bias
     assert_same(layer(x), want)
+
+
+def test_seesaw_cosine_classifier_is_one_normed_layer_over_all_its_outputs():
+    # MMDetection: cls_predictor_cfg NormedLinear builds fc_cls with SeesawLoss's C + 2 outputs, so the
+    # objectness logits are cosine logits too (configs/seesaw_loss/*.py).
+    model = tiny_model("faster", loss_cfg={"roi_head": LONG_TAIL["cosine"]})
+    pred = model.roi_heads.box_predictor
+    assert isinstance(pred.cls_score, NormedLinear) and isinstance(pred.cls_objectness, NormedLinear)
+    x = torch.randn(7, pred.cls_score.in_features)
+    w = torch.cat([pred.cls_score.weight, pred.cls_objectness.weight])
+    b = torch.cat([pred.cls_score.bias, pred.cls_objectness.bias])
+    want = 20.0 * (x / (x.norm(dim=1, keepdim=True) + 1e-6)) @ (w / (w.norm(dim=1, keepdim=True) + 1e-6)).T + b
+    with torch.no_grad():
+        assert_same(pred(x)[0], want)
+    tv_lossfix.patch_model(model, {"roi_head": {"cls_loss": "seesaw"}})  # cosine off: both back to Linear
+    assert type(pred.cls_score) is torch.nn.Linear and type(pred.cls_objectness) is torch.nn.Linear
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "federated", "seesaw", "eqlv2"])
