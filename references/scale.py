@@ -20,7 +20,7 @@ call :func:`finding_from_boxes` with the model, its anchor geometry and the anno
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -59,13 +59,14 @@ class ScaleFinding:
     pixel_ratio: float = 1.0  # padded input pixels after / before, over the images
     tile_size: Optional[int] = None  # the cure by tiles, in native pixels
     tile_overlap: Optional[int] = None
+    withheld: Optional[str] = None  # why no cure is advised (an augmentation that sets the input size itself)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     def config(self, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """The cure as config sections ({} when silent); ``kwargs``: the current model.kwargs, kept."""
-        if not self.fires:
+        if not self.fires or self.withheld:
             return {}
         if self.tile_size is not None:
             return {"data": {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap}}
@@ -81,6 +82,8 @@ class ScaleFinding:
         )
         if not self.fires:
             return what + ": large enough"
+        if self.withheld:
+            return f"{what}: too small to be resolved at the evaluation resize; {self.withheld}"
         if self.tile_size is not None:
             cure = (
                 f"the input would need x{self.factor:.2f}, past {MAX_INPUT_SIDE} px a side: tiles of "
@@ -178,6 +181,22 @@ def scale_rule(
     return ScaleFinding(**base, fires=True, factor=factor, tile_size=tile, tile_overlap=overlap)
 
 
+def withhold_under_augmentation(finding: ScaleFinding, augmentation: Optional[str]) -> ScaleFinding:
+    """``finding`` with its cure withheld when ``augmentation`` (data.augmentation) sets the training input
+    size itself: the model does not resize while training then (run_model's _skip_resize), so a
+    min_size / max_size would change evaluation alone, and tiles would be rescaled by the policy."""
+    from data import SIZE_SETTING_POLICIES
+
+    if not finding.fires or augmentation not in SIZE_SETTING_POLICIES:
+        return finding
+    why = (
+        f"no scale cure advised: data.augmentation {augmentation} sets the training input size itself (the model "
+        f"does not resize while training), so model.kwargs min_size / max_size or tiles would not reach training; "
+        f"take the cure with a policy the model resizes after (hflip, none)"
+    )
+    return replace(finding, withheld=why)
+
+
 def model_yardsticks(model, geo) -> Tuple[float, float]:
     """(smallest anchor side, finest feature-map stride) of a torchvision detector as built; ``geo``:
     its analyze_data.AnchorGeometry (the real feature-map grids)."""
@@ -226,5 +245,7 @@ def scale_cause(finding: Optional[ScaleFinding]) -> Optional[str]:
     if finding is None or not finding.fires:
         return None
     cure = finding.config()
+    if not cure:
+        return f"objects too small for the model's input: {finding.text()}"
     keys = "; ".join(f"{sec}.{k}: {v}" for sec, d in cure.items() for k, v in d.items())
     return f"objects too small for the model's input: {finding.text()}. In the YAML: {keys}"

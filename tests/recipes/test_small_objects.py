@@ -413,3 +413,45 @@ def test_a_rare_class_too_small_fires_where_the_pooled_quantiles_do_not():
     # Under MIN_CLASS_BOXES boxes a class is not judged on its own.
     few = S.scale_rule(sides[:94], hw, 128, 128, 12, 4, classes=classes[:94])
     assert not few.fires
+
+
+@pytest.mark.parametrize("augmentation", ["lsj", "multiscale"])
+def test_a_policy_that_sets_the_input_size_withholds_the_scale_cure(augmentation):
+    # The model does not resize while training under lsj / multiscale: a min_size would reach evaluation only.
+    model, _ = models.build_model(name="maskrcnn_tiny", num_classes=4, stock=True)
+    data = _issue_like_set()
+    cfg = train_config.defaults().replace({"data.augmentation": augmentation})
+    report = A.data_report(None, model, dataset=data, cfg=cfg)
+    assert report.scale["fires"] and f"data.augmentation {augmentation}" in report.scale["withheld"]
+    assert "kwargs" not in report.config.get("model", {}) and "tile_size" not in report.config.get("data", {})
+    assert report.scale["new_min_size"] == 224  # measured all the same, at the evaluation resize
+    f = A.scale_finding(model, data, augmentation=augmentation)
+    assert f.withheld and f.config() == {} and "In the YAML" not in S.scale_cause(f)
+    assert not A.scale_finding(model, data, augmentation="hflip").withheld  # the model resizes: the cure stands
+    assert A.data_report(None, model, dataset=data, cfg=train_config.defaults()).config["model"]["kwargs"]
+
+
+def test_the_collapse_warnings_cure_gives_no_class_weight_list_while_the_scale_fires():
+    import run_data
+
+    data = _issue_like_set()
+
+    def fresh():
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+        return SimpleNamespace(
+            rare_cure=None,
+            train_counts=None,
+            train_set=SimpleNamespace(coco=coco, ids=[im["id"] for im in data["images"]]),
+            label_to_cat={1: 1, 2: 2, 3: 3},
+            num_classes=4,
+            names=["c1", "c2", "c3"],
+        )
+
+    run = SimpleNamespace(cfg=train_config.defaults())
+    assert run_data.rare_cure(run, fresh())["class_weight"] is not None  # the list, tempered, without the scale
+    cure = run_data.rare_cure(run, fresh(), scale_fires=True)
+    assert cure["class_weight"] is None and "class_weight" not in cure["text"] and cure["withheld"]
