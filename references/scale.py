@@ -141,7 +141,9 @@ def scale_rule(
     MAX_INPUT_SIDE, the cure is tiles instead: the model keeps its sizes and a square tile of
     ``floor(min_size / (factor * s))`` native pixels (``s``: the median image's current resize
     scale) is magnified as much; the overlap is the larger of TILE_OVERLAP_FRACTION of the tile and
-    the largest object's native side, so every object is whole in some tile.
+    the largest object's native side, so every object is whole in some tile. Tiles train.py would
+    refuse (under tiles.MIN_TILE, or an overlap not below the tile: an object larger than the tile)
+    are not advised: the finding says why in ``withheld``.
     """
     sides = np.asarray(sides, dtype=np.float64)
     image_hw = np.asarray(image_hw, dtype=np.float64).reshape(-1, 2)
@@ -177,7 +179,17 @@ def scale_rule(
     current = np.minimum(min_size / image_hw.min(axis=1), max_size / image_hw.max(axis=1))
     tile = int(math.floor(min_size / (factor * float(np.median(current)))))
     native = np.asarray(native_extent if native_extent is not None else sides, dtype=np.float64)
-    overlap = int(math.ceil(max(TILE_OVERLAP_FRACTION * tile, float(native.max()) if len(native) else 0.0)))
+    largest = float(native.max()) if len(native) else 0.0
+    overlap = int(math.ceil(max(TILE_OVERLAP_FRACTION * tile, largest)))
+    from tiles import MIN_TILE
+
+    if tile < MIN_TILE or overlap >= tile:  # train.py refuses such tiles (check_tile_keys, TiledDataset)
+        why = (
+            f"no scale cure advised: the objects need x{factor:.2f}, past {MAX_INPUT_SIDE} px a side, and tiles "
+            f"that magnify as much ({tile} native px) "
+            + (f"are under {MIN_TILE} px" if tile < MIN_TILE else f"cannot hold the largest object ({largest:g} px)")
+        )
+        return ScaleFinding(**base, fires=True, factor=factor, tile_size=tile, tile_overlap=overlap, withheld=why)
     return ScaleFinding(**base, fires=True, factor=factor, tile_size=tile, tile_overlap=overlap)
 
 

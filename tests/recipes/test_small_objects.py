@@ -455,3 +455,16 @@ def test_the_collapse_warnings_cure_gives_no_class_weight_list_while_the_scale_f
     assert run_data.rare_cure(run, fresh())["class_weight"] is not None  # the list, tempered, without the scale
     cure = run_data.rare_cure(run, fresh(), scale_fires=True)
     assert cure["class_weight"] is None and "class_weight" not in cure["text"] and cure["withheld"]
+
+
+def test_tiles_train_py_would_refuse_are_not_advised():
+    hw = np.array([[2000, 2000]])
+    # A 900 px object: the overlap must hold it, but the 796 px tile cannot (train.py refuses such a set).
+    extent = np.concatenate([np.full(29, 10.0), [900.0]])
+    f = S.scale_rule(np.full(30, 4.0), hw, 800, 1333, 12, 4, native_extent=extent)
+    assert f.fires and f.tile_size == 796 and f.withheld and "900" in f.withheld and f.config() == {}
+    with pytest.raises(train_config.ConfigError, match="data.tile_overlap"):
+        train_config.check_tile_keys(f.tile_size, f.tile_overlap, True, "advice")  # what the cure would have hit
+    # x100 would need tiles of floor(800 / (100.4 * 0.4)) = 19 px, under MIN_TILE.
+    f = S.scale_rule(np.full(30, 0.1), hw, 800, 1333, 12, 4, native_extent=np.full(30, 1.0))
+    assert f.tile_size == 19 and f.withheld and str(T.MIN_TILE) in f.withheld and f.config() == {}
