@@ -70,7 +70,15 @@ class ScaleFinding:
             return {}
         if self.tile_size is not None:
             return {"data": {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap}}
-        return {"model": {"kwargs": {**(kwargs or {}), "min_size": self.new_min_size, "max_size": self.new_max_size}}}
+        kw = dict(kwargs or {})
+        mins = kw.get("min_size")
+        # A list is torchvision's multi-scale training (a random size per step, the last at evaluation):
+        # every size is magnified as much, so the list is not dropped for one size.
+        if isinstance(mins, (list, tuple)) and len(mins) > 1:
+            new_min: Any = [_round_up(m * self.factor) for m in mins[:-1]] + [self.new_min_size]
+        else:
+            new_min = self.new_min_size
+        return {"model": {"kwargs": {**kw, "min_size": new_min, "max_size": self.new_max_size}}}
 
     def text(self) -> str:
         what = (

@@ -468,3 +468,12 @@ def test_tiles_train_py_would_refuse_are_not_advised():
     # x100 would need tiles of floor(800 / (100.4 * 0.4)) = 19 px, under MIN_TILE.
     f = S.scale_rule(np.full(30, 0.1), hw, 800, 1333, 12, 4, native_extent=np.full(30, 1.0))
     assert f.tile_size == 19 and f.withheld and str(T.MIN_TILE) in f.withheld and f.config() == {}
+
+
+def test_a_min_size_list_is_magnified_entry_by_entry_not_dropped():
+    # torchvision draws a training size from the list and evaluates at the last (128): 5 px objects need
+    # x2.008, so [96, 112, 128] -> [ceil(192.8 / 32), ceil(224.9 / 32), ceil(257.0 / 32)] x 32.
+    f = S.scale_rule(np.full(100, 5.0), np.array([[160, 160]]), 128, 128, smallest_anchor=12, finest_stride=4)
+    cure = f.config({"min_size": [96, 112, 128]})["model"]["kwargs"]
+    assert cure == {"min_size": [224, 256, 288], "max_size": 288} and cure["min_size"][-1] == f.new_min_size
+    assert f.config({"min_size": [128]})["model"]["kwargs"]["min_size"] == 288
