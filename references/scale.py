@@ -234,14 +234,16 @@ def tile_view(data: Dict[str, Any], tile_size: int, tile_overlap: int) -> Dict[s
     images, anns = [], []
     for im in data["images"]:
         images.append({**im, "height": min(im["height"], tile_size), "width": min(im["width"], tile_size)})
-    size = {im["id"]: (im["height"], im["width"]) for im in images}
+    native = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
     for a in data["annotations"]:
-        if a["image_id"] not in size:
+        if a["image_id"] not in native:
             continue
-        h, w = size[a["image_id"]]
+        H, W = native[a["image_id"]]
+        h, w = min(H, tile_size), min(W, tile_size)
         x, y, bw, bh = a["bbox"]
-        x = min(x % step if w == tile_size else x, max(w - bw, 0.0))
-        y = min(y % step if h == tile_size else y, max(h - bh, 0.0))
+        # Only an axis longer than the tile is cut: an image exactly one tile wide keeps its boxes where they are.
+        x = min(x % step if W > tile_size else x, max(w - bw, 0.0))
+        y = min(y % step if H > tile_size else y, max(h - bh, 0.0))
         anns.append({**a, "bbox": [x, y, bw, bh]})
     return {**data, "images": images, "annotations": anns}
 

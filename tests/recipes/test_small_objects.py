@@ -477,3 +477,14 @@ def test_a_min_size_list_is_magnified_entry_by_entry_not_dropped():
     cure = f.config({"min_size": [96, 112, 128]})["model"]["kwargs"]
     assert cure == {"min_size": [224, 256, 288], "max_size": 288} and cure["min_size"][-1] == f.new_min_size
     assert f.config({"min_size": [128]})["model"]["kwargs"]["min_size"] == 288
+
+
+def test_tile_view_moves_boxes_only_on_an_axis_longer_than_the_tile():
+    data = {
+        "images": [{"id": 1, "height": 96, "width": 200}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [150.0, 80.0, 10.0, 10.0]}],
+        "categories": [{"id": 1}],
+    }
+    view = S.tile_view(data, 96, 19)  # step 77: x 150 -> 150 % 77 = 73; y stays (the image is one tile high)
+    assert view["images"][0]["height"] == 96 and view["images"][0]["width"] == 96
+    assert view["annotations"][0]["bbox"] == [73.0, 80.0, 10.0, 10.0]
