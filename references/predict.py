@@ -91,7 +91,13 @@ def predict(model, paths: List[str], names: List[str], thresh: Optional[float], 
     from evaluation import _encode_masks
 
     out = []
-    floor = float(model.roi_heads.score_thresh) if thresh is None else thresh
+    if thresh is not None:  # the model drops boxes under its own threshold first: a lower floor must reach it
+        if not 0 <= thresh <= 1:
+            from train_config import ConfigError
+
+            raise ConfigError(f"predict.py: --score-thresh must be in [0, 1], got {thresh:g}")
+        model.roi_heads.score_thresh = thresh
+    floor = float(model.roi_heads.score_thresh)
     for path in paths:
         image = read_image(path)
         det = model([image.to(device)])[0]

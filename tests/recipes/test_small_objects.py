@@ -488,3 +488,38 @@ def test_tile_view_moves_boxes_only_on_an_axis_longer_than_the_tile():
     view = S.tile_view(data, 96, 19)  # step 77: x 150 -> 150 % 77 = 73; y stays (the image is one tile high)
     assert view["images"][0]["height"] == 96 and view["images"][0]["width"] == 96
     assert view["annotations"][0]["bbox"] == [73.0, 80.0, 10.0, 10.0]
+
+
+class _FaintSpot(torch.nn.Module):
+    """A stand-in detector whose one box (score 0.03) passes only its own roi_heads.score_thresh, as torchvision's."""
+
+    def __init__(self):
+        super().__init__()
+        self.roi_heads = SimpleNamespace(detections_per_img=100, score_thresh=0.05)
+
+    def forward(self, images):
+        keep = 0.03 >= self.roi_heads.score_thresh
+        n = int(keep)
+        return [
+            {
+                "boxes": torch.tensor([[2.0, 3.0, 12.0, 13.0]])[:n],
+                "scores": torch.tensor([0.03])[:n],
+                "labels": torch.tensor([1])[:n],
+            }
+            for _ in images
+        ]
+
+
+def test_predict_score_thresh_below_the_models_reaches_the_model(tmp_path):
+    from PIL import Image
+
+    import predict
+
+    path = str(tmp_path / "a.png")
+    Image.fromarray(np.zeros((32, 40, 3), dtype=np.uint8)).save(path)
+    model = _FaintSpot()
+    assert predict.predict(model, [path], ["c1"], None, "cpu")[0]["detections"] == []
+    rows = predict.predict(model, [path], ["c1"], 0.01, "cpu")[0]["detections"]
+    assert [(r["bbox"], r["category"]) for r in rows] == [([2.0, 3.0, 10.0, 10.0], "c1")]
+    with pytest.raises(train_config.ConfigError, match="--score-thresh"):
+        predict.predict(model, [path], ["c1"], 1.5, "cpu")
