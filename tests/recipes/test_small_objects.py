@@ -523,3 +523,13 @@ def test_predict_score_thresh_below_the_models_reaches_the_model(tmp_path):
     assert [(r["bbox"], r["category"]) for r in rows] == [([2.0, 3.0, 10.0, 10.0], "c1")]
     with pytest.raises(train_config.ConfigError, match="--score-thresh"):
         predict.predict(model, [path], ["c1"], 1.5, "cpu")
+
+
+def test_a_withheld_class_weight_list_is_said_not_called_balance():
+    # 255 : 29 : 39 with the scale rule firing and no repeat threshold: the list is held back, not "balanced".
+    cure = D.rare_class_cure([255, 29, 39], None, scale_fires=True)
+    current = {"dets_per_image": 1.0, "score_thresh": 0.05, "per_class": {"c2": {"gt": 5, "dets_per_image": 0.0}}}
+    lines = D._class_warnings([], current, cure)
+    assert lines[-1].startswith("  cure for rare classes: no class_weight list") and "balanced" not in lines[-1]
+    with_repeat = D._cure_line(D.rare_class_cure([255, 29, 39], 0.3, scale_fires=True))
+    assert "data.repeat_factor_threshold" in with_repeat and "no class_weight list" in with_repeat
