@@ -154,6 +154,13 @@ def scale_rule(
     are not advised: the finding says why in ``withheld``.
     """
     sides = np.asarray(sides, dtype=np.float64)
+    # A box of zero width or height (the training data checks drop or refuse it) has no size to judge:
+    # its side 0 would call for an unbounded magnification.
+    valid = sides > 0
+    if not valid.all():
+        sides = sides[valid]
+        classes = None if classes is None else np.asarray(classes)[valid]
+        native_extent = None if native_extent is None else np.asarray(native_extent)[valid]
     image_hw = np.asarray(image_hw, dtype=np.float64).reshape(-1, 2)
     required = max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)
     p10, p50 = (float(np.percentile(sides, q)) for q in (10, 50)) if len(sides) else (math.nan, math.nan)

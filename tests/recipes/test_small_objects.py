@@ -533,3 +533,9 @@ def test_a_withheld_class_weight_list_is_said_not_called_balance():
     assert lines[-1].startswith("  cure for rare classes: no class_weight list") and "balanced" not in lines[-1]
     with_repeat = D._cure_line(D.rare_class_cure([255, 29, 39], 0.3, scale_fires=True))
     assert "data.repeat_factor_threshold" in with_repeat and "no class_weight list" in with_repeat
+
+
+def test_zero_size_boxes_are_not_judged():
+    sides = np.concatenate([np.zeros(20), np.full(80, 20.0)])  # a fifth degenerate: p10 would be 0
+    f = S.scale_rule(sides, np.array([[160, 160]]), 128, 128, 12, 4, classes=np.array([1] * 20 + [2] * 80))
+    assert not f.fires and f.p10 == 20.0
