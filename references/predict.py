@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--score-thresh", type=float, default=None, help="keep detections from this score (default: the model's)"
     )
     p.add_argument("--tile-size", type=int, default=None, help="slice into tiles of N px (default: the checkpoint's)")
-    p.add_argument("--tile-overlap", type=int, default=None, help="pixels tiles share (default: the checkpoint's)")
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        help="pixels tiles share (default: the checkpoint's; with --tile-size, 20%% of it)",
+    )
     p.add_argument("--no-tile-whole-image", dest="whole_image", action="store_false", default=None, help="tiles only")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     return p
