@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import image_classes, repeat_factors, suggest_repeat_threshold  # noqa: E402
-from scale import ScaleFinding, finding_from_boxes, tile_view  # noqa: E402
+from scale import ScaleFinding, finding_from_boxes, tile_view, withhold_under_augmentation  # noqa: E402
 
 if TYPE_CHECKING:
     from train_config import TrainConfig
@@ -536,23 +536,30 @@ def data_report(
     finding = finding_from_boxes(model, geo, data, xyxy) if len(xyxy) else None
     scaled = None
     if finding is not None:
+        finding = withhold_under_augmentation(finding, cfg.data.augmentation if cfg is not None else None)
         report.scale = finding.to_dict()
         if finding.fires:
             report.warnings.append("input scale: " + finding.text())
-            scaled = _at_advised_scale(finding, data, geo, cat_names)
+            if not finding.withheld:  # the anchors are searched at the input the cure gives
+                scaled = _at_advised_scale(finding, data, geo, cat_names)
     _warn_and_advise(report, xyxy, padded, best, model, geo, cats, groups, counts, cfg, scaled)
     report.config = advice_config(report, cfg)
     return report
 
 
-def scale_finding(model, data: Dict[str, Any], tile: Optional[Sequence[int]] = None) -> Optional[ScaleFinding]:
+def scale_finding(
+    model, data: Dict[str, Any], tile: Optional[Sequence[int]] = None, augmentation: Optional[str] = None
+) -> Optional[ScaleFinding]:
     """The scale rule (scale.py) for ``model`` on a COCO dict's boxes; ``tile``: (tile_size, tile_overlap)
-    when the config tiles. None without boxes. The collapse diagnostics call it."""
+    when the config tiles; ``augmentation``: data.augmentation (a policy that sets the input size withholds
+    the cure). None without boxes. The collapse diagnostics call it."""
     if tile:
         data = tile_view(data, int(tile[0]), int(tile[1]))
     geo = AnchorGeometry(model)
     xyxy, _, _ = resized_boxes(data, geo)
-    return finding_from_boxes(model, geo, data, xyxy) if len(xyxy) else None
+    if not len(xyxy):
+        return None
+    return withhold_under_augmentation(finding_from_boxes(model, geo, data, xyxy), augmentation)
 
 
 def _at_advised_scale(finding: ScaleFinding, data: Dict[str, Any], geo: AnchorGeometry, cat_names):

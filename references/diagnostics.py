@@ -471,8 +471,11 @@ def _class_warnings(history, current, cure: Optional[Dict[str, Any]] = None) -> 
 
 def _cure_line(cure: Dict[str, Any]) -> str:
     """The cure's values; what is already set is never suggested again."""
+    withheld = f"no class_weight list: {cure['withheld']}" if cure.get("withheld") else ""
     if cure["text"]:
-        return f"  cure for rare classes: {cure['text']}"
+        return f"  cure for rare classes: {cure['text']}" + (f"; {withheld}" if withheld else "")
+    if withheld:  # the classes are not balanced: the list is held back while the scale is the problem
+        return f"  cure for rare classes: {withheld}"
     if "data.repeat_factor_threshold" in cure["already"]:
         return (
             f"  {' and '.join(cure['already'])} already set: raise data.repeat_factor_threshold (more repeats), "

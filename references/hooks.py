@@ -116,7 +116,9 @@ class Evaluation(HookBase):
             train_set, d = tr.data.train_set, tr.cfg.data
             tile = (d.tile_size, d.tile_overlap) if d.tile_size else None
             net = getattr(tr.model, "module", tr.model)
-            self._finding = scale_finding(net, train_set.coco.dataset, tile) if train_set is not None else None
+            self._finding = (
+                scale_finding(net, train_set.coco.dataset, tile, d.augmentation) if train_set is not None else None
+            )
         return self._finding
 
     def after_epoch(self, epoch: int, stats: Dict[str, float]) -> None:
@@ -151,7 +153,8 @@ class Evaluation(HookBase):
         say(f"per class (score >= {res['score_thresh']:g}):\n" + per_class_table(res["per_class"], res["score_thresh"]))
         state = tr.state
         judge_after = max(tr.cfg.training.judge_after_iters, state.warmup_total)
-        cure = rare_cure(tr.run, data)
+        scale = self._scale()
+        cure = rare_cure(tr.run, data, scale_fires=bool(scale is not None and scale.fires))
         warnings = collapse_warnings(
             state.history,
             record,
@@ -161,7 +164,7 @@ class Evaluation(HookBase):
             state.iteration,
             judge_after,
             cure,
-            self._scale(),
+            scale,
         )
         for w in warnings:
             say(("WARNING: " if not w.startswith("  ") else "") + w)

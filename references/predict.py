@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--score-thresh", type=float, default=None, help="keep detections from this score (default: the model's)"
     )
     p.add_argument("--tile-size", type=int, default=None, help="slice into tiles of N px (default: the checkpoint's)")
-    p.add_argument("--tile-overlap", type=int, default=None, help="pixels tiles share (default: the checkpoint's)")
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        help="pixels tiles share (default: the checkpoint's; with --tile-size, 20%% of it)",
+    )
     p.add_argument("--no-tile-whole-image", dest="whole_image", action="store_false", default=None, help="tiles only")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     return p
@@ -91,7 +96,13 @@ def predict(model, paths: List[str], names: List[str], thresh: Optional[float], 
     from evaluation import _encode_masks
 
     out = []
-    floor = float(model.roi_heads.score_thresh) if thresh is None else thresh
+    if thresh is not None:  # the model drops boxes under its own threshold first: a lower floor must reach it
+        if not 0 <= thresh <= 1:
+            from train_config import ConfigError
+
+            raise ConfigError(f"predict.py: --score-thresh must be in [0, 1], got {thresh:g}")
+        model.roi_heads.score_thresh = thresh
+    floor = float(model.roi_heads.score_thresh)
     for path in paths:
         image = read_image(path)
         det = model([image.to(device)])[0]

@@ -342,10 +342,13 @@ def _rounded(weights: List[float]) -> List[float]:
     return [round(w, 4) for w in weights]
 
 
-def rare_cure(run: Run, data: Data) -> Optional[Dict[str, Any]]:
-    """The rare-class levers with values for the collapse warnings (computed once)."""
+def rare_cure(run: Run, data: Data, scale_fires: bool = False) -> Optional[Dict[str, Any]]:
+    """The rare-class levers with values for the collapse warnings (computed once); ``scale_fires``: the
+    input-scale rule fired on the training boxes, so no class_weight list (as in the data report)."""
     if data.rare_cure is None and data.train_set is not None:
         classes = image_classes(data.train_set.coco.dataset["annotations"], data.train_set.ids)
         counts = training_counts(data)
-        data.rare_cure = rare_class_cure(counts, suggest_repeat_threshold(classes), run.cfg, names=data.names)
+        data.rare_cure = rare_class_cure(
+            counts, suggest_repeat_threshold(classes), run.cfg, names=data.names, scale_fires=scale_fires
+        )
     return data.rare_cure

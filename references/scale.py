@@ -20,7 +20,7 @@ call :func:`finding_from_boxes` with the model, its anchor geometry and the anno
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -59,17 +59,26 @@ class ScaleFinding:
     pixel_ratio: float = 1.0  # padded input pixels after / before, over the images
     tile_size: Optional[int] = None  # the cure by tiles, in native pixels
     tile_overlap: Optional[int] = None
+    withheld: Optional[str] = None  # why no cure is advised (an augmentation that sets the input size itself)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     def config(self, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """The cure as config sections ({} when silent); ``kwargs``: the current model.kwargs, kept."""
-        if not self.fires:
+        if not self.fires or self.withheld:
             return {}
         if self.tile_size is not None:
             return {"data": {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap}}
-        return {"model": {"kwargs": {**(kwargs or {}), "min_size": self.new_min_size, "max_size": self.new_max_size}}}
+        kw = dict(kwargs or {})
+        mins = kw.get("min_size")
+        # A list is torchvision's multi-scale training (a random size per step, the last at evaluation):
+        # every size is magnified as much, so the list is not dropped for one size.
+        if isinstance(mins, (list, tuple)) and len(mins) > 1:
+            new_min: Any = [_round_up(m * self.factor) for m in mins[:-1]] + [self.new_min_size]
+        else:
+            new_min = self.new_min_size
+        return {"model": {"kwargs": {**kw, "min_size": new_min, "max_size": self.new_max_size}}}
 
     def text(self) -> str:
         what = (
@@ -81,6 +90,8 @@ class ScaleFinding:
         )
         if not self.fires:
             return what + ": large enough"
+        if self.withheld:
+            return f"{what}: too small to be resolved at the evaluation resize; {self.withheld}"
         if self.tile_size is not None:
             cure = (
                 f"the input would need x{self.factor:.2f}, past {MAX_INPUT_SIDE} px a side: tiles of "
@@ -138,9 +149,18 @@ def scale_rule(
     MAX_INPUT_SIDE, the cure is tiles instead: the model keeps its sizes and a square tile of
     ``floor(min_size / (factor * s))`` native pixels (``s``: the median image's current resize
     scale) is magnified as much; the overlap is the larger of TILE_OVERLAP_FRACTION of the tile and
-    the largest object's native side, so every object is whole in some tile.
+    the largest object's native side, so every object is whole in some tile. Tiles train.py would
+    refuse (under tiles.MIN_TILE, or an overlap not below the tile: an object larger than the tile)
+    are not advised: the finding says why in ``withheld``.
     """
     sides = np.asarray(sides, dtype=np.float64)
+    # A box of zero width or height (the training data checks drop or refuse it) has no size to judge:
+    # its side 0 would call for an unbounded magnification.
+    valid = sides > 0
+    if not valid.all():
+        sides = sides[valid]
+        classes = None if classes is None else np.asarray(classes)[valid]
+        native_extent = None if native_extent is None else np.asarray(native_extent)[valid]
     image_hw = np.asarray(image_hw, dtype=np.float64).reshape(-1, 2)
     required = max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)
     p10, p50 = (float(np.percentile(sides, q)) for q in (10, 50)) if len(sides) else (math.nan, math.nan)
@@ -174,8 +194,34 @@ def scale_rule(
     current = np.minimum(min_size / image_hw.min(axis=1), max_size / image_hw.max(axis=1))
     tile = int(math.floor(min_size / (factor * float(np.median(current)))))
     native = np.asarray(native_extent if native_extent is not None else sides, dtype=np.float64)
-    overlap = int(math.ceil(max(TILE_OVERLAP_FRACTION * tile, float(native.max()) if len(native) else 0.0)))
+    largest = float(native.max()) if len(native) else 0.0
+    overlap = int(math.ceil(max(TILE_OVERLAP_FRACTION * tile, largest)))
+    from tiles import MIN_TILE
+
+    if tile < MIN_TILE or overlap >= tile:  # train.py refuses such tiles (check_tile_keys, TiledDataset)
+        why = (
+            f"no scale cure advised: the objects need x{factor:.2f}, past {MAX_INPUT_SIDE} px a side, and tiles "
+            f"that magnify as much ({tile} native px) "
+            + (f"are under {MIN_TILE} px" if tile < MIN_TILE else f"cannot hold the largest object ({largest:g} px)")
+        )
+        return ScaleFinding(**base, fires=True, factor=factor, tile_size=tile, tile_overlap=overlap, withheld=why)
     return ScaleFinding(**base, fires=True, factor=factor, tile_size=tile, tile_overlap=overlap)
+
+
+def withhold_under_augmentation(finding: ScaleFinding, augmentation: Optional[str]) -> ScaleFinding:
+    """``finding`` with its cure withheld when ``augmentation`` (data.augmentation) sets the training input
+    size itself: the model does not resize while training then (run_model's _skip_resize), so a
+    min_size / max_size would change evaluation alone, and tiles would be rescaled by the policy."""
+    from data import SIZE_SETTING_POLICIES
+
+    if not finding.fires or augmentation not in SIZE_SETTING_POLICIES:
+        return finding
+    why = (
+        f"no scale cure advised: data.augmentation {augmentation} sets the training input size itself (the model "
+        f"does not resize while training), so model.kwargs min_size / max_size or tiles would not reach training; "
+        f"take the cure with a policy the model resizes after (hflip, none)"
+    )
+    return replace(finding, withheld=why)
 
 
 def model_yardsticks(model, geo) -> Tuple[float, float]:
@@ -195,14 +241,16 @@ def tile_view(data: Dict[str, Any], tile_size: int, tile_overlap: int) -> Dict[s
     images, anns = [], []
     for im in data["images"]:
         images.append({**im, "height": min(im["height"], tile_size), "width": min(im["width"], tile_size)})
-    size = {im["id"]: (im["height"], im["width"]) for im in images}
+    native = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
     for a in data["annotations"]:
-        if a["image_id"] not in size:
+        if a["image_id"] not in native:
             continue
-        h, w = size[a["image_id"]]
+        H, W = native[a["image_id"]]
+        h, w = min(H, tile_size), min(W, tile_size)
         x, y, bw, bh = a["bbox"]
-        x = min(x % step if w == tile_size else x, max(w - bw, 0.0))
-        y = min(y % step if h == tile_size else y, max(h - bh, 0.0))
+        # Only an axis longer than the tile is cut: an image exactly one tile wide keeps its boxes where they are.
+        x = min(x % step if W > tile_size else x, max(w - bw, 0.0))
+        y = min(y % step if H > tile_size else y, max(h - bh, 0.0))
         anns.append({**a, "bbox": [x, y, bw, bh]})
     return {**data, "images": images, "annotations": anns}
 
@@ -226,5 +274,7 @@ def scale_cause(finding: Optional[ScaleFinding]) -> Optional[str]:
     if finding is None or not finding.fires:
         return None
     cure = finding.config()
+    if not cure:
+        return f"objects too small for the model's input: {finding.text()}"
     keys = "; ".join(f"{sec}.{k}: {v}" for sec, d in cure.items() for k, v in d.items())
     return f"objects too small for the model's input: {finding.text()}. In the YAML: {keys}"

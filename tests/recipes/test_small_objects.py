@@ -413,3 +413,129 @@ def test_a_rare_class_too_small_fires_where_the_pooled_quantiles_do_not():
     # Under MIN_CLASS_BOXES boxes a class is not judged on its own.
     few = S.scale_rule(sides[:94], hw, 128, 128, 12, 4, classes=classes[:94])
     assert not few.fires
+
+
+@pytest.mark.parametrize("augmentation", ["lsj", "multiscale"])
+def test_a_policy_that_sets_the_input_size_withholds_the_scale_cure(augmentation):
+    # The model does not resize while training under lsj / multiscale: a min_size would reach evaluation only.
+    model, _ = models.build_model(name="maskrcnn_tiny", num_classes=4, stock=True)
+    data = _issue_like_set()
+    cfg = train_config.defaults().replace({"data.augmentation": augmentation})
+    report = A.data_report(None, model, dataset=data, cfg=cfg)
+    assert report.scale["fires"] and f"data.augmentation {augmentation}" in report.scale["withheld"]
+    assert "kwargs" not in report.config.get("model", {}) and "tile_size" not in report.config.get("data", {})
+    assert report.scale["new_min_size"] == 224  # measured all the same, at the evaluation resize
+    f = A.scale_finding(model, data, augmentation=augmentation)
+    assert f.withheld and f.config() == {} and "In the YAML" not in S.scale_cause(f)
+    assert not A.scale_finding(model, data, augmentation="hflip").withheld  # the model resizes: the cure stands
+    assert A.data_report(None, model, dataset=data, cfg=train_config.defaults()).config["model"]["kwargs"]
+
+
+def test_the_collapse_warnings_cure_gives_no_class_weight_list_while_the_scale_fires():
+    import run_data
+
+    data = _issue_like_set()
+
+    def fresh():
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+        return SimpleNamespace(
+            rare_cure=None,
+            train_counts=None,
+            train_set=SimpleNamespace(coco=coco, ids=[im["id"] for im in data["images"]]),
+            label_to_cat={1: 1, 2: 2, 3: 3},
+            num_classes=4,
+            names=["c1", "c2", "c3"],
+        )
+
+    run = SimpleNamespace(cfg=train_config.defaults())
+    assert run_data.rare_cure(run, fresh())["class_weight"] is not None  # the list, tempered, without the scale
+    cure = run_data.rare_cure(run, fresh(), scale_fires=True)
+    assert cure["class_weight"] is None and "class_weight" not in cure["text"] and cure["withheld"]
+
+
+def test_tiles_train_py_would_refuse_are_not_advised():
+    hw = np.array([[2000, 2000]])
+    # A 900 px object: the overlap must hold it, but the 796 px tile cannot (train.py refuses such a set).
+    extent = np.concatenate([np.full(29, 10.0), [900.0]])
+    f = S.scale_rule(np.full(30, 4.0), hw, 800, 1333, 12, 4, native_extent=extent)
+    assert f.fires and f.tile_size == 796 and f.withheld and "900" in f.withheld and f.config() == {}
+    with pytest.raises(train_config.ConfigError, match="data.tile_overlap"):
+        train_config.check_tile_keys(f.tile_size, f.tile_overlap, True, "advice")  # what the cure would have hit
+    # x100 would need tiles of floor(800 / (100.4 * 0.4)) = 19 px, under MIN_TILE.
+    f = S.scale_rule(np.full(30, 0.1), hw, 800, 1333, 12, 4, native_extent=np.full(30, 1.0))
+    assert f.tile_size == 19 and f.withheld and str(T.MIN_TILE) in f.withheld and f.config() == {}
+
+
+def test_a_min_size_list_is_magnified_entry_by_entry_not_dropped():
+    # torchvision draws a training size from the list and evaluates at the last (128): 5 px objects need
+    # x2.008, so [96, 112, 128] -> [ceil(192.8 / 32), ceil(224.9 / 32), ceil(257.0 / 32)] x 32.
+    f = S.scale_rule(np.full(100, 5.0), np.array([[160, 160]]), 128, 128, smallest_anchor=12, finest_stride=4)
+    cure = f.config({"min_size": [96, 112, 128]})["model"]["kwargs"]
+    assert cure == {"min_size": [224, 256, 288], "max_size": 288} and cure["min_size"][-1] == f.new_min_size
+    assert f.config({"min_size": [128]})["model"]["kwargs"]["min_size"] == 288
+
+
+def test_tile_view_moves_boxes_only_on_an_axis_longer_than_the_tile():
+    data = {
+        "images": [{"id": 1, "height": 96, "width": 200}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [150.0, 80.0, 10.0, 10.0]}],
+        "categories": [{"id": 1}],
+    }
+    view = S.tile_view(data, 96, 19)  # step 77: x 150 -> 150 % 77 = 73; y stays (the image is one tile high)
+    assert view["images"][0]["height"] == 96 and view["images"][0]["width"] == 96
+    assert view["annotations"][0]["bbox"] == [73.0, 80.0, 10.0, 10.0]
+
+
+class _FaintSpot(torch.nn.Module):
+    """A stand-in detector whose one box (score 0.03) passes only its own roi_heads.score_thresh, as torchvision's."""
+
+    def __init__(self):
+        super().__init__()
+        self.roi_heads = SimpleNamespace(detections_per_img=100, score_thresh=0.05)
+
+    def forward(self, images):
+        keep = 0.03 >= self.roi_heads.score_thresh
+        n = int(keep)
+        return [
+            {
+                "boxes": torch.tensor([[2.0, 3.0, 12.0, 13.0]])[:n],
+                "scores": torch.tensor([0.03])[:n],
+                "labels": torch.tensor([1])[:n],
+            }
+            for _ in images
+        ]
+
+
+def test_predict_score_thresh_below_the_models_reaches_the_model(tmp_path):
+    from PIL import Image
+
+    import predict
+
+    path = str(tmp_path / "a.png")
+    Image.fromarray(np.zeros((32, 40, 3), dtype=np.uint8)).save(path)
+    model = _FaintSpot()
+    assert predict.predict(model, [path], ["c1"], None, "cpu")[0]["detections"] == []
+    rows = predict.predict(model, [path], ["c1"], 0.01, "cpu")[0]["detections"]
+    assert [(r["bbox"], r["category"]) for r in rows] == [([2.0, 3.0, 10.0, 10.0], "c1")]
+    with pytest.raises(train_config.ConfigError, match="--score-thresh"):
+        predict.predict(model, [path], ["c1"], 1.5, "cpu")
+
+
+def test_a_withheld_class_weight_list_is_said_not_called_balance():
+    # 255 : 29 : 39 with the scale rule firing and no repeat threshold: the list is held back, not "balanced".
+    cure = D.rare_class_cure([255, 29, 39], None, scale_fires=True)
+    current = {"dets_per_image": 1.0, "score_thresh": 0.05, "per_class": {"c2": {"gt": 5, "dets_per_image": 0.0}}}
+    lines = D._class_warnings([], current, cure)
+    assert lines[-1].startswith("  cure for rare classes: no class_weight list") and "balanced" not in lines[-1]
+    with_repeat = D._cure_line(D.rare_class_cure([255, 29, 39], 0.3, scale_fires=True))
+    assert "data.repeat_factor_threshold" in with_repeat and "no class_weight list" in with_repeat
+
+
+def test_zero_size_boxes_are_not_judged():
+    sides = np.concatenate([np.zeros(20), np.full(80, 20.0)])  # a fifth degenerate: p10 would be 0
+    f = S.scale_rule(sides, np.array([[160, 160]]), 128, 128, 12, 4, classes=np.array([1] * 20 + [2] * 80))
+    assert not f.fires and f.p10 == 20.0
