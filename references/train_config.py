@@ -617,7 +617,7 @@ def validate(cfg: TrainConfig, source: str = "config", reads: Optional[Sequence[
     _check_data(cfg, source, reads)
     _check_model_and_data(cfg)
     _check_anchors(cfg.model, source)
-    _check_size_kwargs(cfg, source)
+    _check_tiles_for_model(cfg, source)
     _check_class_weight_keys(cfg.model, source)
     loss_cfg = _loss_config(cfg.model, source)
     _check_stock(cfg.model, loss_cfg, source)
@@ -864,18 +864,10 @@ def check_tile_keys(tile_size: Optional[int], overlap: Optional[int], whole_imag
     return overlap
 
 
-def _check_size_kwargs(cfg: TrainConfig, source: str) -> None:
-    """model.kwargs min_size / max_size (the input scale the data report advises): positive integers
-    (min_size also a list of them, torchvision's multi-scale training); tiles are for image models."""
-    kw = cfg.model.kwargs
-    for key in ("min_size", "max_size"):
-        if key not in kw:
-            continue
-        v = kw[key]
-        items = v if key == "min_size" and isinstance(v, (list, tuple)) and v else [v]
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in items):
-            what = "a positive integer" + (" or a list of them" if key == "min_size" else "")
-            raise ConfigError(f"{source}: model.kwargs.{key} must be {what}, got {v!r}")
+def _check_tiles_for_model(cfg: TrainConfig, source: str) -> None:
+    """Tiles clip boxes and masks: they are for box and mask models. (model.kwargs min_size / max_size,
+    the input scale the data report advises, are range-checked with the other builder keywords in
+    models.check_model_kwargs.)"""
     if cfg.data.tile_size and "keypoint" in cfg.model.name:
         raise ConfigError(
             f"{source}: data.tile_size: tiles clip boxes and masks, not keypoints: drop it for {cfg.model.name}"

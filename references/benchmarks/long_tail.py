@@ -235,11 +235,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     files = write_dataset(os.path.join(args.out, "data"), sizes)
     print(f"training objects per class: {object_counts(files['train_ann'])}", flush=True)
     print(f"validation objects per class: {object_counts(files['val_ann'])}", flush=True)
-    base = R.merge(R.base_config(files, sizes), {"training": {"num_threads": args.num_threads}})
-    base["model"]["kwargs"].update(EVAL)
     # The demo's optimizer (README, "The demo"): AdamW at lr 0.001 learns in this short budget where
     # rare_classes.py's SGD at the linear-scaling rule barely starts.
-    base["training"].update(opt="adamw", lr=0.001)
+    training = {"num_threads": args.num_threads, "opt": "adamw", "lr": 0.001}
+    base = R.merge(R.base_config(files, sizes), {"training": training, "model": {"kwargs": EVAL}})
     out = os.path.join(args.out, "quick" if args.quick else f"e{sizes['epochs']}")
     available = configs()
     train = not args.report_only

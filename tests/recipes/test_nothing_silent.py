@@ -554,6 +554,8 @@ def test_every_numeric_setting_has_a_range():
             "data.repeat_factor_threshold",  # its own rule (> 0), in _check_repeat_factors
             "model.class_weight_beta",  # its own rule ([0, 1)), in _check_class_weight_keys
             "model.trainable_backbone_layers",  # its own rule (0..5, 0..6 for MobileNetV3), in _check_model_and_data
+            "data.tile_size",  # its own rule (>= 32 px), in check_tile_keys
+            "data.tile_overlap",  # its own rule (>= 0 and < tile_size), in check_tile_keys
         }
     )
     assert unchecked == set()

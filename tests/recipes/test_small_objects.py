@@ -201,8 +201,6 @@ def _resolve(text, tmp_path):
         ("data: {tile_whole_image: false}\n", "data.tile_whole_image false has no effect without data.tile_size"),
         ("data: {tile_size: 16}\n", r"data.tile_size \(--tile-size\) must be >= 32"),
         ("data: {tile_size: 96, tile_overlap: -1}\n", r"data.tile_overlap \(--tile-overlap\) must be >= 0"),
-        ("model: {kwargs: {min_size: 0}}\n", "model.kwargs.min_size must be a positive integer or a list"),
-        ("model: {kwargs: {max_size: 12.5}}\n", "model.kwargs.max_size must be a positive integer, got 12.5"),
         ("model: {name: keypointrcnn_resnet50_fpn}\ndata: {dataset: coco_kp, tile_size: 96}\n", "not keypoints"),
     ],
 )
