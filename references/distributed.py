@@ -86,6 +86,12 @@ def all_gather(obj: Any) -> List[Any]:
     return out
 
 
-def cleanup() -> None:
+def cleanup(ok: bool = True) -> None:
+    """Leave the process group. After a run that ended normally every rank first waits for the others,
+    so none tears its group down while a peer is still using it (a rank 1 that left first has aborted
+    at exit under gloo, after training was done); after an error no rank waits, since its peers may be
+    inside another collective."""
     if is_dist():
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()

@@ -236,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         run.writer.close()
         release_lock(run.lock)
-        distributed.cleanup()
+        distributed.cleanup(ok=sys.exc_info()[0] is None)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
