@@ -14,7 +14,7 @@ from tv_lossfix import cls_losses as C
 from tv_lossfix.classifiers import NormedLinear, SeesawPredictor
 from tv_lossfix.config import LossConfig, LossConfigError
 
-from helpers import make_targets, on_gloo_ranks, run_losses, tiny_model
+from helpers import assert_scripted_matches_eager, make_targets, on_gloo_ranks, run_losses, tiny_model
 
 K = 6  # foreground classes
 EPS32 = torch.finfo(torch.float32).eps
@@ -497,16 +497,7 @@ def test_scripted_long_tail_model_matches_eager(name):
     model = tiny_model("faster", loss_cfg={"roi_head": LONG_TAIL[name]})
     scripted = torch.jit.script(copy.deepcopy(model))
     images, targets = make_targets("faster", [(64, 64), (64, 80)])
-    eager = run_losses(model, images, targets)
-    got = run_losses(scripted, images, targets)[0]
-    for k in eager:
-        torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-6, msg=k)
-    model.eval()
-    scripted.eval()
-    with torch.no_grad():
-        for da, db in zip(model(images), scripted(images)[1]):
-            for k in da:
-                torch.testing.assert_close(db[k], da[k], msg=k)
+    assert_scripted_matches_eager(model, scripted, images, targets)
 
 
 def test_scripted_eqlv2_infers_and_refuses_training_in_one_line():

@@ -17,7 +17,7 @@ from tv_lossfix import losses as L
 from tv_lossfix.builders import replace_predictors
 from tv_lossfix.checkpoint import CheckpointError
 
-from helpers import make_targets, run_losses, tiny_model
+from helpers import assert_scripted_matches_eager, make_targets, run_losses, tiny_model
 
 FOCAL = {
     "rpn_head": {"cls_loss": "focal", "cls_pos_weight": 2.0, "cls_avg_factor": "sampled_per_image"},
@@ -365,16 +365,7 @@ def test_scripted_focal_and_class_agnostic_match_eager(kind):
     model, _, _ = _agnostic_and_tied(kind)
     scripted = torch.jit.script(model)
     images, targets = make_targets(kind, SIZES, empty=(1,))
-    eager = run_losses(model, images, targets)
-    got = run_losses(scripted, images, targets)[0]
-    for k in eager:
-        torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-6, msg=k)
-    model.eval()
-    scripted.eval()
-    with torch.no_grad():
-        for da, db in zip(model(images), scripted(images)[1]):
-            for k in da:
-                torch.testing.assert_close(db[k], da[k], msg=k)
+    assert_scripted_matches_eager(model, scripted, images, targets)
 
 
 # -- builders ---------------------------------------------------------------------------------------------
