@@ -250,9 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = R.dataset_section("longtail", results, len(seeds)).replace("| default |", "| ce |")
     if not args.no_cost:
         text += "\n\ncost per step (median of 5 rounds, interleaved):\n\n" + step_costs(5, 3, args.num_threads)
-    print(text)
-    with open(os.path.join(out, "tables.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    R.print_tables(out, text)
     return 0
 
 

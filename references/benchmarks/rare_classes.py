@@ -456,6 +456,13 @@ def dataset_section(name: str, results: Dict[str, Dict[str, Any]], n_seeds: int)
     return "\n\n".join(parts[:4]) + "\n\n" + "\n".join(parts[4:])
 
 
+def print_tables(out: str, text: str) -> None:
+    """The tables printed, and kept as ``out``/tables.md beside the runs they summarise."""
+    print(text)
+    with open(os.path.join(out, "tables.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -482,10 +489,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for c in args.configs
         }
         sections.append(dataset_section(ds, results, len(seeds)))
-    text = "\n\n".join(sections)
-    print(text)
-    with open(os.path.join(out, "tables.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    print_tables(out, "\n\n".join(sections))
     return 0
 
 
