@@ -115,7 +115,3 @@ def test_config_sections_are_subscripted_only_in_the_schema_module():
     assert not found, f"{len(found)} config section subscripts outside references/train_config.py:\n{listing}"
 
 
-def test_train_py_is_at_most_300_lines():
-    with open(os.path.join(REFS, "train.py"), encoding="utf-8") as f:
-        lines = len(f.read().splitlines())
-    assert lines <= MAX_TRAIN_PY_LINES, f"references/train.py has {lines} lines (at most {MAX_TRAIN_PY_LINES})"
