@@ -440,7 +440,7 @@ def dataset_section(name: str, results: Dict[str, Dict[str, Any]], n_seeds: int)
         return f"### {name}\n\nno configuration ran"
     classes = list(done[0]["runs"][0]["per_class"])
     overrides = [
-        f"- {LABELS.get(k, k)}: " + (f"`{json.dumps(r['override'])}`" if not callable(CONFIGS[k]) else "its report.txt")
+        f"- {LABELS.get(k, k)}: " + (f"`{json.dumps(r['override'])}`" if not callable(CONFIGS.get(k)) else "its report.txt")
         for k, r in results.items()
         if "override" in r
     ]
