@@ -316,6 +316,7 @@ def ap_or_zero(row: Dict[str, float], key: str) -> float:
 def train_once(cfg: Dict[str, Any], folder: str, seed: int) -> Dict[str, Any]:
     """One training run in this process; its final AP per class, or the one-line error that stopped it."""
     import train
+    from errors import USER_ERRORS
 
     # overwrite: the seed's folder is this script's; a rerun replaces the run before it.
     cfg = merge(json.loads(json.dumps(cfg)), {"training": {"seed": seed, "output_dir": folder, "overwrite": True}})
@@ -328,7 +329,7 @@ def train_once(cfg: Dict[str, Any], folder: str, seed: int) -> Dict[str, Any]:
         with contextlib.redirect_stdout(buf):
             code = train.main(["--config", path])
         error = None if code == 0 else f"train.main returned {code}"
-    except train.USER_ERRORS as e:
+    except USER_ERRORS as e:
         error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     with open(os.path.join(folder, "train.log"), "w", encoding="utf-8") as f:
         f.write(buf.getvalue())
@@ -354,11 +355,16 @@ def cached(path: str, cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 
 def _same_run(kept: Any, cfg: Dict[str, Any]) -> bool:
-    """The same YAML up to where the data set was written: the sets are drawn from a fixed seed and
-    named by their sizes (``tiny-200-150/train.json``), so a run kept from another checkout matches."""
+    """The same YAML up to where the data set was written and keys at their off value: the sets are
+    drawn from a fixed seed and named by their sizes (``tiny-200-150/train.json``), so a run kept from
+    another checkout, or from before a key was added, matches."""
 
     def where(tree: Any) -> Any:
-        if not isinstance(tree, dict) or not isinstance(tree.get("data"), dict):
+        if not isinstance(tree, dict):
+            return tree
+        # A key a later version added, at its off value, matches a run recorded before it existed.
+        tree = {k: where(v) for k, v in tree.items() if v is not None and v is not False}
+        if not isinstance(tree.get("data"), dict):
             return tree
         data = {
             k: "/".join(str(v).split("/")[-2:]) if k.endswith(("_ann", "_images")) and v else v
