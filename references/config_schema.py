@@ -155,6 +155,7 @@ class TrainingConfig:
         "--wd",
         "--weight-decay",
         help="weight decay",
+        torchvision_dest="weight_decay",  # torchvision's add_argument("--wd", ..., dest="weight_decay")
         range=_NO_NEGATIVE_DECAY,
         resume=applied_on_resume(
             "set in every parameter group (but the normalization group under --norm-weight-decay)"
@@ -619,6 +620,15 @@ class Opt:
     # The Lightning CLI (references/lightning/train.py): True honours it; False or the hint (str) refuses a
     # value other than the default (or ``off``); None: a model:/data: key, honoured through the recipe's code.
     lightning: Union[None, bool, str] = None
+    torchvision_dest: Optional[str] = (
+        None  # the name torchvision's script keeps it under in ``args``, if not the flag's
+    )
+
+    def torchvision_args_name(self) -> Optional[str]:
+        """The attribute of torchvision's ``args`` (a reference checkpoint's) that holds this setting:
+        argparse's dest of the first long flag, unless torchvision names it (``--wd``: weight_decay)."""
+        long = next((f for f in self.flags if f.startswith("--")), None)
+        return self.torchvision_dest or (long[2:].replace("-", "_") if long else None)
 
 
 def _kind(hint: Any) -> Tuple[type, bool]:

@@ -45,6 +45,7 @@ from config_schema import (
     flatten,
     mid_epoch_fixed_paths,
     on_resume,
+    set_path,
     setting,
 )
 
@@ -76,6 +77,7 @@ __all__ = [
     "on_resume",
     "read_yaml",
     "resolve",
+    "set_path",
     "setting",
     "shapes_spec",
     "validate",

@@ -17,7 +17,7 @@ from tv_lossfix.checkpoint import CheckpointError, model_state_dict, read_checkp
 from tv_lossfix.model_settings import model_settings
 
 import distributed
-from train_config import BY_PATH, OPTIONS, TrainConfig, flatten, on_resume
+from train_config import BY_PATH, OPTIONS, TrainConfig, flatten, on_resume, set_path
 
 FORMAT = "tv_lossfix-train-1"
 
@@ -301,24 +301,15 @@ def save_training_checkpoint(
 # -- --resume against the command line ------------------------------------------------------------
 # What a new value does on --resume is each key's Opt.resume (config_schema.py): refused (the checkpoint
 # fixes it), applied to the restored optimizer / scheduler (said how), or not compared (--resume itself).
-# torchvision's script keeps its flags in ``args`` under argparse's dest: our first long flag, but --wd's.
-_TORCHVISION_DEST = {"training.weight_decay": "weight_decay"}
-
-
 def torchvision_args_config(args: Any) -> Dict[str, Any]:
     """The settings a torchvision reference checkpoint's ``args`` (argparse.Namespace) records, as a
     partial config tree of this recipe's schema (its flags keep torchvision's names and meanings)."""
     tree: Dict[str, Any] = {}
     for o in OPTIONS:
-        long = next((f for f in o.flags if f.startswith("--")), None)
-        dest = _TORCHVISION_DEST.get(o.path) or (long[2:].replace("-", "_") if long else None)
+        dest = o.torchvision_args_name()
         if dest and hasattr(args, dest):
-            node = tree
-            *parents, leaf = o.path.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
             value = getattr(args, dest)
-            node[leaf] = list(value) if isinstance(value, tuple) else value
+            set_path(tree, o.path, list(value) if isinstance(value, tuple) else value)
     return tree
 
 

@@ -88,3 +88,14 @@ def test_a_setting_with_an_unknown_policy_keyword_fails_when_the_schema_is_read(
 
     with pytest.raises(TypeError, match="mid_epoch_fixd"):
         config_schema._options(Section, "section.")
+
+
+def test_a_torchvision_checkpoints_args_are_read_under_torchvisions_names():
+    import argparse
+
+    args = argparse.Namespace(
+        model="maskrcnn_tiny", weight_decay=0.5, wd=9.0, lr_steps=(3, 4), aspect_ratio_group_factor=-1
+    )
+    tree = training_checkpoint.torchvision_args_config(args)
+    assert tree["training"] == {"weight_decay": 0.5, "lr_steps": [3, 4]}  # --wd's dest is weight_decay there
+    assert tree["model"] == {"name": "maskrcnn_tiny"} and tree["data"] == {"aspect_ratio_group_factor": -1}
