@@ -64,7 +64,9 @@ NO_OFF = object()  # Opt.off of a key that has no value asking for nothing
 
 def setting(default: Any, *flags: str, **meta: Any):
     """A schema field. ``flags``: command-line spellings, torchvision's first (none: YAML only).
-    ``meta``: the :class:`Opt` fields after ``nullable`` (help, choices, ..., the key's policies)."""
+    ``meta``: :class:`Opt`'s fields after ``nullable``, by name: help, choices, lower, negative, shown,
+    and the key's policies (range, only_with, off, resume, mid_epoch_fixed, lightning, torchvision_dest).
+    A misspelt one fails when the schema is read, at import."""
     if "choices" in meta:
         meta["choices"] = tuple(meta["choices"]) or None
     meta = {"flags": flags, **meta}
@@ -620,9 +622,8 @@ class Opt:
     # The Lightning CLI (references/lightning/train.py): True honours it; False or the hint (str) refuses a
     # value other than the default (or ``off``); None: a model:/data: key, honoured through the recipe's code.
     lightning: Union[None, bool, str] = None
-    torchvision_dest: Optional[str] = (
-        None  # the name torchvision's script keeps it under in ``args``, if not the flag's
-    )
+    # The name torchvision's script keeps it under in ``args``, where it is not its first long flag's.
+    torchvision_dest: Optional[str] = None
 
     def torchvision_args_name(self) -> Optional[str]:
         """The attribute of torchvision's ``args`` (a reference checkpoint's) that holds this setting:
