@@ -115,11 +115,6 @@ def _check_training(t: TrainingConfig, source: str) -> None:
                 raise ConfigError(
                     f"{source}: training.{key} ({flag}) has no effect with --output-dir '' (save nothing)"
                 )
-    if t.checkpoint_every_iters is not None and t.checkpoint_every_iters < 1:
-        raise ConfigError(
-            f"{source}: training.checkpoint_every_iters (--checkpoint-every-iters) must be >= 1 or null, "
-            f"got {t.checkpoint_every_iters}"
-        )
     try:
         import torch
 
@@ -130,8 +125,6 @@ def _check_training(t: TrainingConfig, source: str) -> None:
 
 def _check_repeat_factors(d: DataConfig, source: str) -> None:
     t = d.repeat_factor_threshold
-    if t is not None and t <= 0:
-        raise ConfigError(f"{source}: data.repeat_factor_threshold (--repeat-factor-threshold) must be > 0, got {t}")
     if t is None and not d.repeat_sqrt:
         raise ConfigError(
             f"{source}: data.repeat_sqrt false (--no-repeat-sqrt) has no effect without "
@@ -308,8 +301,6 @@ def _check_class_weight_keys(m: ModelConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: model.class_weight_beta is the effective_number parameter: drop it for inverse_sqrt"
         )
-    if beta is not None and not 0 <= beta < 1:
-        raise ConfigError(f"{source}: model.class_weight_beta must be in [0, 1), got {beta!r}")
 
 
 def _loss_config(m: ModelConfig, source: str) -> LossConfig:

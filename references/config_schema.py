@@ -334,6 +334,7 @@ class TrainingConfig:
         None,
         "--checkpoint-every-iters",
         help="also write checkpoint.pth every N iterations (mid-epoch; --resume continues from it)",
+        range=(lambda v: v >= 1, ">= 1 or null"),
         lightning=False,
     )
     eval_every: int = setting(
@@ -435,6 +436,7 @@ class DataConfig:
         "--repeat-factor-threshold",
         help="repeat-factor sampling (LVIS / Detectron2): images of classes in fewer than this fraction of the "
         "images repeat per epoch; the data report suggests a value (default: off)",
+        range=(lambda v: v > 0, "> 0"),
         mid_epoch_fixed=True,
     )
     repeat_sqrt: bool = setting(
@@ -524,7 +526,9 @@ class ModelConfig:
         choices=CLASS_WEIGHT_METHODS,
     )
     class_weight_beta: Optional[float] = setting(
-        None, help="the effective_number beta of model.roi_head.class_weight: auto (default: 0.999)"
+        None,
+        help="the effective_number beta of model.roi_head.class_weight: auto (default: 0.999)",
+        range=(lambda v: 0 <= v < 1, "in [0, 1)"),
     )
     class_agnostic_bbox: bool = setting(
         False,

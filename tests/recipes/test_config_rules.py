@@ -50,6 +50,9 @@ BAD_VALUES = {
     "model.rpn_score_thresh": 1.5,
     "model.num_classes": 1,
     "distributed.world_size": 0,
+    "training.checkpoint_every_iters": 0,
+    "data.repeat_factor_threshold": 0.0,
+    "model.class_weight_beta": 1.0,
 }
 
 
@@ -63,9 +66,6 @@ def test_every_numeric_setting_has_a_range():
         - {
             "training.seed",  # any integer seeds torch and random
             "training.clip_grad_norm",  # its own rule (0: off), in _fill_derived
-            "training.checkpoint_every_iters",  # its own rule (>= 1 or null), in _check_training
-            "data.repeat_factor_threshold",  # its own rule (> 0), in _check_repeat_factors
-            "model.class_weight_beta",  # its own rule ([0, 1)), in _check_class_weight_keys
             "model.trainable_backbone_layers",  # its own rule (0..5, 0..6 for MobileNetV3), in _check_model_and_data
             "data.tile_size",  # its own rule (>= 32 px), in check_tile_keys
             "data.tile_overlap",  # its own rule (>= 0 and < tile_size), in check_tile_keys
