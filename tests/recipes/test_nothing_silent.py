@@ -1,6 +1,7 @@
 """Round 2 of "nothing silently wrong": resumes from torchvision's checkpoints, evaluation keys, reused
-output folders, RLE masks, sampler settings, the Lightning CLI's keys and the numeric ranges. Each test
-makes the bad input and asserts the line that names it and what the output folder holds."""
+output folders, RLE masks, sampler settings. Each test makes the bad input and asserts the line that
+names it and what the output folder holds. (The numeric ranges and modes: test_config_rules.py; the
+Lightning CLI's keys: test_lightning.py.)"""
 
 import argparse
 import contextlib
