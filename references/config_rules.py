@@ -109,12 +109,6 @@ def _check_training(t: TrainingConfig, source: str) -> None:
             f"{source}: training.start_epoch (--start-epoch) {t.start_epoch} is not below training.epochs "
             f"(--epochs) {t.epochs}: no epoch would be trained"
         )
-    if not t.output_dir:
-        for key, flag in (("checkpoint_every_iters", "--checkpoint-every-iters"), ("overwrite", "--overwrite")):
-            if getattr(t, key):
-                raise ConfigError(
-                    f"{source}: training.{key} ({flag}) has no effect with --output-dir '' (save nothing)"
-                )
     try:
         import torch
 

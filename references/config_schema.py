@@ -81,6 +81,7 @@ _AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
 _NO_NEGATIVE_DECAY = (lambda v: v >= 0, ">= 0 (a negative decay grows the weights)")
 # Settings that one mode alone reads (Opt.only_with).
 _MULTISTEP = (lambda c: c.training.lr_scheduler == "multisteplr", "only --lr-scheduler multisteplr reads it")
+_SAVING = (lambda c: c.training.output_dir != "", "only --output-dir DIR reads it (--output-dir '' saves nothing)")
 # A resumed run keeps the warmup it started with.
 _WARMUP_FIXED = refused_on_resume("warmup was fixed when the run started")
 _SAME_ANCHORS = refused_on_resume("the RPN head was trained for other anchors")
@@ -240,6 +241,7 @@ class TrainingConfig:
         "--overwrite",
         help="start a new run in an --output-dir holding another run's checkpoint: that run's files are removed "
         "first (without it, such a folder is refused unless --resume)",
+        only_with=_SAVING,
         resume=NOT_COMPARED,
         lightning="Lightning writes each run to a folder of its own (lightning_logs/version_N)",
     )
@@ -335,6 +337,7 @@ class TrainingConfig:
         "--checkpoint-every-iters",
         help="also write checkpoint.pth every N iterations (mid-epoch; --resume continues from it)",
         range=(lambda v: v >= 1, ">= 1 or null"),
+        only_with=_SAVING,
         lightning=False,
     )
     eval_every: int = setting(

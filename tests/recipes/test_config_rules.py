@@ -106,6 +106,9 @@ ONLY_WITH_CASES = {
     "training.warmup_factor": (0.1, ["--warmup-iters", "0"], ["--warmup-iters", "10"]),
     "training.gallery_images": (4, ["--no-plots"], ["--plots"]),
     "training.lr_step_size": (5, [], None),  # read by no scheduler (nor by torchvision's detection script)
+    # The saving keys under --output-dir '' (given after the test's own --output-dir: the later flag wins).
+    "training.checkpoint_every_iters": (5, ["--output-dir", ""], ["--output-dir", "out"]),
+    "training.overwrite": (True, ["--output-dir", ""], ["--output-dir", "out"]),
 }
 
 

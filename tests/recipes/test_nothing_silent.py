@@ -775,12 +775,6 @@ def test_shapes_knobs_with_another_dataset_are_refused(tmp_path):
     one_line_error(rc, err, r"data\.shapes sets the embedded demo's data: it has no effect with --dataset coco")
 
 
-@pytest.mark.parametrize("flags", [["--checkpoint-every-iters", "5"], ["--overwrite"]])
-def test_saving_flags_with_output_dir_empty_are_refused(flags):
-    rc, _, err = cli(["--device", "cpu", "--output-dir", "", *flags])
-    one_line_error(rc, err, rf"\({re.escape(flags[0])}\) has no effect with --output-dir '' \(save nothing\)")
-
-
 def test_lightning_may_share_a_folder_with_a_train_py_run(tmp_path):
     import train_config
 
