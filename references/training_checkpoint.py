@@ -299,8 +299,6 @@ def save_training_checkpoint(
 
 
 # -- --resume against the command line ------------------------------------------------------------
-# What a new value does on --resume is each key's Opt.resume (config_schema.py): refused (the checkpoint
-# fixes it), applied to the restored optimizer / scheduler (said how), or not compared (--resume itself).
 def torchvision_args_config(args: Any) -> Dict[str, Any]:
     """The settings a torchvision reference checkpoint's ``args`` (argparse.Namespace) records, as a
     partial config tree of this recipe's schema (its flags keep torchvision's names and meanings)."""
@@ -345,8 +343,10 @@ def saved_config(ckpt: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], bool]:
 
 
 def reconcile(saved_cfg: Optional[Dict[str, Any]], cfg: TrainConfig, complete: bool = True):
-    """Compare the checkpoint's config with this run's: returns (applied lines, refused lines).
-    ``complete`` False (torchvision's ``args``): only the settings it records are compared."""
+    """Compare the checkpoint's config with this run's: returns (applied lines, refused lines). What a new
+    value does is its key's Opt.resume (config_schema.py): refused (the checkpoint fixes it), applied
+    (said how), or not compared (--resume itself). ``complete`` False (torchvision's ``args``): only the
+    settings it records are compared."""
     if not saved_cfg:
         return [], []
     old, new = flatten(saved_cfg), flatten(cfg.to_dict())
