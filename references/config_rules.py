@@ -50,12 +50,7 @@ def _fill_derived(tree: Dict[str, Any], source: str) -> None:
     """Values that follow from others, set before the config is frozen: --clip-grad-norm over the YAML
     section, the per-dataset defaults of --bad-annotations and --data-path."""
     t, d = tree["training"], tree["data"]
-    if t["clip_grad_norm"] is not None:
-        if t["clip_grad_norm"] < 0:
-            raise ConfigError(
-                f"--clip-grad-norm (training.clip_grad_norm) must be >= 0 (0 turns clipping off), "
-                f"got {t['clip_grad_norm']:g}"
-            )
+    if t["clip_grad_norm"] is not None:  # (a negative one fails its range in validate)
         t["gradient_clip"]["enabled"] = t["clip_grad_norm"] > 0
         if t["clip_grad_norm"] > 0:
             t["gradient_clip"]["max_norm"] = t["clip_grad_norm"]

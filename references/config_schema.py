@@ -278,6 +278,7 @@ class TrainingConfig:
         None,
         "--clip-grad-norm",
         help="clip the global grad norm at MAX (0: off); sets training.gradient_clip",
+        range=(lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
         lightning=True,  # folded into gradient_clip by the config
     )
     gradient_clip: GradientClipConfig = field(default_factory=GradientClipConfig)  # -> --gradient-clip-val

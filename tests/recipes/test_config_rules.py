@@ -53,6 +53,7 @@ BAD_VALUES = {
     "training.checkpoint_every_iters": 0,
     "data.repeat_factor_threshold": 0.0,
     "model.class_weight_beta": 1.0,
+    "training.clip_grad_norm": -5.0,
 }
 
 
@@ -65,7 +66,6 @@ def test_every_numeric_setting_has_a_range():
         - ranged()
         - {
             "training.seed",  # any integer seeds torch and random
-            "training.clip_grad_norm",  # its own rule (0: off), in _fill_derived
             "model.trainable_backbone_layers",  # its own rule (0..5, 0..6 for MobileNetV3), in _check_model_and_data
             "data.tile_size",  # its own rule (>= 32 px), in check_tile_keys
             "data.tile_overlap",  # its own rule (>= 0 and < tile_size), in check_tile_keys
