@@ -19,7 +19,7 @@ from engine import TrainState
 from models import ModelError, build_model, set_anchors
 from run_context import Run
 from run_data import Data
-from train_config import ConfigError, TrainConfig, flatten
+from train_config import ConfigError, TrainConfig, flatten, mid_epoch_fixed_paths
 from training_checkpoint import (
     CheckpointError,
     apply_to_optimizer,
@@ -259,22 +259,14 @@ def resume(run: Run, net, optimizer, lr_scheduler, warmup, scaler, state: TrainS
     run.writer.say(f"resumed from {t.resume}: {where}, iteration {state.iteration} in all")
 
 
-# A mid-epoch checkpoint continues the epoch's batch order; these settings make another order.
-_MID_EPOCH_FIXED = (
-    "training.batch_size",
-    "distributed.world_size",
-    "data.aspect_ratio_group_factor",
-    "data.repeat_factor_threshold",
-    "data.repeat_sqrt",
-)
-
-
 def _mid_epoch_refusals(ckpt: Dict[str, Any], cfg: TrainConfig) -> List[str]:
+    """A mid-epoch checkpoint continues the epoch's batch order: the keys that make another order
+    (Opt.mid_epoch_fixed) may not change."""
     pos, saved = ckpt.get("in_epoch"), flatten(ckpt.get("config"))
     if not isinstance(pos, dict):
         return []
     out = []
-    for path in _MID_EPOCH_FIXED:
+    for path in mid_epoch_fixed_paths():
         old, new = saved.get(path), cfg.get(path)
         if path in saved and old != new:
             out.append(

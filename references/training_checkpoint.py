@@ -17,7 +17,7 @@ from tv_lossfix.checkpoint import CheckpointError, model_state_dict, read_checkp
 from tv_lossfix.model_settings import model_settings
 
 import distributed
-from train_config import BY_PATH, OPTIONS, TrainConfig, flatten
+from train_config import BY_PATH, OPTIONS, TrainConfig, flatten, on_resume, set_path
 
 FORMAT = "tv_lossfix-train-1"
 
@@ -299,51 +299,15 @@ def save_training_checkpoint(
 
 
 # -- --resume against the command line ------------------------------------------------------------
-# Settings a checkpoint fixes: a different value cannot take effect, so it is refused.
-REFUSED = {
-    "model.name": "the checkpoint holds another architecture",
-    "model.num_classes": "the checkpoint's predictors have another class count",
-    "model.stock": "the checkpoint's heads are the other kind",
-    "model.anchor_sizes": "the RPN head was trained for other anchors",
-    "model.aspect_ratios": "the RPN head was trained for other anchors",
-    "model.class_agnostic_bbox": "the checkpoint's box predictor has the other shape (4 outputs or 4 per class)",
-    "model.class_agnostic_mask": "the checkpoint's mask predictor has the other shape (1 channel or 1 per class)",
-    "training.opt": "the optimizer state belongs to another optimizer",
-    "training.lr_scheduler": "the scheduler state belongs to another scheduler",
-    "training.norm_weight_decay": "the parameter groups were built without/with it (a new value is applied)",
-    "training.seed": "the checkpoint's RNG states continue the run; a new seed cannot take effect",
-    "training.warmup_iters": "warmup was fixed when the run started",
-    "training.warmup_factor": "warmup was fixed when the run started",
-}
-# Settings applied to the restored optimizer / scheduler: say how.
-APPLIED_HOW = {
-    "training.lr": "the new base lr replaces the restored one; the schedule continues from its position",
-    "training.momentum": "set in every parameter group",
-    "training.weight_decay": "set in every parameter group (but the normalization group under --norm-weight-decay)",
-    "training.norm_weight_decay": "set in the normalization layers' parameter group",
-    "training.lr_steps": "the scheduler's milestones are replaced",
-    "training.lr_gamma": "the scheduler's gamma is replaced",
-    "training.epochs": "the run continues to the new epoch count",
-}
-_IGNORED_IN_DIFF = {"training.resume", "training.start_epoch", "training.test_only", "training.overwrite"}
-# torchvision's script keeps its flags in ``args`` under argparse's dest: our first long flag, but --wd's.
-_TORCHVISION_DEST = {"training.weight_decay": "weight_decay"}
-
-
 def torchvision_args_config(args: Any) -> Dict[str, Any]:
     """The settings a torchvision reference checkpoint's ``args`` (argparse.Namespace) records, as a
     partial config tree of this recipe's schema (its flags keep torchvision's names and meanings)."""
     tree: Dict[str, Any] = {}
     for o in OPTIONS:
-        long = next((f for f in o.flags if f.startswith("--")), None)
-        dest = _TORCHVISION_DEST.get(o.path) or (long[2:].replace("-", "_") if long else None)
+        dest = o.torchvision_args_name()
         if dest and hasattr(args, dest):
-            node = tree
-            *parents, leaf = o.path.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
             value = getattr(args, dest)
-            node[leaf] = list(value) if isinstance(value, tuple) else value
+            set_path(tree, o.path, list(value) if isinstance(value, tuple) else value)
     return tree
 
 
@@ -378,30 +342,27 @@ def saved_config(ckpt: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], bool]:
     return None, False
 
 
-def _refusal(path: str, old: Any, new: Any) -> Optional[str]:
-    if path == "training.norm_weight_decay" and old is not None and new is not None:
-        return None  # a new value for the same two groups: applied
-    return REFUSED.get(path)
-
-
 def reconcile(saved_cfg: Optional[Dict[str, Any]], cfg: TrainConfig, complete: bool = True):
-    """Compare the checkpoint's config with this run's: returns (applied lines, refused lines).
-    ``complete`` False (torchvision's ``args``): only the settings it records are compared."""
+    """Compare the checkpoint's config with this run's: returns (applied lines, refused lines). What a new
+    value does is its key's Opt.resume (config_schema.py): refused (the checkpoint fixes it), applied
+    (said how), or not compared (--resume itself). ``complete`` False (torchvision's ``args``): only the
+    settings it records are compared."""
     if not saved_cfg:
         return [], []
     old, new = flatten(saved_cfg), flatten(cfg.to_dict())
     applied, refused = [], []
     for path in sorted(set(old) | set(new)):
-        if path in _IGNORED_IN_DIFF or old.get(path) == new.get(path) or (not complete and path not in old):
+        policy = on_resume(path)
+        if not policy.compared or old.get(path) == new.get(path) or (not complete and path not in old):
             continue
         if path in BY_PATH and BY_PATH[path].kind is float and _same_number(old.get(path), new.get(path)):
             continue
         change = f"{path}: {old.get(path)!r} -> {new.get(path)!r}"
-        reason = _refusal(path, old.get(path), new.get(path))
+        reason = policy.refusal(old.get(path), new.get(path))
         if reason is not None:
             refused.append(f"{change} refused: {reason}")
         else:
-            applied.append(f"{change} applied: {APPLIED_HOW.get(path, 'read by this run as given')}")
+            applied.append(f"{change} applied: {policy.applied}")
     return applied, refused
 
 
@@ -410,7 +371,7 @@ def _same_number(a: Any, b: Any) -> bool:
 
 
 def apply_to_optimizer(optimizer, lr_scheduler, saved_cfg: Dict[str, Any], cfg: TrainConfig) -> None:
-    """Put the settings APPLIED_HOW promises into the restored optimizer and scheduler. Under
+    """Put the settings the schema says are applied (Opt.resume) into the restored optimizer and scheduler. Under
     --norm-weight-decay the last group holds the normalization layers (run_model.param_groups): --wd
     leaves it alone and --norm-weight-decay sets it."""
     t, old = cfg.training, flatten(saved_cfg)

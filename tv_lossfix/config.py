@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 from ._suggest import did_you_mean
 from .cls_losses import cls_loss_names, param_owners
 
-__all__ = ["RPNLossConfig", "RoILossConfig", "LossConfig", "LossConfigError", "PRESETS", "TRAINING_MODEL_KEYS"]
+__all__ = ["RPNLossConfig", "RoILossConfig", "LossConfig", "LossConfigError", "PRESETS", "MODEL_LOSS_KEYS"]
 
 BBOX_LOSSES = ("smooth_l1", "l1", "giou", "diou", "ciou")
 # "sampled": positives + negatives of the batch (torchvision, Detectron2, MMDetection RoI head).
@@ -398,23 +398,10 @@ class RoILossConfig(_HeadLossConfig):
 
 _TOP_KEYS = ("rpn_head", "roi_head", "sync_avg_factor", "preset")
 
-# The keys references/train.py documents under ``model:`` in a training config. The loss keys
-# among them are read here, the same way for LossConfig.from_yaml and for the training script;
-# the others belong to the script, and any key in neither list is an error, never dropped.
-TRAINING_MODEL_LOSS_KEYS = ("loss_preset", "preset", "rpn_head", "roi_head", "sync_avg_factor")
-TRAINING_MODEL_KEYS = TRAINING_MODEL_LOSS_KEYS + (
-    "name",
-    "num_classes",
-    "weights",
-    "weights_backbone",
-    "trainable_backbone_layers",
-    "rpn_score_thresh",
-    "stock",
-    "kwargs",
-    "anchor_sizes",
-    "aspect_ratios",
-    *("class_agnostic_bbox", "class_agnostic_mask", "class_weight_method", "class_weight_beta"),  # rare classes
-)
+# The loss keys of a training config's ``model:`` section, read here the same way for LossConfig.from_yaml
+# and for a training script. Its other keys (the architecture, the weights...) are the script's, which
+# checks them against its own schema; one that reads as a misspelt loss key is refused here.
+MODEL_LOSS_KEYS = ("loss_preset", "preset", "rpn_head", "roi_head", "sync_avg_factor")
 
 
 def _loss_keys_of_model_section(model: Any) -> dict:
@@ -423,7 +410,13 @@ def _loss_keys_of_model_section(model: Any) -> dict:
         return {}
     if not isinstance(model, Mapping):
         raise LossConfigError(f"model must be a mapping, got {type(model).__name__}")
-    _reject_unknown("model.", model, TRAINING_MODEL_KEYS)
+    for key in model:
+        tip = did_you_mean(key, MODEL_LOSS_KEYS, "model.") if key not in MODEL_LOSS_KEYS else ""
+        if tip:  # a loss setting that would otherwise be left to the training script, unread
+            raise LossConfigError(
+                f"unknown key {'model.' + str(key)!r}{tip} (the loss keys under model: are "
+                f"{', '.join(MODEL_LOSS_KEYS)})"
+            )
     if model.get("loss_preset") is not None and model.get("preset") is not None:
         raise LossConfigError("model.loss_preset and model.preset both name a preset: keep one")
     out = {k: model[k] for k in ("rpn_head", "roi_head", "sync_avg_factor") if model.get(k) is not None}
@@ -466,8 +459,9 @@ class LossConfig:
 
         A full training config is accepted too: its loss keys are read from ``model:``
         (``loss_preset`` or ``preset``, ``rpn_head``, ``roi_head``, ``sync_avg_factor``), exactly as
-        references/train.py reads them, and an unknown key under ``model:`` is an error. Its other
-        sections (``data:``, ``training:``...) are left to the training script.
+        references/train.py reads them; a key under ``model:`` that reads as a misspelt loss key
+        (``roi_heads``) is an error. Its other ``model:`` keys and sections (``data:``, ``training:``...)
+        are left to the training script, which checks them against its own schema.
         """
         if data is None:
             return cls()

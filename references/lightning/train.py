@@ -12,7 +12,6 @@ One device; for more, use ``DetectionModule`` (module.py) in your own script.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -36,61 +35,10 @@ from module import OPTIM_KEYS, DetectionModule, EvalData  # noqa: E402
 from run_context import Run  # noqa: E402
 from run_data import build_data as build_recipe_data  # noqa: E402
 from run_data import resolve_class_weight  # noqa: E402
-from train_config import ConfigError, DataConfig, TrainConfig, defaults, dump, resolve  # noqa: E402
+from train_config import OPTIONS, ConfigError, TrainConfig, dump, resolve  # noqa: E402
 from writers import EventWriter  # noqa: E402
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
-
-# The recipe's training keys this loop honours (the optimiser's in OPTIM_KEYS, through DetectionModule).
-USED_TRAINING_KEYS = set(OPTIM_KEYS) | {
-    "device",  # -> Trainer(accelerator, devices)
-    "batch_size",  # the recipe's loaders
-    "print_freq",  # -> log_every_n_steps and the console line
-    "output_dir",  # -> default_root_dir ('' : no logger, no checkpoints)
-    "clip_grad_norm",  # folded into gradient_clip by the config
-    "gradient_clip",  # -> the default of --gradient-clip-val
-    "seed",
-    "iters_per_epoch",  # -> limit_train_batches
-    "eval_every",  # -> check_val_every_n_epoch
-    "num_threads",
-    "use_deterministic_algorithms",  # -> Trainer(deterministic=True)
-    "lr_step_size",  # unused by torchvision's script too
-}
-# The model: and data: keys are all honoured: the data through references/run_data.py's build_data (the
-# same checks, datasets, samplers and loaders), the model through build_module and the loss config
-# (class_weight: auto resolved from the training data as in train.py); --stock alone is refused.
-USED_MODEL_KEYS = {
-    "name",
-    "rpn_score_thresh",
-    "trainable_backbone_layers",
-    "weights",
-    "weights_backbone",
-    "num_classes",
-    "kwargs",
-    "anchor_sizes",
-    "aspect_ratios",
-    "loss_preset",  # folded into the loss config
-    "preset",
-    "rpn_head",
-    "roi_head",
-    "class_weight_method",  # class_weight: auto, resolved by run_data.resolve_class_weight
-    "class_weight_beta",
-    "class_agnostic_bbox",
-    "class_agnostic_mask",
-    "sync_avg_factor",  # one process: the loss normalizers are this process's, as train.py on one GPU
-}
-USED_DATA_KEYS = {f.name for f in dataclasses.fields(DataConfig)}
-# references/train.py's pictures are not drawn here: turning them off asks for nothing.
-OFF_VALUES = {"plots": False, "gallery_images": 0}
-HINTS = {
-    "amp": ": use --precision 16-mixed (Lightning's GradScaler; it unscales before clipping)",
-    "resume": ": Lightning resumes from its own checkpoints (Trainer.fit(ckpt_path=...))",
-    "nan_policy": ": Lightning has no NaN policy (references/train.py stops or skips a non-finite step)",
-    "max_consecutive_skips": ": Lightning has no NaN policy",
-    "test_only": ": use Trainer.validate(module, val_loader)",
-    "sync_bn": ": this CLI trains on one device (Trainer(sync_batchnorm=True) in your own script)",
-    "overwrite": ": Lightning writes each run to a folder of its own (lightning_logs/version_N)",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,30 +78,17 @@ def parse(argv: Optional[List[str]] = None):
 
 
 def check_supported(cfg: TrainConfig) -> None:
-    """A recipe setting this loop cannot honour is refused in one line, never ignored."""
-    base = defaults()
-    for k, v in dataclasses.asdict(cfg.training).items():
-        if k in USED_TRAINING_KEYS or v == getattr(base.training, k) or OFF_VALUES.get(k, object()) == v:
+    """A recipe setting this loop cannot honour (Opt.lightning false or a hint, config_schema.py) is refused
+    in one line, never ignored; its default, or a value that asks for nothing (Opt.off), is accepted.
+    The model: and data: keys go through the recipe's own code (run_data.build_data, build_module)."""
+    for o in OPTIONS:
+        v = cfg.get(o.path)
+        if o.lightning in (None, True) or v == o.default or v == o.off:
             continue
+        hint = f": {o.lightning}" if isinstance(o.lightning, str) else ""
         raise ConfigError(
-            f"training.{k} = {v!r} is references/train.py's and cannot take effect in the Lightning loop"
-            + HINTS.get(k, "")
+            f"{o.path} = {v!r} is references/train.py's and cannot take effect in the Lightning loop{hint}"
         )
-    for k, v in dataclasses.asdict(cfg.distributed).items():
-        if v != getattr(base.distributed, k):
-            raise ConfigError(f"distributed.{k} = {v!r}: this CLI trains on one device (DDP: use module.py)")
-    if cfg.model.stock:
-        raise ConfigError("--stock: the Lightning module trains tv_lossfix heads (their statistics are logged)")
-    if cfg.data.tile_size:
-        raise ConfigError(
-            f"data.tile_size = {cfg.data.tile_size}: sliced evaluation is references/train.py's (and predict.py's); "
-            "the Lightning module evaluates whole images"
-        )
-    for section, used in (("model", USED_MODEL_KEYS), ("data", USED_DATA_KEYS)):
-        base_section = getattr(base, section)
-        for k, v in dataclasses.asdict(getattr(cfg, section)).items():
-            if k not in used and v != getattr(base_section, k):
-                raise ConfigError(f"{section}.{k} = {v!r} cannot take effect in the Lightning loop")
     clip = cfg.training.gradient_clip
     if clip.enabled and float(clip.norm_type) != 2.0:
         raise ConfigError(

@@ -19,6 +19,22 @@ def test_from_dict_bare_and_full_training_config():
     assert bare == full and bare.roi_head.cls_pos_weight == 2.0
 
 
+@pytest.mark.parametrize(
+    "key, meant",
+    [
+        ("roi_heads", "roi_head"),
+        ("rpn-head", "rpn_head"),
+        ("loss_presets", "loss_preset"),
+        ("sync_avg_factr", "sync_avg_factor"),
+    ],
+)
+def test_a_misspelt_loss_key_of_a_training_config_is_refused_naming_it(key, meant):
+    """Under model: the library reads its loss keys; a key that reads as one of them misspelt is refused
+    (another key, such as the architecture's name, is the training script's)."""
+    with pytest.raises(LossConfigError, match=f"'model.{key}'; did you mean 'model.{meant}'"):
+        LossConfig.from_dict({"model": {key: {}, "name": "x"}})
+
+
 def test_yaml_bare_and_guide_schema(tmp_path):
     bare = tmp_path / "loss.yaml"
     bare.write_text("rpn_head:\n  cls_pos_weight: 2.0\nsync_avg_factor: true\n")

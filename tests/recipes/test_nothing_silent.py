@@ -1,6 +1,7 @@
 """Round 2 of "nothing silently wrong": resumes from torchvision's checkpoints, evaluation keys, reused
-output folders, RLE masks, sampler settings, the Lightning CLI's keys and the numeric ranges. Each test
-makes the bad input and asserts the line that names it and what the output folder holds."""
+output folders, RLE masks, sampler settings. Each test makes the bad input and asserts the line that
+names it and what the output folder holds. (The numeric ranges and modes: test_config_rules.py; the
+Lightning CLI's keys: test_lightning.py.)"""
 
 import argparse
 import contextlib
@@ -507,125 +508,7 @@ def test_no_positive_roi_is_named_first_among_the_causes():
     assert "few positive RoIs per image (1.5 sampled)" in causes[0] and "pos_fraction 0.02" in causes[0]
 
 
-# -- 9 and every numeric setting's range: one line naming the key and its flag, before any data -----------
-BAD_VALUES = {
-    "training.batch_size": 0,
-    "training.epochs": 0,
-    "training.print_freq": 0,
-    "training.eval_every": 0,
-    "training.lr": -0.01,
-    "training.momentum": -0.9,
-    "training.weight_decay": -1e-4,
-    "training.norm_weight_decay": -1.0,
-    "training.lr_step_size": 0,
-    "training.lr_gamma": -1.0,
-    "training.lr_steps": [0, 3],
-    "training.warmup_iters": -1,
-    "training.warmup_factor": 0.0,
-    "training.max_consecutive_skips": 0,
-    "training.iters_per_epoch": 0,
-    "training.judge_after_iters": -1,
-    "training.gallery_images": -1,
-    "training.num_threads": 0,
-    "training.start_epoch": -1,
-    "training.gradient_clip.max_norm": 0.0,
-    "training.gradient_clip.norm_type": 0.0,
-    "data.workers": -1,
-    "data.aspect_ratio_group_factor": -2,
-    "data.check_samples": -1,
-    "data.lsj_size": 0,
-    "model.rpn_score_thresh": 1.5,
-    "model.num_classes": 1,
-    "distributed.world_size": 0,
-}
-
-
-def test_every_numeric_setting_has_a_range():
-    import train_config
-
-    numeric = {o.path for o in train_config.OPTIONS if o.kind in (int, float, list)}
-    unchecked = (
-        numeric
-        - set(train_config.RANGES)
-        - {
-            "training.seed",  # any integer seeds torch and random
-            "training.clip_grad_norm",  # its own rule (0: off), in _fill_derived
-            "training.checkpoint_every_iters",  # its own rule (>= 1 or null), in _check_training
-            "data.repeat_factor_threshold",  # its own rule (> 0), in _check_repeat_factors
-            "model.class_weight_beta",  # its own rule ([0, 1)), in _check_class_weight_keys
-            "model.trainable_backbone_layers",  # its own rule (0..5, 0..6 for MobileNetV3), in _check_model_and_data
-            "data.tile_size",  # its own rule (>= 32 px), in check_tile_keys
-            "data.tile_overlap",  # its own rule (>= 0 and < tile_size), in check_tile_keys
-        }
-    )
-    assert unchecked == set()
-    assert set(BAD_VALUES) == set(train_config.RANGES)
-
-
-@pytest.mark.parametrize("path", sorted(BAD_VALUES))
-def test_a_numeric_setting_out_of_range_fails_in_one_line(tmp_path, path):
-    import yaml
-
-    import train_config
-
-    tree: dict = {}
-    node = tree
-    *parents, leaf = path.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = BAD_VALUES[path]
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tree))
-    out = tmp_path / "out"
-    rc, _, err = cli(["--config", str(cfg), "--output-dir", str(out), "--device", "cpu", "--data-path", "/nonexistent"])
-    flag = train_config.BY_PATH[path].flags
-    named = re.escape(path) + (rf" \({re.escape(flag[0])}\)" if flag else "")
-    one_line_error(rc, err, rf"{named} must be .*got {re.escape(repr(BAD_VALUES[path]))}")
-    assert files(out) == []
-
-
-# A setting that one mode alone reads, set under another mode: (the value, the flags of another mode, of its own).
-ONLY_WITH_CASES = {
-    "data.lsj_size": (96, ["--data-augmentation", "hflip"], ["--data-augmentation", "lsj"]),
-    "training.lr_steps": ([3, 4], ["--lr-scheduler", "cosineannealinglr"], ["--lr-scheduler", "multisteplr"]),
-    "training.lr_gamma": (0.5, ["--lr-scheduler", "cosineannealinglr"], ["--lr-scheduler", "multisteplr"]),
-    "training.momentum": (0.5, ["--opt", "adamw"], ["--opt", "sgd"]),
-    "training.warmup_factor": (0.1, ["--warmup-iters", "0"], ["--warmup-iters", "10"]),
-    "training.gallery_images": (4, ["--no-plots"], ["--plots"]),
-    "training.lr_step_size": (5, [], None),  # read by no scheduler (nor by torchvision's detection script)
-}
-
-
-@pytest.mark.parametrize("path", sorted(ONLY_WITH_CASES))
-def test_a_setting_its_mode_does_not_read_is_refused(tmp_path, path):
-    import yaml
-
-    import train_config
-
-    assert set(ONLY_WITH_CASES) == set(train_config.ONLY_WITH)
-    value, other_mode, own_mode = ONLY_WITH_CASES[path]
-    section, leaf = path.split(".")
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({section: {leaf: value}}))
-    out = tmp_path / "out"
-    base = ["--config", str(cfg), "--output-dir", str(out), "--device", "cpu", "--data-path", "/nonexistent"]
-    rc, _, err = cli([*base, *other_mode])
-    named = rf"{re.escape(path)}\b.* = {re.escape(repr(value))}"
-    one_line_error(rc, err, rf"{named} has no effect: " + (f"only {re.escape(own_mode[0])}" if own_mode else ""))
-    assert files(out) == []
-    if own_mode:
-        loaded, _, _ = train_config.resolve(["--config", str(cfg), *own_mode])  # read there: accepted
-        assert loaded.get(path) == value
-
-
-def test_start_epoch_past_epochs_fails_before_the_data(tmp_path):
-    out = tmp_path / "out"
-    rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--start-epoch", "3", "--epochs", "2"))
-    one_line_error(rc, err, r"training.start_epoch \(--start-epoch\) 3 is not below training.epochs \(--epochs\) 2")
-    assert files(out) == []
-
-
-# -- 6. the Lightning CLI honours or refuses every key ------------------------------------------------------
+# -- 6. the Lightning CLI (its every-key test: tests/recipes/test_lightning.py) ----------------------------
 def _lightning_cli():
     import importlib.util
 
@@ -636,39 +519,6 @@ def _lightning_cli():
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     return cli
-
-
-def _another_value(o):
-    if o.kind is bool:
-        return not o.default
-    if o.kind in (int, float):
-        return (o.default or 0) + 1
-    if o.kind is str:
-        return next((c for c in o.choices if c != o.default), None) if o.choices else "x"
-    return None
-
-
-def test_lightning_honours_or_refuses_every_key():
-    import dataclasses
-
-    import train_config
-
-    LT = _lightning_cli()
-    # model: and data: keys are all honoured (--stock alone refused), through the recipe's own code.
-    assert LT.USED_MODEL_KEYS == {f.name for f in dataclasses.fields(train_config.ModelConfig)} - {"stock"}
-    assert LT.USED_DATA_KEYS == {f.name for f in dataclasses.fields(train_config.DataConfig)}
-    base, refused = train_config.defaults(), []
-    for o in train_config.OPTIONS:
-        section, key = o.path.split(".")[:2]
-        if section not in ("training", "distributed") or key in LT.USED_TRAINING_KEYS:
-            continue
-        value = _another_value(o)
-        if value is None or value == LT.OFF_VALUES.get(key, object()):
-            continue
-        with pytest.raises(train_config.ConfigError, match=re.escape(f"{section}.{key} = ")):
-            LT.check_supported(base.replace({o.path: value}))
-        refused.append(o.path)
-    assert {"training.amp", "training.overwrite", "training.nan_policy", "distributed.world_size"} <= set(refused)
 
 
 @pytest.mark.slow
@@ -923,12 +773,6 @@ def test_shapes_knobs_with_another_dataset_are_refused(tmp_path):
     cfg.write_text("data:\n  shapes:\n    num_train: 4\n")
     rc, _, err = cli(["--config", str(cfg), "--dataset", "coco", "--output-dir", str(out), "--device", "cpu"])
     one_line_error(rc, err, r"data\.shapes sets the embedded demo's data: it has no effect with --dataset coco")
-
-
-@pytest.mark.parametrize("flags", [["--checkpoint-every-iters", "5"], ["--overwrite"]])
-def test_saving_flags_with_output_dir_empty_are_refused(flags):
-    rc, _, err = cli(["--device", "cpu", "--output-dir", "", *flags])
-    one_line_error(rc, err, rf"\({re.escape(flags[0])}\) has no effect with --output-dir '' \(save nothing\)")
 
 
 def test_lightning_may_share_a_folder_with_a_train_py_run(tmp_path):

@@ -27,3 +27,19 @@ def test_training_config_loss_keys_read_one_way(tmp_path):
     p.write_text("rpn_head:\n  loss_cls_weight: 1e-1\n  loss_cls_weight: 2\n")
     with pytest.raises(LossConfigError, match="appears twice"):
         LossConfig.from_yaml(p)
+
+
+def test_the_library_reads_every_recipe_model_key_and_the_recipe_refuses_a_misspelt_one(tmp_path):
+    """tv_lossfix lists only its loss keys; the recipe's other model: keys pass through the library's reader
+    (none reads as a misspelt loss key) and the recipe's schema refuses a key it does not have."""
+    from tv_lossfix.config import MODEL_LOSS_KEYS
+
+    others = sorted(train_config.SECTIONS["model"] - set(MODEL_LOSS_KEYS))
+    assert "name" in others and "class_agnostic_bbox" in others
+    p = tmp_path / "train.yaml"
+    p.write_text("model:\n" + "".join(f"  {k}: null\n" for k in others) + "  roi_head:\n    cls_pos_weight: 2\n")
+    assert LossConfig.from_yaml(p).roi_head.cls_pos_weight == 2.0
+    p.write_text("model:\n  nmae: maskrcnn_tiny\n")
+    assert LossConfig.from_yaml(p) == LossConfig()  # not a loss key: the training script's to check
+    with pytest.raises(train_config.ConfigError, match="'model.nmae'; did you mean 'model.name'"):
+        train_config.resolve(["--config", str(p)])
