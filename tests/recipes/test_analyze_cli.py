@@ -123,6 +123,45 @@ def test_plot_is_written_where_said_with_a_legend_of_the_classes(tmp_path, data_
     assert [len(c.get_offsets()) for c in scatter.collections] == list(counts.values())
 
 
+def _small_coco_json(tmp_path):
+    """Eight 128 px images, four boxes each between two of maskrcnn_tiny's anchor sizes (no image file)."""
+    images = [{"id": i + 1, "width": 128, "height": 128, "file_name": f"{i}.png"} for i in range(8)]
+    anns = [
+        {"id": 4 * i + k + 1, "image_id": i + 1, "category_id": 1 + k % 2, "bbox": [10.0 + 25 * k, 20.0, s, s]}
+        for i in range(8)
+        for k, s in enumerate((17.0, 18.0, 30.0, 45.0))
+    ]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1}, {"id": 2}]}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"kwargs": {"min_size": 128, "max_size": 128, "rpn_fg_iou_thresh": 0.6, "rpn_bg_iou_thresh": 0.45}},
+        {"kwargs": {"min_size": 128, "max_size": 128}, "rpn_head": {"pos_iou_thr": 0.6, "neg_iou_thr": 0.45}},
+    ],
+    ids=["model.kwargs", "model.rpn_head"],
+)
+def test_the_report_uses_the_rpn_thresholds_the_config_sets(tmp_path, capsys, model):
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    data = {"dataset": "coco_json", "train_ann": _small_coco_json(tmp_path)}
+    cfg.write_text(yaml.safe_dump({"model": {"name": "maskrcnn_tiny", **model}, "data": data}))
+    assert A.main(["--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "anchor coverage (best IoU >= 0.6 / >= 0.45: the model's rpn.proposal_matcher" in out
+    assert "0.7" not in out.split("anchor coverage")[1].split("\n")[0]
+    assert "anchor coverage (best IoU >= 0.7 / >= 0.3" in _default_report(tmp_path, capsys)
+
+
+def _default_report(tmp_path, capsys):
+    A.main(["--dataset", "coco_json", "--train-ann", str(tmp_path / "train.json"), "--model", "maskrcnn_tiny"])
+    return capsys.readouterr().out
+
+
 def test_many_classes_keep_the_frequent_ones_and_merge_the_tail():
     cats = np.repeat(np.arange(1, 16), np.arange(15, 0, -1))  # class 1 most frequent ... 15 least
     names = {c: f"c{c}" for c in range(1, 16)}
