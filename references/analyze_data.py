@@ -33,6 +33,7 @@ from data_report import (  # noqa: E402,F401
     Thresholds,
     data_report,
     measure,
+    model_view,
     scale_finding,
 )
 
@@ -239,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.plot:
         names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
         thr = Thresholds.of(model)
-        found = measure(data, AnchorGeometry(model), names, thr)
+        found = measure(model_view(data, cfg), AnchorGeometry(model), names, thr)  # the boxes the report measured
         if len(found.boxes) == 0:
             print(f"--plot {args.plot}: not written, the training annotations hold no boxes")
             return 0

@@ -630,10 +630,7 @@ def data_report(
     ``cfg``: the training config, so that no advice repeats a setting it already has. ``names`` is
     not read (the category names come from the file); it stays for the callers that pass it.
     """
-    data = dataset if dataset is not None else coco.dataset
-    tile = (cfg.data.tile_size, cfg.data.tile_overlap) if cfg is not None and cfg.data.tile_size else None
-    if tile:  # the model sees tiles: the sizes and anchor grids the report measures are theirs
-        data = tile_view(data, *tile)
+    data = model_view(dataset if dataset is not None else coco.dataset, cfg)
     cat_names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
     thr = Thresholds.of(model)
     geo = AnchorGeometry(model)
@@ -671,6 +668,14 @@ def data_report(
         _anchor_advice(report, target, gen, thr)
     report.config = advice_config(report, cfg)
     return report
+
+
+def model_view(data: Dict[str, Any], cfg: Optional[TrainConfig]) -> Dict[str, Any]:
+    """A COCO dict as the model trains on it: under data.tile_size its tiles (scale.tile_view), so that the
+    sizes and anchor grids the report measures are theirs."""
+    if cfg is not None and cfg.data.tile_size:
+        return tile_view(data, cfg.data.tile_size, cfg.data.tile_overlap)
+    return data
 
 
 def scale_finding(
