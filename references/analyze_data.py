@@ -25,17 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
+from anchor_coverage import AnchorGeometry, Measured, Thresholds, measure  # noqa: E402
+
 # data_report and scale_finding are imported from here by the training script's hooks as well.
-from data_report import (  # noqa: E402,F401
-    AnchorGeometry,
-    DataReport,
-    Measured,
-    Thresholds,
-    data_report,
-    measure,
-    model_view,
-    scale_finding,
-)
+from data_report import data_report, model_view, scale_finding  # noqa: E402,F401
 
 if TYPE_CHECKING:
     from train_config import TrainConfig

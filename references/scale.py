@@ -18,7 +18,7 @@ the side that reaches it centred is ``sqrt(fg) a``.
 Everything here is plain numbers in, numbers out: :func:`scale_rule` decides from the boxes' sides
 after the resize against a model's :class:`Yardsticks`; the data report and the collapse diagnostics
 (through data_report.scale_finding) call :func:`finding_from_boxes` with the model's yardsticks and
-its boxes (data_report.BoxSet).
+its boxes (anchor_coverage.BoxSet).
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def withhold_under_augmentation(finding: ScaleFinding, augmentation: Optional[st
 
 
 def model_yardsticks(model, geo, fg_iou: float = RPN_FG_IOU) -> Yardsticks:
-    """The yardsticks of a torchvision detector as built; ``geo``: its data_report.AnchorGeometry (the
+    """The yardsticks of a torchvision detector as built; ``geo``: its anchor_coverage.AnchorGeometry (the
     real resize and feature-map grids); ``fg_iou``: its RPN matcher's foreground threshold."""
     side = _round_up(max(geo.min_size, geo.max_size), geo.divisible)
     strides = [min(s) for _, _, s in geo.levels(side, side)]
@@ -278,7 +278,7 @@ def tile_view(data: Dict[str, Any], tile_size: int, tile_overlap: int) -> Dict[s
 
 def finding_from_boxes(model: Yardsticks, boxes) -> ScaleFinding:
     """:func:`scale_rule` against a model's yardsticks (:func:`model_yardsticks`) on its boxes, a
-    data_report.BoxSet (sides after the resize, native extents, classes, every image's size)."""
+    anchor_coverage.BoxSet (sides after the resize, native extents, classes, every image's size)."""
     extent = np.maximum(boxes.native_wh.max(axis=1), 0) if len(boxes) else np.zeros(0)
     return scale_rule(boxes.sides, boxes.image_sizes, model, extent, boxes.labels)
 
