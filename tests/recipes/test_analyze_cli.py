@@ -101,6 +101,24 @@ def test_bad_plot_paths_are_one_line_before_any_data_is_read(tmp_path, plot, cul
     assert sorted(os.listdir(tmp_path)) == ["cfg.yaml"]  # nothing written, no folder.png
 
 
+@pytest.mark.parametrize(
+    "path, culprit",
+    [
+        ("{tmp}", "{tmp}/advised.yaml"),  # a folder: the example file name in it
+        ("{tmp}/x.txt", ".yaml"),
+        ("{tmp}/no/x.yaml", "{tmp}/no"),  # the missing folder
+    ],
+)
+def test_a_bad_write_config_path_is_one_line_before_any_data_is_read(tmp_path, path, culprit):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: {name: maskrcnn_tiny}\ndata: {dataset: coco_json, train_ann: /nonexistent.json}\n")
+    path, culprit = path.format(tmp=tmp_path), culprit.format(tmp=tmp_path)
+    with pytest.raises(ConfigError) as e:  # not the missing annotations: the path is checked first
+        A.main(["--config", str(cfg), "--write-config", path])
+    assert str(e.value).startswith(f"--write-config {path}: ") and culprit in str(e.value)
+    assert "\n" not in str(e.value) and sorted(os.listdir(tmp_path)) == ["cfg.yaml"]
+
+
 @pytest.mark.slow
 def test_plot_is_written_where_said_with_a_legend_of_the_classes(tmp_path, data_root, train_json, capsys, monkeypatch):
     figures = []

@@ -173,22 +173,6 @@ def test_the_printed_block_is_the_config_write_config_writes(tmp_path, capsys):
     assert model.transform.min_size == (224,) and model.transform.max_size == 224
 
 
-@pytest.mark.parametrize(
-    "path, message",
-    [
-        ("{tmp}", "--write-config {tmp}: is a folder"),
-        ("{tmp}/x.txt", "--write-config {tmp}/x.txt: the file name must end in .yaml"),
-        ("{tmp}/no/x.yaml", "--write-config {tmp}/no/x.yaml: the folder {tmp}/no does not exist"),
-    ],
-)
-def test_a_bad_write_config_path_is_one_line_before_any_data_is_read(tmp_path, path, message):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("model: {name: maskrcnn_tiny}\ndata: {dataset: coco_json, train_ann: /nonexistent.json}\n")
-    with pytest.raises(train_config.ConfigError) as e:
-        A.main(["--config", str(cfg), "--write-config", path.format(tmp=tmp_path)])
-    assert str(e.value).startswith(message.format(tmp=tmp_path))
-
-
 # -- the keys --------------------------------------------------------------------------------------------
 def _resolve(text, tmp_path):
     p = tmp_path / "c.yaml"
