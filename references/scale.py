@@ -245,7 +245,7 @@ def withhold_under_augmentation(finding: ScaleFinding, augmentation: Optional[st
     return replace(finding, withheld=why)
 
 
-def model_yardsticks(model, geo, fg_iou: float = RPN_FG_IOU) -> Yardsticks:
+def model_yardsticks(model, geo, fg_iou: float) -> Yardsticks:
     """The yardsticks of a torchvision detector as built; ``geo``: its anchor_coverage.AnchorGeometry (the
     real resize and feature-map grids); ``fg_iou``: its RPN matcher's foreground threshold."""
     side = _round_up(max(geo.min_size, geo.max_size), geo.divisible)

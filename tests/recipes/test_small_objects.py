@@ -18,6 +18,7 @@ import yaml
 from tv_lossfix import class_weights_from_counts
 
 import analyze_data as A
+import anchor_coverage as AC
 import data_report as R
 import diagnostics as D
 import models
@@ -77,7 +78,7 @@ def test_scale_rule_gives_tiles_past_the_cap():
 
 def test_scale_finding_reads_the_models_resize_anchors_and_strides():
     model, _ = models.build_model(name="maskrcnn_tiny", num_classes=3, stock=True)  # 128 px, anchors from 12
-    assert S.model_yardsticks(model, R.AnchorGeometry(model)) == S.Yardsticks(128, 128, 12.0, 4.0, 32, 0.7)
+    assert S.model_yardsticks(model, AC.AnchorGeometry(model), 0.7) == S.Yardsticks(128, 128, 12.0, 4.0, 32, 0.7)
     data = _coco([(8.0, 8.0)] * 20, hw=(160, 160))  # 8 px at 160 -> 6.4 px at 128
     f = R.scale_finding(model, data)
     assert f.p50 == pytest.approx(6.4) and f.fires and (f.new_min_size, f.new_max_size) == (224, 224)
