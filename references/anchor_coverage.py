@@ -265,6 +265,8 @@ class Measured:
 
 
 def measure(data: Dict[str, Any], geo: AnchorGeometry, cat_names: Dict[int, str], thr: Thresholds) -> Measured:
+    """A COCO dict's boxes at ``geo``'s input size against its anchors: groups all / size buckets / classes
+    (``cat_names``: category id -> name) and their fractions at ``thr``."""
     boxes = resized_boxes(data, geo)
     return remeasure(boxes, geo, coverage_groups(boxes, cat_names), thr)
 
