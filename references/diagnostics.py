@@ -506,7 +506,7 @@ def collapse_warnings(
     ``train``: the last epoch's means of losses, grad_norm and the heads' statistics. Nothing is
     said before ``iteration`` reaches ``judge_after``: an untrained model is not a collapsed one.
     ``cure``: :func:`rare_class_cure` of the training data, printed with the per-class warnings and
-    the under-confidence cause. ``scale``: analyze_data.scale_finding of the training boxes; when it fires,
+    the under-confidence cause. ``scale``: data_report.scale_finding of the training boxes; when it fires,
     objects too small for the model's input is the first cause named, with its cure.
     """
     if iteration < judge_after:

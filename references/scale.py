@@ -12,9 +12,13 @@ Upscaling the input is the standard lever (Detectron2's ``INPUT.MIN_SIZE_TRAIN``
 ``min_size``); for images already past a sensible input size, tiled (sliced) training and inference
 (SAHI's) keep the magnification without the whole image.
 
+The foreground threshold is the model's (``rpn.proposal_matcher.high_threshold``, torchvision's 0.7):
+the side that reaches it centred is ``sqrt(fg) a``.
+
 Everything here is plain numbers in, numbers out: :func:`scale_rule` decides from the boxes' sides
-after the resize; the data report and the collapse diagnostics (through analyze_data.scale_finding)
-call :func:`finding_from_boxes` with the model, its anchor geometry and the annotations.
+after the resize against a model's :class:`Yardsticks`; the data report and the collapse diagnostics
+(through data_report.scale_finding) call :func:`finding_from_boxes` with the model's yardsticks and
+its boxes (anchor_coverage.BoxSet).
 """
 
 from __future__ import annotations
@@ -25,8 +29,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-RPN_FG_IOU = 0.7  # torchvision's rpn_fg_iou_thresh
-ANCHOR_FRACTION = math.sqrt(RPN_FG_IOU)  # 0.84: the side, in smallest anchors, that reaches 0.7 centred
+RPN_FG_IOU = 0.7  # torchvision's rpn_fg_iou_thresh: the default of Yardsticks.fg_iou
 STRIDE_MULTIPLE = 2.0  # an object should span at least two cells of the finest feature map
 # Fires when the median object of any class is under the required side, or a tenth of all objects
 # are under half of it. Per class, because the pooled quantiles follow the common class: a rare class
@@ -49,7 +52,7 @@ class ScaleFinding:
     p50: float  # the smallest median of the classes judged on their own (the pooled median without classes)
     smallest_anchor: float
     finest_stride: float
-    required: float  # max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)
+    required: float  # max(sqrt(fg_iou) * smallest_anchor, STRIDE_MULTIPLE * finest_stride)
     min_size: int  # the model's current resize
     max_size: int
     fires: bool
@@ -60,6 +63,7 @@ class ScaleFinding:
     tile_size: Optional[int] = None  # the cure by tiles, in native pixels
     tile_overlap: Optional[int] = None
     withheld: Optional[str] = None  # why no cure is advised (an augmentation that sets the input size itself)
+    fg_iou: float = RPN_FG_IOU  # the RPN matcher's foreground threshold the anchor yardstick is for
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -86,7 +90,8 @@ class ScaleFinding:
             f"p10 {self.p10:.1f} px, p50 {self.p50:.1f} px (the smallest class's median), against the smallest "
             f"anchor {self.smallest_anchor:g} px "
             f"and the finest stride {self.finest_stride:g} px (an object needs {self.required:.1f} px: "
-            f"{ANCHOR_FRACTION:.2f} x the anchor reaches IoU {RPN_FG_IOU:g} centred, {STRIDE_MULTIPLE:g} strides)"
+            f"{math.sqrt(self.fg_iou):.2f} x the anchor reaches IoU {self.fg_iou:g} centred, "
+            f"{STRIDE_MULTIPLE:g} strides)"
         )
         if not self.fires:
             return what + ": large enough"
@@ -124,26 +129,41 @@ def padded_pixels(hw: np.ndarray, min_size: float, max_size: float, divisible: i
     return float((np.ceil(nh / divisible) * divisible * np.ceil(nw / divisible) * divisible).sum())
 
 
+@dataclass(frozen=True)
+class Yardsticks:
+    """What the scale rule measures the objects against: the model's resize, its smallest anchor, its
+    finest feature-map stride, its padding and the RPN matcher's foreground threshold."""
+
+    min_size: int
+    max_size: int
+    smallest_anchor: float
+    finest_stride: float
+    divisible: int = 32
+    fg_iou: float = RPN_FG_IOU
+
+    @property
+    def required(self) -> float:
+        """The side an object needs: sqrt(fg_iou) of the smallest anchor (it reaches fg_iou centred) and
+        STRIDE_MULTIPLE strides."""
+        return max(math.sqrt(self.fg_iou) * self.smallest_anchor, STRIDE_MULTIPLE * self.finest_stride)
+
+
 def scale_rule(
     sides: np.ndarray,
     image_hw: np.ndarray,
-    min_size: int,
-    max_size: int,
-    smallest_anchor: float,
-    finest_stride: float,
+    model: Yardsticks,
     native_extent: Optional[np.ndarray] = None,
-    divisible: int = 32,
     classes: Optional[np.ndarray] = None,
 ) -> ScaleFinding:
     """The scale rule on the boxes' sides (sqrt of area) after the model's resize.
 
     ``image_hw``: [M, 2] native heights and widths of the training images (the cost is counted on
-    them); ``native_extent``: the boxes' longer sides before the resize (the tile overlap must
-    hold the largest object; default ``sides``); ``classes``: each box's class. Fires when
-    ``p50 < required`` or ``p10 < P10_FRACTION * required``, where p10 is over all boxes and p50 the
-    smallest median of the classes with MIN_CLASS_BOXES boxes or more (of all boxes without
-    ``classes``, or when no class has that many), with
-    ``required = max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)``. The cure
+    them); ``model``: the yardsticks (min_size, max_size, ... below); ``native_extent``: the boxes'
+    longer sides before the resize (the tile overlap must hold the largest object; default ``sides``);
+    ``classes``: each box's class. Fires when ``p50 < required`` or ``p10 < P10_FRACTION * required``,
+    where p10 is over all boxes and p50 the smallest median of the classes with MIN_CLASS_BOXES boxes or
+    more (of all boxes without ``classes``, or when no class has that many), with
+    ``required = max(sqrt(fg_iou) * smallest_anchor, STRIDE_MULTIPLE * finest_stride)``. The cure
     magnifies by ``factor = max(required / p50, P10_FRACTION * required / p10)``: min_size and max_size
     times the factor, rounded up to SIZE_STEP. When the largest resized image side would pass
     MAX_INPUT_SIDE, the cure is tiles instead: the model keeps its sizes and a square tile of
@@ -162,7 +182,7 @@ def scale_rule(
         classes = None if classes is None else np.asarray(classes)[valid]
         native_extent = None if native_extent is None else np.asarray(native_extent)[valid]
     image_hw = np.asarray(image_hw, dtype=np.float64).reshape(-1, 2)
-    required = max(ANCHOR_FRACTION * smallest_anchor, STRIDE_MULTIPLE * finest_stride)
+    min_size, max_size, divisible, required = model.min_size, model.max_size, model.divisible, model.required
     p10, p50 = (float(np.percentile(sides, q)) for q in (10, 50)) if len(sides) else (math.nan, math.nan)
     if classes is not None and len(sides):
         classes = np.asarray(classes)
@@ -173,11 +193,12 @@ def scale_rule(
     base = dict(
         p10=p10,
         p50=p50,
-        smallest_anchor=float(smallest_anchor),
-        finest_stride=float(finest_stride),
+        smallest_anchor=float(model.smallest_anchor),
+        finest_stride=float(model.finest_stride),
         required=required,
         min_size=int(min_size),
         max_size=int(max_size),
+        fg_iou=float(model.fg_iou),
     )
     fires = bool(len(sides)) and (p50 < required or p10 < P10_FRACTION * required)
     if not fires:
@@ -224,13 +245,13 @@ def withhold_under_augmentation(finding: ScaleFinding, augmentation: Optional[st
     return replace(finding, withheld=why)
 
 
-def model_yardsticks(model, geo) -> Tuple[float, float]:
-    """(smallest anchor side, finest feature-map stride) of a torchvision detector as built; ``geo``:
-    its analyze_data.AnchorGeometry (the real feature-map grids)."""
+def model_yardsticks(model, geo, fg_iou: float) -> Yardsticks:
+    """The yardsticks of a torchvision detector as built; ``geo``: its anchor_coverage.AnchorGeometry (the
+    real resize and feature-map grids); ``fg_iou``: its RPN matcher's foreground threshold."""
     side = _round_up(max(geo.min_size, geo.max_size), geo.divisible)
     strides = [min(s) for _, _, s in geo.levels(side, side)]
     anchors = [float(s) for sizes in model.rpn.anchor_generator.sizes for s in sizes]
-    return min(anchors), float(min(strides))
+    return Yardsticks(geo.min_size, geo.max_size, min(anchors), float(min(strides)), geo.divisible, fg_iou)
 
 
 def tile_view(data: Dict[str, Any], tile_size: int, tile_overlap: int) -> Dict[str, Any]:
@@ -255,18 +276,11 @@ def tile_view(data: Dict[str, Any], tile_size: int, tile_overlap: int) -> Dict[s
     return {**data, "images": images, "annotations": anns}
 
 
-def finding_from_boxes(model, geo, data: Dict[str, Any], xyxy: np.ndarray) -> ScaleFinding:
-    """:func:`scale_rule` for ``model`` (its real resize, anchors and strides; ``geo``: its
-    analyze_data.AnchorGeometry) on a COCO dict's non-crowd boxes, ``xyxy`` as analyze_data.resized_boxes
-    gives them."""
-    sides = np.sqrt(np.maximum((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]), 0))
-    images = {im["id"] for im in data["images"]}
-    anns = [a for a in data["annotations"] if not a.get("iscrowd", 0) and a["image_id"] in images]
-    cats = np.asarray([a["category_id"] for a in anns])
-    extent = np.asarray([max(a["bbox"][2], a["bbox"][3], 0) for a in anns], dtype=np.float64)
-    hw = np.asarray([(im["height"], im["width"]) for im in data["images"]], dtype=np.float64)
-    anchor, stride = model_yardsticks(model, geo)
-    return scale_rule(sides, hw, geo.min_size, geo.max_size, anchor, stride, extent, geo.divisible, cats)
+def finding_from_boxes(model: Yardsticks, boxes) -> ScaleFinding:
+    """:func:`scale_rule` against a model's yardsticks (:func:`model_yardsticks`) on its boxes, a
+    anchor_coverage.BoxSet (sides after the resize, native extents, classes, every image's size)."""
+    extent = np.maximum(boxes.native_wh.max(axis=1), 0) if len(boxes) else np.zeros(0)
+    return scale_rule(boxes.sides, boxes.image_sizes, model, extent, boxes.labels)
 
 
 def scale_cause(finding: Optional[ScaleFinding]) -> Optional[str]:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import torch
 import yaml
 from torchvision.models import detection as tvdet
@@ -245,3 +246,29 @@ def one_line_error(rc, err, pattern):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in err
+
+
+def coco_boxes(sizes, image_hw=(96, 128), n_images=6, seed=0):
+    """A COCO dict of ``n_images`` images of one size, each with one box of about each side in ``sizes``
+    (width and height x0.7..1.3, random position), classes a, b, c in turn. No image file."""
+    rng = np.random.default_rng(seed)
+    h, w = image_hw
+    images = [{"id": i + 1, "width": w, "height": h, "file_name": f"{i}.png"} for i in range(n_images)]
+    anns, k = [], 0
+    for img in images:
+        for s in sizes:
+            k += 1
+            bw, bh = s * rng.uniform(0.7, 1.3), s * rng.uniform(0.7, 1.3)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            anns.append(
+                {
+                    "id": k,
+                    "image_id": img["id"],
+                    "category_id": 1 + k % 3,
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
+    return {"images": images, "annotations": anns, "categories": cats}

@@ -54,7 +54,7 @@ def coco_like(n_images: int, n_boxes: int, seed: int = 0) -> dict:
 def main(argv=None) -> int:
     import tv_lossfix
 
-    import analyze_data as A
+    import data_report as A
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=118287)

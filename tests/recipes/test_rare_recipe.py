@@ -11,7 +11,7 @@ import yaml
 
 from tv_lossfix import class_weights_from_counts
 
-import analyze_data as A
+import data_report as R
 import diagnostics as D
 import models
 import train
@@ -207,7 +207,7 @@ def _imbalanced(common=88, rare=10, images=40):
 def test_the_imbalance_line_prints_the_cure_as_yaml():
     model = models.maskrcnn_tiny(4)
     data = _imbalanced()
-    report = A.data_report(None, model, dataset=data)
+    report = R.data_report(None, model, dataset=data)
     assert report.objects == {"a": 88, "b": 44, "c": 10} and report.imbalance == pytest.approx(8.8)
     line = next(w for w in report.warnings if w.startswith("class imbalance 8.8:1"))
     assert "rarest 'c' 10 objects, most 'a' 88" in line and line.endswith("rebalance them (in the advice below)")
@@ -224,14 +224,14 @@ def test_the_imbalance_line_prints_the_cure_as_yaml():
     assert pasted["data"]["repeat_factor_threshold"] == pytest.approx(threshold)
     # What the config already sets is not suggested again.
     cfg = train_config.defaults().replace({"model.roi_head": {"class_weight": "auto"}})
-    again = A.data_report(None, model, dataset=data, cfg=cfg)
+    again = R.data_report(None, model, dataset=data, cfg=cfg)
     assert "class_weight:" not in again.text() and f"repeat_factor_threshold: {threshold:g}" in again.text()
     cfg = cfg.replace({"data.repeat_factor_threshold": threshold})
-    line = next(w for w in A.data_report(None, model, dataset=data, cfg=cfg).warnings if "imbalance" in w)
+    line = next(w for w in R.data_report(None, model, dataset=data, cfg=cfg).warnings if "imbalance" in w)
     already = "model.roi_head.class_weight and data.repeat_factor_threshold already set"
     assert line.endswith(f"{already}: watch the rare classes' rows in the per-class table")
     # Under 5:1 the line stays silent.
-    assert not any("imbalance" in w for w in A.data_report(None, model, dataset=_imbalanced(40, 10)).warnings)
+    assert not any("imbalance" in w for w in R.data_report(None, model, dataset=_imbalanced(40, 10)).warnings)
 
 
 # -- the per-class collapse warning --------------------------------------------------------------------
@@ -284,24 +284,24 @@ def _bars_and_blobs(bars=6, blobs=1, images=40, seed=0):
 def _coverage_with(data, sizes, ratios):
     model = models.maskrcnn_tiny(3, image_size=128)
     models.set_anchors(model, sizes, ratios)
-    return A.data_report(None, model, dataset=data).coverage
+    return R.data_report(None, model, dataset=data).coverage
 
 
 def _groups_lowered(before, after):
-    return [(k, t) for k, b in before.items() if b["n"] >= 10 for t in ("0.7", "0.3") if after[k][t] < b[t] - 0.01]
+    return [(k, t) for k, b in before.items() if b["n"] >= 10 for t in ("fg", "bg") if after[k][t] < b[t] - 0.01]
 
 
 def test_the_anchor_advice_lowers_no_class_and_no_size_bucket():
     data = _bars_and_blobs()  # 240 bars, 40 blobs
     model = models.maskrcnn_tiny(3, image_size=128)
-    report = A.data_report(None, model, dataset=data)
+    report = R.data_report(None, model, dataset=data)
     before = report.coverage
-    assert before["class bar"]["0.7"] == 0.0 and before["class blob"]["0.7"] == pytest.approx(0.325)
+    assert before["class bar"]["fg"] == 0.0 and before["class blob"]["fg"] == pytest.approx(0.325)
     # The previous search (quantiles of the pooled h / w, sizes for the overall coverage alone) advised
     # these anchors on this set; they raise the bars and drop every blob below IoU 0.7.
     old = _coverage_with(data, [[19], [24], [48], [96]], [[0.18, 0.2, 0.23]])
-    assert old["all"]["0.7"] > 0.5 and old["class blob"]["0.7"] == 0.0
-    assert ("class blob", "0.7") in _groups_lowered(before, old)
+    assert old["all"]["fg"] > 0.5 and old["class blob"]["fg"] == 0.0
+    assert ("class blob", "fg") in _groups_lowered(before, old)
 
     advice = report.advice
     assert advice is not None and advice["after"] > advice["before"] + 0.3
@@ -309,13 +309,13 @@ def test_the_anchor_advice_lowers_no_class_and_no_size_bucket():
     assert min(ratios) <= 0.3 and max(ratios) >= 0.8  # both shapes get an anchor shape
     after = _coverage_with(data, advice["anchor_sizes"], advice["aspect_ratios"])  # the advice, applied
     assert _groups_lowered(before, after) == []
-    assert after["class blob"]["0.7"] >= before["class blob"]["0.7"] and after["class bar"]["0.7"] > 0.3
+    assert after["class blob"]["fg"] >= before["class blob"]["fg"] and after["class bar"]["fg"] > 0.3
     for key, c in advice["coverage"].items():  # the before -> after it prints is what the anchors give
-        assert (c["before_07"], c["after_07"]) == (before[key]["0.7"], pytest.approx(after[key]["0.7"]))
+        assert (c["before_fg"], c["after_fg"]) == (before[key]["fg"], pytest.approx(after[key]["fg"]))
     text = report.text()
     assert "lower no size bucket or class by more than 1 point at either" in text
     blob = after["class blob"]
-    assert f"{'class blob':<24}  32.5% -> {blob['0.7']:6.1%} / 100.0% -> {blob['0.3']:6.1%}   (40 boxes)" in text
+    assert f"{'class blob':<24}  32.5% -> {blob['fg']:6.1%} / 100.0% -> {blob['bg']:6.1%}   (40 boxes)" in text
 
 
 def test_no_anchor_advice_when_every_setting_lowers_a_group():
@@ -324,7 +324,7 @@ def test_no_anchor_advice_when_every_setting_lowers_a_group():
     model = models.maskrcnn_tiny(3, image_size=128)
     # 22 px: the bars' median side (19.2) stays above 0.84 x 22, so the scale rule (scale.py) is silent.
     models.set_anchors(model, [[22], [24], [48], [96]], [[1.0]])
-    report = A.data_report(None, model, dataset=data)
+    report = R.data_report(None, model, dataset=data)
     assert not report.scale["fires"]
     assert any(w.startswith("class bar: only 0%") for w in report.warnings)  # coverage is poor ...
     assert report.advice is None  # ... but nothing is advised

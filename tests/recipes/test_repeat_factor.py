@@ -1,4 +1,4 @@
-"""Repeat-factor sampling (references/data.py, train.py, analyze_data.py): Detectron2's semantics."""
+"""Repeat-factor sampling (references/data.py, train.py, data_report.py): Detectron2's semantics."""
 
 import math
 from collections import Counter
@@ -10,7 +10,6 @@ import yaml
 import run_data
 import train
 import train_config
-from analyze_data import data_report, repeat_factor_advice
 from data import (
     GroupedBatchSampler,
     RepeatFactorSampler,
@@ -19,6 +18,7 @@ from data import (
     repeat_factors,
     suggest_repeat_threshold,
 )
+from data_report import data_report, repeat_factor_advice
 from helpers import records, tiny_config, tiny_model
 
 # 10 images: class 1 in 6, class 2 in 2, class 3 in 1, three empty images.

@@ -18,6 +18,8 @@ import yaml
 from tv_lossfix import class_weights_from_counts
 
 import analyze_data as A
+import anchor_coverage as AC
+import data_report as R
 import diagnostics as D
 import models
 import scale as S
@@ -31,17 +33,17 @@ REQUIRED_12 = math.sqrt(0.7) * 12  # 10.04: the side that reaches IoU 0.7 centre
 
 # -- the scale rule --------------------------------------------------------------------------------------
 def test_scale_rule_is_silent_when_objects_reach_the_smallest_anchor():
-    f = S.scale_rule(np.full(50, 11.0), np.array([[160, 160]]), 128, 128, smallest_anchor=12, finest_stride=4)
+    f = S.scale_rule(np.full(50, 11.0), np.array([[160, 160]]), S.Yardsticks(128, 128, 12, 4))
     assert not f.fires and f.required == pytest.approx(REQUIRED_12) and f.config() == {}
     # p50 just above, p10 at half the required side: still silent (the rule is p50 < r or p10 < r / 2).
     sides = np.concatenate([np.full(10, 5.03), np.full(90, 10.1)])
-    assert not S.scale_rule(sides, np.array([[160, 160]]), 128, 128, 12, 4).fires
+    assert not S.scale_rule(sides, np.array([[160, 160]]), S.Yardsticks(128, 128, 12, 4)).fires
 
 
 def test_scale_rule_fires_below_and_gives_the_size_computed_by_hand():
     # Every object 5 px after the resize of 160 px images to 128: the objects need 10.04 / 5 = 2.008x,
     # so min_size = max_size = ceil(128 * 2.008 / 32) * 32 = ceil(8.03) * 32 = 288.
-    f = S.scale_rule(np.full(100, 5.0), np.array([[160, 160]] * 3), 128, 128, smallest_anchor=12, finest_stride=4)
+    f = S.scale_rule(np.full(100, 5.0), np.array([[160, 160]] * 3), S.Yardsticks(128, 128, 12, 4))
     assert f.fires and f.factor == pytest.approx(REQUIRED_12 / 5)
     assert (f.new_min_size, f.new_max_size, f.tile_size) == (288, 288, None)
     assert f.pixel_ratio == pytest.approx((288 / 128) ** 2)  # 128^2 -> 288^2 input pixels per image
@@ -51,13 +53,13 @@ def test_scale_rule_fires_below_and_gives_the_size_computed_by_hand():
     assert "min_size 288, max_size 288" in f.text() and "pixels x5.1" in f.text()
     # The 10th percentile alone: 12% of the objects at 2 px (under half of 10.04) -> 5.02 / 2 = 2.51x.
     sides = np.concatenate([np.full(12, 2.0), np.full(88, 20.0)])
-    f = S.scale_rule(sides, np.array([[160, 160]]), 128, 128, 12, 4)
+    f = S.scale_rule(sides, np.array([[160, 160]]), S.Yardsticks(128, 128, 12, 4))
     assert f.fires and f.factor == pytest.approx(0.5 * REQUIRED_12 / 2.0) and f.new_min_size == 352  # 321.3 -> 352
 
 
 def test_scale_rule_takes_the_stride_when_it_binds():
     # Anchor 4 px (0.84 x 4 = 3.3) but a finest stride of 16: an object needs 2 x 16 = 32 px.
-    f = S.scale_rule(np.full(20, 20.0), np.array([[400, 600]]), 400, 600, smallest_anchor=4, finest_stride=16)
+    f = S.scale_rule(np.full(20, 20.0), np.array([[400, 600]]), S.Yardsticks(400, 600, 4, 16))
     assert f.required == 32 and f.fires and f.factor == pytest.approx(1.6)
     assert (f.new_min_size, f.new_max_size) == (640, 960)  # 400 x 1.6, 600 x 1.6, both multiples of 32
 
@@ -66,7 +68,9 @@ def test_scale_rule_gives_tiles_past_the_cap():
     # 2000 x 2000 images at min_size 800 / max_size 1333: scale 0.4, a 10 px object is 4 px. They need
     # 10.04 / 4 = 2.51x: 2016 px a side, past 1333, so tiles of floor(800 / (2.51 * 0.4)) = 796 px
     # with the default overlap ceil(0.2 * 796) = 160 (larger than the 10 px objects).
-    f = S.scale_rule(np.full(30, 4.0), np.array([[2000, 2000]]), 800, 1333, 12, 4, native_extent=np.full(30, 10.0))
+    f = S.scale_rule(
+        np.full(30, 4.0), np.array([[2000, 2000]]), S.Yardsticks(800, 1333, 12, 4), native_extent=np.full(30, 10.0)
+    )
     assert f.fires and f.new_min_size is None
     assert f.tile_size == math.floor(800 / (REQUIRED_12 / 4 * 0.4)) == 796 and f.tile_overlap == 160
     assert f.config() == {"data": {"tile_size": 796, "tile_overlap": 160}}
@@ -74,9 +78,9 @@ def test_scale_rule_gives_tiles_past_the_cap():
 
 def test_scale_finding_reads_the_models_resize_anchors_and_strides():
     model, _ = models.build_model(name="maskrcnn_tiny", num_classes=3, stock=True)  # 128 px, anchors from 12
-    assert S.model_yardsticks(model, A.AnchorGeometry(model)) == (12.0, 4.0)
+    assert S.model_yardsticks(model, AC.AnchorGeometry(model), 0.7) == S.Yardsticks(128, 128, 12.0, 4.0, 32, 0.7)
     data = _coco([(8.0, 8.0)] * 20, hw=(160, 160))  # 8 px at 160 -> 6.4 px at 128
-    f = A.scale_finding(model, data)
+    f = R.scale_finding(model, data)
     assert f.p50 == pytest.approx(6.4) and f.fires and (f.new_min_size, f.new_max_size) == (224, 224)
 
 
@@ -112,7 +116,7 @@ def _issue_like_set():
 
 def test_where_class_weights_alone_would_hurt_the_advice_prints_no_list():
     model, _ = models.build_model(name="maskrcnn_tiny", num_classes=4, stock=True)
-    report = A.data_report(None, model, dataset=_issue_like_set())
+    report = R.data_report(None, model, dataset=_issue_like_set())
     text = report.text()
     assert report.scale["fires"] and "class_weight" not in yaml.safe_dump(report.config)
     assert "class_weight:" not in text and "no class_weight list: the objects are too small" in text
@@ -168,22 +172,6 @@ def test_the_printed_block_is_the_config_write_config_writes(tmp_path, capsys):
     resolved, _, _ = train_config.resolve(["--config", str(out)], reads=("train_ann",))
     model, _ = models.build_model(name="maskrcnn_tiny", num_classes=4, kwargs=resolved.model.kwargs)
     assert model.transform.min_size == (224,) and model.transform.max_size == 224
-
-
-@pytest.mark.parametrize(
-    "path, message",
-    [
-        ("{tmp}", "--write-config {tmp}: is a folder"),
-        ("{tmp}/x.txt", "--write-config {tmp}/x.txt: the file name must end in .yaml"),
-        ("{tmp}/no/x.yaml", "--write-config {tmp}/no/x.yaml: the folder {tmp}/no does not exist"),
-    ],
-)
-def test_a_bad_write_config_path_is_one_line_before_any_data_is_read(tmp_path, path, message):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("model: {name: maskrcnn_tiny}\ndata: {dataset: coco_json, train_ann: /nonexistent.json}\n")
-    with pytest.raises(train_config.ConfigError) as e:
-        A.main(["--config", str(cfg), "--write-config", path.format(tmp=tmp_path)])
-    assert str(e.value).startswith(message.format(tmp=tmp_path))
 
 
 # -- the keys --------------------------------------------------------------------------------------------
@@ -373,14 +361,14 @@ def test_tiled_training_sliced_evaluation_and_predict(tmp_path):
 
 
 def test_the_collapse_diagnostics_name_the_scale_first_with_its_cure():
-    finding = S.scale_rule(np.full(100, 5.0), np.array([[160, 160]]), 128, 128, 12, 4)
+    finding = S.scale_rule(np.full(100, 5.0), np.array([[160, 160]]), S.Yardsticks(128, 128, 12, 4))
     current = {"dets_per_image": 0.0, "max_score": 0.02, "score_thresh": 0.05, "per_class": {}}
     cfg = train_config.defaults()
     lines = D.collapse_warnings([], current, {}, cfg, 2.0, scale=finding)
     assert lines[0].startswith("detections collapsed")
     assert lines[1].startswith("  likely cause: objects too small for the model's input: object side after the resize")
     assert lines[1].endswith("In the YAML: model.kwargs: {'min_size': 288, 'max_size': 288}")
-    silent = S.scale_rule(np.full(100, 20.0), np.array([[160, 160]]), 128, 128, 12, 4)
+    silent = S.scale_rule(np.full(100, 20.0), np.array([[160, 160]]), S.Yardsticks(128, 128, 12, 4))
     assert not any("too small" in line for line in D.collapse_warnings([], current, {}, cfg, 2.0, scale=silent))
 
 
@@ -389,14 +377,14 @@ def test_past_the_cap_the_report_advises_tiles_and_is_silent_with_them():
     data = _coco([(12.0, 12.0)] * 40, hw=(2000, 2000), n_images=4)
     for k, a in enumerate(data["annotations"]):  # spread over the image, not only its corner
         a["bbox"][:2] = [100.0 + 45 * k, 200.0 + 40 * k]
-    report = A.data_report(None, model, dataset=data)
+    report = R.data_report(None, model, dataset=data)
     s = report.scale
     # 12 px at 2000 -> 128 is 0.77 px: x13.1 would be 1677 px a side, past 1333: tiles of
     # floor(128 / (10.04 / 0.768 * 0.064)) = 152 px, overlap ceil(0.2 * 152) = 31.
     assert s["fires"] and s["new_min_size"] is None and (s["tile_size"], s["tile_overlap"]) == (152, 31)
     assert report.config["data"] == {"tile_size": 152, "tile_overlap": 31}  # anchors searched on the tiles too
     cfg = train_config.defaults().replace({"data.tile_size": 152, "data.tile_overlap": 31})
-    tiled = A.data_report(None, model, dataset=data, cfg=cfg)
+    tiled = R.data_report(None, model, dataset=data, cfg=cfg)
     assert not tiled.scale["fires"] and tiled.scale["p50"] == pytest.approx(12 * 128 / 152, rel=1e-6)
 
 
@@ -404,12 +392,12 @@ def test_a_rare_class_too_small_fires_where_the_pooled_quantiles_do_not():
     sides = np.concatenate([np.full(85, 20.0), np.full(15, 6.0)])
     classes = np.array([1] * 85 + [2] * 15)
     hw = np.array([[160, 160]])
-    assert not S.scale_rule(sides, hw, 128, 128, 12, 4).fires  # pooled: p10 6.0 >= 5.02, p50 20
-    f = S.scale_rule(sides, hw, 128, 128, 12, 4, classes=classes)
+    assert not S.scale_rule(sides, hw, S.Yardsticks(128, 128, 12, 4)).fires  # pooled: p10 6.0 >= 5.02, p50 20
+    f = S.scale_rule(sides, hw, S.Yardsticks(128, 128, 12, 4), classes=classes)
     # Class 2's median 6 px: x10.04 / 6 = 1.673, 128 x 1.673 = 214.2 -> 224.
     assert f.fires and f.p50 == 6.0 and f.new_min_size == 224
     # Under MIN_CLASS_BOXES boxes a class is not judged on its own.
-    few = S.scale_rule(sides[:94], hw, 128, 128, 12, 4, classes=classes[:94])
+    few = S.scale_rule(sides[:94], hw, S.Yardsticks(128, 128, 12, 4), classes=classes[:94])
     assert not few.fires
 
 
@@ -419,14 +407,14 @@ def test_a_policy_that_sets_the_input_size_withholds_the_scale_cure(augmentation
     model, _ = models.build_model(name="maskrcnn_tiny", num_classes=4, stock=True)
     data = _issue_like_set()
     cfg = train_config.defaults().replace({"data.augmentation": augmentation})
-    report = A.data_report(None, model, dataset=data, cfg=cfg)
+    report = R.data_report(None, model, dataset=data, cfg=cfg)
     assert report.scale["fires"] and f"data.augmentation {augmentation}" in report.scale["withheld"]
     assert "kwargs" not in report.config.get("model", {}) and "tile_size" not in report.config.get("data", {})
     assert report.scale["new_min_size"] == 224  # measured all the same, at the evaluation resize
-    f = A.scale_finding(model, data, augmentation=augmentation)
+    f = R.scale_finding(model, data, augmentation=augmentation)
     assert f.withheld and f.config() == {} and "In the YAML" not in S.scale_cause(f)
-    assert not A.scale_finding(model, data, augmentation="hflip").withheld  # the model resizes: the cure stands
-    assert A.data_report(None, model, dataset=data, cfg=train_config.defaults()).config["model"]["kwargs"]
+    assert not R.scale_finding(model, data, augmentation="hflip").withheld  # the model resizes: the cure stands
+    assert R.data_report(None, model, dataset=data, cfg=train_config.defaults()).config["model"]["kwargs"]
 
 
 def test_the_collapse_warnings_cure_gives_no_class_weight_list_while_the_scale_fires():
@@ -459,19 +447,19 @@ def test_tiles_train_py_would_refuse_are_not_advised():
     hw = np.array([[2000, 2000]])
     # A 900 px object: the overlap must hold it, but the 796 px tile cannot (train.py refuses such a set).
     extent = np.concatenate([np.full(29, 10.0), [900.0]])
-    f = S.scale_rule(np.full(30, 4.0), hw, 800, 1333, 12, 4, native_extent=extent)
+    f = S.scale_rule(np.full(30, 4.0), hw, S.Yardsticks(800, 1333, 12, 4), native_extent=extent)
     assert f.fires and f.tile_size == 796 and f.withheld and "900" in f.withheld and f.config() == {}
     with pytest.raises(train_config.ConfigError, match="data.tile_overlap"):
         train_config.check_tile_keys(f.tile_size, f.tile_overlap, True, "advice")  # what the cure would have hit
     # x100 would need tiles of floor(800 / (100.4 * 0.4)) = 19 px, under MIN_TILE.
-    f = S.scale_rule(np.full(30, 0.1), hw, 800, 1333, 12, 4, native_extent=np.full(30, 1.0))
+    f = S.scale_rule(np.full(30, 0.1), hw, S.Yardsticks(800, 1333, 12, 4), native_extent=np.full(30, 1.0))
     assert f.tile_size == 19 and f.withheld and str(T.MIN_TILE) in f.withheld and f.config() == {}
 
 
 def test_a_min_size_list_is_magnified_entry_by_entry_not_dropped():
     # torchvision draws a training size from the list and evaluates at the last (128): 5 px objects need
     # x2.008, so [96, 112, 128] -> [ceil(192.8 / 32), ceil(224.9 / 32), ceil(257.0 / 32)] x 32.
-    f = S.scale_rule(np.full(100, 5.0), np.array([[160, 160]]), 128, 128, smallest_anchor=12, finest_stride=4)
+    f = S.scale_rule(np.full(100, 5.0), np.array([[160, 160]]), S.Yardsticks(128, 128, 12, 4))
     cure = f.config({"min_size": [96, 112, 128]})["model"]["kwargs"]
     assert cure == {"min_size": [224, 256, 288], "max_size": 288} and cure["min_size"][-1] == f.new_min_size
     assert f.config({"min_size": [128]})["model"]["kwargs"]["min_size"] == 288
@@ -535,5 +523,7 @@ def test_a_withheld_class_weight_list_is_said_not_called_balance():
 
 def test_zero_size_boxes_are_not_judged():
     sides = np.concatenate([np.zeros(20), np.full(80, 20.0)])  # a fifth degenerate: p10 would be 0
-    f = S.scale_rule(sides, np.array([[160, 160]]), 128, 128, 12, 4, classes=np.array([1] * 20 + [2] * 80))
+    f = S.scale_rule(
+        sides, np.array([[160, 160]]), S.Yardsticks(128, 128, 12, 4), classes=np.array([1] * 20 + [2] * 80)
+    )
     assert not f.fires and f.p10 == 20.0
