@@ -114,5 +114,3 @@ def test_config_sections_are_subscripted_only_in_the_schema_module():
                 found += [(rel, line, section) for line, section in _section_subscripts(_parse(path))]
     listing = "\n".join(f"{rel}:{line}: [{section!r}]" for rel, line, section in sorted(found))
     assert not found, f"{len(found)} config section subscripts outside the config modules:\n{listing}"
-
-
