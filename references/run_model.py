@@ -266,6 +266,7 @@ _MID_EPOCH_FIXED = (
     "data.aspect_ratio_group_factor",
     "data.repeat_factor_threshold",
     "data.repeat_sqrt",
+    "data.sampler",
 )
 
 

@@ -203,6 +203,12 @@ class DataConfig:
         help="repeat-factor sampling: factor sqrt(t / f(c)), as Detectron2",
         negative=("--no-repeat-sqrt", "factor t / f(c) instead"),
     )
+    sampler: Optional[str] = setting(
+        None,
+        "--sampler",
+        help="the training images' order: a name registered in references/samplers.py (random, repeat_factor; "
+        "default: repeat_factor with --repeat-factor-threshold, else random)",
+    )
     shapes: Dict[str, Any] = setting({}, help="shapes dataset knobs (see references/shapes.py ShapesSpec)")
     tile_size: Optional[int] = setting(
         None,
