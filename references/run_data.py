@@ -83,7 +83,7 @@ def build_data(run: Run) -> Data:
 
     cfg, m, d = run.cfg, run.cfg.model, run.cfg.data
     files = dataset_files(cfg)
-    masks, kps = "maskrcnn" in m.name, "keypoint" in m.name
+    masks, kps = _target_kinds(m.name)
     coco_val, label_map, names, report = load_coco_checked(
         files["val_ann"], files["val_images"], "val", d.bad_annotations, masks, files["label_mode"]
     )
@@ -103,14 +103,19 @@ def build_data(run: Run) -> Data:
         sum(1 for a in coco_val.dataset["annotations"] if not a.get("iscrowd", 0)) / max(len(val_set), 1),
     )
     if not cfg.training.test_only:
-        _build_train_data(run, data, files, label_map, masks, kps)
+        _build_train_data(run, data, files, label_map)
     return data
 
 
-def _build_train_data(run: Run, data: Data, files, label_map, masks: bool, kps: bool) -> None:
+def _target_kinds(model_name: str):
+    """(masks, keypoints): the targets the model trains on besides boxes."""
+    return "maskrcnn" in model_name, "keypoint" in model_name
+
+
+def _build_train_data(run: Run, data: Data, files, label_map) -> None:
     from torch.utils.data import DataLoader
 
-    d = run.cfg.data
+    d, (masks, kps) = run.cfg.data, _target_kinds(run.cfg.model.name)
     coco, train_map, _, report = load_coco_checked(
         files["train_ann"], files["train_images"], "train", d.bad_annotations, masks, files["label_mode"]
     )

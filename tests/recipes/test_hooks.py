@@ -95,3 +95,33 @@ def test_a_checkpoint_without_hook_states_still_resumes(tmp_path, data_root):
     hook = LossTally()
     assert train.main(["--config", cfg, *QUIET, "--resume", str(out / "old.pth")], hooks=[hook]) == 0
     assert hook.loaded is None and hook.steps == 2 and hook.calls[-1] == ("after_train", "done")
+
+
+class Breaks(LossTally):
+    """At step 1: a NaN weight (a non-finite step, --nan-policy stop) or an error raised by the hook."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def before_step(self):
+        super().before_step()
+        if self.trainer.progress.done == 1 and self.how == "nan":
+            with torch.no_grad():
+                next(self.trainer.net.parameters()).fill_(float("nan"))
+        elif self.trainer.progress.done == 1:
+            raise RuntimeError("hook failed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how,outcome", [("nan", "nonfinite"), ("error", "error")])
+def test_after_train_runs_after_a_nonfinite_step_or_an_error(tmp_path, data_root, how, outcome):
+    cfg = tiny_config(tmp_path, data_root, iters_per_epoch=3)
+    hook = Breaks(how)
+    if how == "nan":
+        assert train.main(["--config", cfg, *QUIET], hooks=[hook]) == 2
+    else:
+        with pytest.raises(RuntimeError, match="hook failed"):  # the hook's error, not an after_train one
+            train.main(["--config", cfg, *QUIET], hooks=[hook])
+    assert hook.calls[-1] == ("after_train", outcome)
+    assert [c[0] for c in hook.calls if isinstance(c, tuple)].count("before_step") == 2
