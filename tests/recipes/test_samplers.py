@@ -2,11 +2,15 @@
 one registration (``@register_sampler``) and ``data.sampler: <name>``; the registered ones keep the
 contract a mid-epoch resume relies on (the order follows from the seed and the epoch)."""
 
+import os
+import signal
+
 import pytest
 
 import train
 import train_config
 from helpers import records, tiny_config, train_loads
+from hooks import HookBase
 from samplers import (
     SAMPLERS,
     GroupedBatchSampler,
@@ -18,6 +22,7 @@ from samplers import (
     register_sampler,
     sampler_name,
 )
+from training_checkpoint import CheckpointError
 
 QUIET = ["--no-data-report"]
 
@@ -59,6 +64,27 @@ def test_a_new_sampler_trains_in_its_order(tmp_path, data_root, monkeypatch, rev
     # The 8 training images: epoch 0 from the last, epoch 1 rotated by one.
     assert loaded == [7, 6, 5, 4, 3, 2, 1, 0] + [6, 5, 4, 3, 2, 1, 0, 7]
     assert records(tmp_path / "out", "eval")[-1]["epoch"] == 1
+
+
+class StopAt(HookBase):
+    """Sends SIGTERM during the step after ``done`` iterations: the run stops after it with a checkpoint."""
+
+    def __init__(self, done):
+        self.done = done
+
+    def before_step(self):
+        if self.trainer.progress.done == self.done:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_resume_refuses_another_sampler(tmp_path, data_root, reversed_order):
+    cfg = tiny_config(tmp_path, data_root, batch_size=2)
+    assert train.main(["--config", cfg, *QUIET], hooks=[StopAt(1)]) == 143
+    ckpt = str(tmp_path / "out" / "checkpoint.pth")
+    # The epoch's remaining batches follow from the sampler the checkpoint was trained with.
+    with pytest.raises(CheckpointError, match=r"data\.sampler: None -> 'reversed' refused"):
+        train.main(["--config", cfg, *QUIET, "--sampler", "reversed", "--resume", ckpt])
 
 
 def _cfg(**data):
