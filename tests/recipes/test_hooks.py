@@ -4,13 +4,18 @@ in a ``finally`` (a forced stop too), and its state_dict round-trips through the
 
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train
+import train_config
+from engine import TrainState
 from helpers import records, tiny_config
 from hooks import HookBase, default_hooks
+from trainer import Trainer
+from training_checkpoint import TrainingParts
 
 QUIET = ["--no-data-report"]
 
@@ -125,3 +130,30 @@ def test_after_train_runs_after_a_nonfinite_step_or_an_error(tmp_path, data_root
             train.main(["--config", cfg, *QUIET], hooks=[hook])
     assert hook.calls[-1] == ("after_train", outcome)
     assert [c[0] for c in hook.calls if isinstance(c, tuple)].count("before_step") == 2
+
+
+def _trainer(hooks, resume_ckpt=None):
+    said = []
+    run = SimpleNamespace(
+        cfg=train_config.defaults(),
+        writer=SimpleNamespace(say=said.append),
+        device=torch.device("cpu"),
+        resume_ckpt=resume_ckpt,
+    )
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = TrainingParts(model, opt, None, None, None, TrainState(), run)
+    return Trainer(run, model, None, parts, hooks), said
+
+
+def test_two_hooks_with_one_name_are_refused():
+    with pytest.raises(ValueError, match="'LossTally'"):  # their states would share one checkpoint entry
+        _trainer([LossTally(), LossTally()])
+
+
+def test_saved_hook_states_go_to_their_hooks_and_a_missing_hook_is_said():
+    hook = LossTally()
+    trainer, said = _trainer([hook], {"hooks": {"LossTally": {"steps": 4, "loss_sum": 2.5}, "Gone": {"n": 1}}})
+    trainer._load_hook_states()
+    assert hook.loaded == {"steps": 4, "loss_sum": 2.5} and hook.steps == 4
+    assert len(said) == 1 and "Gone" in said[0]
