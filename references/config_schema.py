@@ -450,6 +450,13 @@ class DataConfig:
         negative=("--no-repeat-sqrt", "factor t / f(c) instead"),
         mid_epoch_fixed=True,
     )
+    sampler: Optional[str] = setting(
+        None,
+        "--sampler",
+        help="the training images' order: a name registered in references/samplers.py (random, repeat_factor; "
+        "default: repeat_factor with --repeat-factor-threshold, else random)",
+        mid_epoch_fixed=True,
+    )
     shapes: Dict[str, Any] = setting({}, help="shapes dataset knobs (see references/shapes.py ShapesSpec)")
     tile_size: Optional[int] = setting(
         None,

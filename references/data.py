@@ -1,18 +1,18 @@
-"""COCO-format detection data: dataset, transforms, aspect-ratio grouped batching, repeat-factor sampling."""
+"""COCO-format detection data: dataset, transforms, copy-paste, and the class counts behind repeat-factor
+sampling (the samplers themselves are in samplers.py)."""
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 from collections import Counter
-from typing import Any, Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from checks import DataError, pixel_format
 
@@ -327,58 +327,6 @@ def copy_paste_collate(batch):
     return tuple(o[0] for o in out), tuple(o[1] for o in out)
 
 
-# -- samplers -----------------------------------------------------------------------------------
-def aspect_ratio_groups(ratios: Sequence[float], k: int) -> List[int]:
-    """Group index of each image: log2 aspect ratio quantized into 2k bins (torchvision's scheme)."""
-    bins = [2**x for x in np.linspace(-1, 1, 2 * k + 1)] if k > 0 else [1.0]
-    return [bisect.bisect_right(bins, r) for r in ratios]
-
-
-class GroupedBatchSampler(Sampler):
-    """Batches whose images share an aspect-ratio group (less padding), from any base sampler.
-
-    Leftovers of the groups are merged at the end, so there are exactly ceil(N / batch_size)
-    batches and every sample of the base sampler appears once.
-    """
-
-    def __init__(self, sampler: Sampler, group_ids: Sequence[int], batch_size: int):
-        self.sampler = sampler
-        self.group_ids = list(group_ids)
-        self.batch_size = batch_size
-
-    def __iter__(self) -> Iterator[List[int]]:
-        buffers: Dict[int, List[int]] = {}
-        for idx in self.sampler:
-            buf = buffers.setdefault(self.group_ids[idx], [])
-            buf.append(idx)
-            if len(buf) == self.batch_size:
-                yield list(buf)
-                buf.clear()
-        rest = [i for buf in buffers.values() for i in buf]
-        for k in range(0, len(rest), self.batch_size):
-            yield rest[k : k + self.batch_size]
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-
-class SeededRandomSampler(Sampler):
-    """A random permutation per epoch from (seed, epoch): the order is reproducible on resume."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 # -- repeat-factor sampling (Gupta et al., LVIS 2019; Detectron2's RepeatFactorTrainingSampler) ----------
 def image_classes(annotations: Iterable[Dict[str, Any]], image_ids: Sequence[int]) -> List[Set[int]]:
     """The set of category ids of each image in ``image_ids`` (non-crowd annotations, as training uses)."""
@@ -434,50 +382,3 @@ def suggest_repeat_threshold(classes: Sequence[Collection[int]]) -> Optional[flo
         return None
     digits = 2 - math.floor(math.log10(median))  # 3 significant digits, rounded down
     return math.floor(median * 10**digits * (1 + 1e-12)) / 10**digits
-
-
-class RepeatFactorSampler(Sampler):
-    """Each image ``floor(r) + (u < frac(r))`` times per epoch, shuffled; this rank's share of the list.
-
-    The generator is seeded with ``seed + epoch`` (as DistributedSampler and SeededRandomSampler), so
-    an epoch draws the same list on every rank and again after --resume. Draw order: ``u`` =
-    torch.rand(N, float64), then torch.randperm of the repeated list. The list is padded with its own
-    first entries to a multiple of ``world`` and rank k takes entries k, k + world, ... (as
-    DistributedSampler), so all ranks have the same length and their shares are disjoint.
-    ``len()`` is this epoch's share: it changes with set_epoch, as the rounding does.
-    """
-
-    def __init__(self, factors: Sequence[float], seed: int = 0, rank: int = 0, world: int = 1):
-        f = torch.as_tensor(factors, dtype=torch.float64).reshape(-1)
-        if len(f) == 0 or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
-            raise ValueError("RepeatFactorSampler: factors must be a non-empty list of finite numbers >= 0")
-        if not 0 <= rank < world:
-            raise ValueError(f"RepeatFactorSampler: rank {rank} is not in [0, {world})")
-        self.whole, self.frac = torch.floor(f), f - torch.floor(f)
-        self.seed, self.rank, self.world = seed, rank, world
-        self.expected = float(f.sum())
-        self.set_epoch(0)
-
-    def epoch_indices(self, epoch: int) -> List[int]:
-        """The whole epoch's shuffled list, the same on every rank (before padding)."""
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        u = torch.rand(len(self.frac), generator=g, dtype=torch.float64)
-        counts = (self.whole + (u < self.frac).double()).long()
-        repeated = torch.repeat_interleave(torch.arange(len(counts)), counts)
-        return repeated[torch.randperm(len(repeated), generator=g)].tolist()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        indices = self.epoch_indices(epoch)
-        self.epoch_total = len(indices)
-        pad = -len(indices) % self.world
-        while pad > 0 and indices:  # a list shorter than the padding is repeated whole, as DistributedSampler does
-            indices += indices[:pad]
-            pad = -len(indices) % self.world
-        self._share = indices[self.rank :: self.world]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._share)
-
-    def __len__(self) -> int:
-        return len(self._share)

@@ -16,7 +16,7 @@ import torch
 
 import distributed
 from diagnostics import per_class_summary, score_summary
-from engine import worker_batches
+from preemption import worker_batches
 from writers import ConsoleWriter
 
 

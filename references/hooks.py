@@ -1,16 +1,17 @@
-"""The training loop's hooks (trainer.Trainer calls them; each gets the trainer as ``self.trainer``).
+"""The training loop's hooks: :class:`HookBase`, the one protocol trainer.Trainer calls, and the recipe's.
 
+Adding a hook: a :class:`HookBase` subclass overriding the points it acts at; pass an instance to
+``train.main(argv, hooks=[...])`` (or add it to :func:`default_hooks` to run it in every run).
 :func:`default_hooks` is the recipe's list, in the order they run at each point:
 
 =================  ======================================================================================
-``LRSchedule``     after_optimizer_step: the warmup step (first iterations); after_epoch: the epoch's lr
-                   scheduler step (before the evaluation, as torchvision's script)
+``LRSchedule``     after_epoch: the epoch's lr scheduler step (before the evaluation, as torchvision's script)
 ``StartupReport``  before_train: the lr check and the data / anchor report
 ``Evaluation``     after_epoch: the epoch's ``eval`` record; when due, COCO evaluation, per-class
                    table, collapse warnings
 ``Checkpointer``   after_step: --checkpoint-every-iters and the checkpoint on a stop signal;
                    after_epoch: checkpoint.pth + model_<epoch>.pth
-``FinalReport``    after_train: plots, gallery, the "done in" line
+``FinalReport``    after_train (of a run that trained every epoch): plots, gallery, the "done in" line
 =================  ======================================================================================
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import distributed
 from diagnostics import collapse_warnings, linear_scaling_lr, lr_warning, per_class_table
@@ -30,44 +31,65 @@ from training_checkpoint import save_training_checkpoint
 
 
 class HookBase:
-    """A no-op at every point; subclasses override the points they act at."""
+    """The one hook protocol ``Trainer`` calls (Detectron2's HookBase, with the epoch points of torchvision's
+    epoch-based recipe). A no-op at every point; subclasses override the points they act at.
+
+    Every point takes no argument: a hook reads ``self.trainer`` (trainer.Trainer: model, optimizer, run,
+    data, writer) and ``self.trainer.progress`` (engine.Progress: the epoch, its iterations done, the last
+    step's ``result`` with its losses, the ``meter``, the ``lr``, the epoch's ``stats``, the ``outcome``).
+    Hooks run in the order of the trainer's list at each point.
+
+    ``state_dict`` / ``load_state_dict``: a hook with state of its own returns it as plain Python types
+    (the checkpoint loads under ``weights_only=True``); it is saved in every training checkpoint under
+    ``hooks[<name>]`` and given back before ``before_train`` on --resume (a checkpoint without it: none).
+    """
 
     trainer: Any = None  # set by Trainer.register
 
+    @property
+    def name(self) -> str:
+        """The key of the hook's state in a checkpoint (unique among a trainer's hooks)."""
+        return type(self).__name__
+
     def before_train(self) -> None:
-        """Once, after --resume was applied and before the first step."""
+        """Once, after --resume was applied (the hooks' states too) and before the first step."""
 
-    def before_epoch(self, epoch: int) -> None:
-        pass
+    def before_epoch(self) -> None:
+        """Before the steps of epoch ``progress.epoch``."""
 
-    def after_optimizer_step(self) -> None:
-        """Inside a finite step, right after the optimizer step: before ``state.iteration`` counts it and
-        before its log line (which shows the lr this sets). A skipped (non-finite) step does not call it."""
+    def before_step(self) -> None:
+        """Before each step, its batch loaded (``progress.done``: the epoch's iterations done before it)."""
 
-    def after_step(self, done: int, n_iters: int, result) -> None:
-        """At each iteration boundary, after the log line: ``done`` of ``n_iters`` iterations of the epoch;
-        ``result`` is engine.StepResult (``result.stop``: a stop signal, the trainer stops after the hooks)."""
+    def after_step(self) -> None:
+        """After each step and its log line: ``progress.result`` (``result.stop``: a stop signal; the trainer
+        stops after the hooks), ``progress.done`` of ``progress.n_iters``, ``progress.iteration`` in all."""
 
-    def after_epoch(self, epoch: int, stats: Dict[str, float]) -> None:
-        """After the epoch's steps (``state.epoch`` is already ``epoch + 1``); ``stats``: its means."""
+    def after_epoch(self) -> None:
+        """After the epoch's steps (``progress.state.epoch`` is already ``progress.epoch + 1``); its means
+        in ``progress.stats``."""
 
     def after_train(self) -> None:
-        """After the last epoch; not after a stop signal or a non-finite step."""
+        """Always last, in a ``finally``: after the last epoch, a stop signal, a non-finite step or an error;
+        ``progress.outcome`` says which ("done", "stopped", "nonfinite", "error")."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Given the hook's saved ``state_dict`` on --resume."""
 
 
-def default_hooks() -> List[HookBase]:
-    return [LRSchedule(), StartupReport(), Evaluation(), Checkpointer(), FinalReport()]
+def default_hooks(extra: Sequence[HookBase] = ()) -> List[HookBase]:
+    """The recipe's hooks; ``extra`` run after the evaluation and before the checkpoint (so that their
+    state in a checkpoint is that of the same step)."""
+    return [LRSchedule(), StartupReport(), Evaluation(), *extra, Checkpointer(), FinalReport()]
 
 
 class LRSchedule(HookBase):
-    """Linear warmup over the first ``state.warmup_total`` steps, then the epoch scheduler."""
+    """The epoch's lr scheduler step, before the evaluation as torchvision's script (the warmup steps
+    inside the loop, step.optimizer_step, as torchvision's does)."""
 
-    def after_optimizer_step(self) -> None:
-        tr = self.trainer
-        if tr.warmup is not None and tr.state.iteration < tr.state.warmup_total:
-            tr.warmup.step()
-
-    def after_epoch(self, epoch: int, stats: Dict[str, float]) -> None:
+    def after_epoch(self) -> None:
         self.trainer.lr_scheduler.step()
 
 
@@ -121,8 +143,9 @@ class Evaluation(HookBase):
             )
         return self._finding
 
-    def after_epoch(self, epoch: int, stats: Dict[str, float]) -> None:
+    def after_epoch(self) -> None:
         tr, t = self.trainer, self.trainer.cfg.training
+        epoch, stats = tr.progress.epoch, tr.progress.stats
         record = {
             "type": "eval",
             "epoch": epoch,
@@ -182,45 +205,31 @@ class Checkpointer(HookBase):
     """checkpoint.pth (and model_<epoch>.pth) after every epoch; mid-epoch every --checkpoint-every-iters
     iterations and at the boundary where a stop signal arrived (with the epoch's position and meter)."""
 
-    def after_step(self, done: int, n_iters: int, result) -> None:
-        tr = self.trainer
-        every = tr.cfg.training.checkpoint_every_iters
-        if result.stop or (every and tr.state.iteration % every == 0):
-            self.save(tr.epoch - 1, {"epoch": tr.epoch, "iteration": done, "meter": tr.meter.state_dict()})
+    def after_step(self) -> None:
+        p = self.trainer.progress
+        every = self.trainer.cfg.training.checkpoint_every_iters
+        if p.result.stop or (every and p.iteration % every == 0):
+            self.save(p.epoch - 1, {"epoch": p.epoch, "iteration": p.done, "meter": p.meter.state_dict()})
 
     saved_epoch = None  # the last epoch whose end-of-epoch checkpoint was written
 
-    def after_epoch(self, epoch: int, stats: Dict[str, float]) -> None:
-        self.save(epoch)
+    def after_epoch(self) -> None:
+        self.save(self.trainer.progress.epoch)
 
     def save(self, epoch: int, in_epoch=None) -> None:
         """The checkpoint after ``epoch`` (plus ``in_epoch``: how far the next one got)."""
-        tr, run = self.trainer, self.trainer.run
         if in_epoch is None:
             self.saved_epoch = epoch
-        save_training_checkpoint(
-            run.out_dir,
-            epoch,
-            tr.net,
-            tr.optimizer,
-            tr.lr_scheduler,
-            tr.warmup,
-            tr.scaler,
-            tr.state,
-            run.cfg,
-            run.loss_cfg,
-            run.device,
-            tr.data.names,
-            in_epoch,
-        )
+        save_training_checkpoint(self.trainer.parts, epoch, in_epoch)
         distributed.barrier()
 
 
 class FinalReport(HookBase):
-    """training_curves.png, eval_curves.png, gallery.png (--plots), and the run's last line."""
+    """training_curves.png, eval_curves.png, gallery.png (--plots), and the run's last line: after a run
+    that trained every epoch (a stopped or failed run ends with its own line)."""
 
     def after_train(self) -> None:
-        if not distributed.is_main():
+        if not distributed.is_main() or self.trainer.progress.outcome != "done":
             return
         tr, run = self.trainer, self.trainer.run
         if run.out_dir and run.cfg.training.plots:

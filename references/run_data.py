@@ -13,18 +13,14 @@ from checks import DataError, check_samples, load_coco_checked
 from data import (
     CocoDetection,
     DetectionPresetTrain,
-    GroupedBatchSampler,
-    RepeatFactorSampler,
-    SeededRandomSampler,
-    aspect_ratio_groups,
     collate,
     copy_paste_collate,
     image_classes,
-    repeat_factors,
     suggest_repeat_threshold,
 )
 from diagnostics import rare_class_cure
 from run_context import Run
+from samplers import build_train_batches
 from train_config import ConfigError, TrainConfig, auto_fed_image_counts, dump, flatten, shapes_spec
 from training_checkpoint import CheckpointError, atomic_write_text
 
@@ -40,7 +36,7 @@ class Data:
     gt_per_image: float
     train_set: Any = None
     train_loader: Any = None
-    base_sampler: Any = None
+    base_sampler: Any = None  # samplers.TrainSampler: the trainer sets its epoch
     train_counts: Optional[List[int]] = None  # training objects per foreground label (training_counts)
     rare_cure: Optional[Dict[str, Any]] = None  # the rare-class levers the warnings print (rare_class_cure)
 
@@ -87,7 +83,7 @@ def build_data(run: Run) -> Data:
 
     cfg, m, d = run.cfg, run.cfg.model, run.cfg.data
     files = dataset_files(cfg)
-    masks, kps = "maskrcnn" in m.name, "keypoint" in m.name
+    masks, kps = _target_kinds(m.name)
     coco_val, label_map, names, report = load_coco_checked(
         files["val_ann"], files["val_images"], "val", d.bad_annotations, masks, files["label_mode"]
     )
@@ -107,14 +103,19 @@ def build_data(run: Run) -> Data:
         sum(1 for a in coco_val.dataset["annotations"] if not a.get("iscrowd", 0)) / max(len(val_set), 1),
     )
     if not cfg.training.test_only:
-        _build_train_data(run, data, files, label_map, masks, kps)
+        _build_train_data(run, data, files, label_map)
     return data
 
 
-def _build_train_data(run: Run, data: Data, files, label_map, masks: bool, kps: bool) -> None:
-    from torch.utils.data import BatchSampler, DataLoader
+def _target_kinds(model_name: str):
+    """(masks, keypoints): the targets the model trains on besides boxes."""
+    return "maskrcnn" in model_name, "keypoint" in model_name
 
-    d, t = run.cfg.data, run.cfg.training
+
+def _build_train_data(run: Run, data: Data, files, label_map) -> None:
+    from torch.utils.data import DataLoader
+
+    d, (masks, kps) = run.cfg.data, _target_kinds(run.cfg.model.name)
     coco, train_map, _, report = load_coco_checked(
         files["train_ann"], files["train_images"], "train", d.bad_annotations, masks, files["label_mode"]
     )
@@ -141,62 +142,13 @@ def _build_train_data(run: Run, data: Data, files, label_map, masks: bool, kps: 
             preset,
         )
         run.writer.say(data.train_set.summary())
-    data.base_sampler = _base_sampler(run, data.train_set)
-    if d.aspect_ratio_group_factor >= 0:
-        groups = aspect_ratio_groups(data.train_set.aspect_ratios(), d.aspect_ratio_group_factor)
-        batches = GroupedBatchSampler(data.base_sampler, groups, t.batch_size)
-    else:
-        batches = BatchSampler(data.base_sampler, t.batch_size, drop_last=True)
+    data.base_sampler, batches = build_train_batches(run, data.train_set)
     data.train_loader = DataLoader(
         data.train_set,
         batch_sampler=batches,
         num_workers=d.workers,
         collate_fn=copy_paste_collate if d.use_copypaste else collate,
     )
-
-
-def _base_sampler(run: Run, train_set):
-    """The per-image order each epoch: repeat-factor sampling, else a seeded shuffle (split by rank)."""
-    from torch.utils.data.distributed import DistributedSampler
-
-    seed = run.cfg.training.seed
-    if run.cfg.data.repeat_factor_threshold is not None:
-        return _repeat_factor_sampler(run, train_set, seed)
-    if distributed.is_dist():
-        return DistributedSampler(train_set, shuffle=True, seed=seed)
-    return SeededRandomSampler(len(train_set), seed)
-
-
-def _repeat_factor_sampler(run: Run, train_set, seed: int) -> RepeatFactorSampler:
-    d, coco = run.cfg.data, train_set.coco
-    tiled = getattr(train_set, "item_classes", None)  # tiles: each tile's classes
-    classes = tiled() if tiled else image_classes(coco.dataset["annotations"], train_set.ids)
-    factors, per_class = repeat_factors(classes, d.repeat_factor_threshold, d.repeat_sqrt)
-    sampler = RepeatFactorSampler(factors, seed, distributed.rank(), distributed.world())
-    names = {c: coco.cats[c].get("name", str(c)) if c in coco.cats else str(c) for c in per_class}
-    ranked = sorted(per_class, key=lambda c: -per_class[c])
-    repeated = [c for c in ranked if per_class[c] > 1]
-    shown = ", ".join(f"{names[c]} x{per_class[c]:.2f}" for c in repeated[:5]) or "no class is rare enough to repeat"
-    shown += f" (+{len(repeated) - 5} more)" if len(repeated) > 5 else ""
-    rule = "sqrt(t / f)" if d.repeat_sqrt else "t / f"
-    run.writer.say(
-        f"repeat-factor sampling, data.repeat_factor_threshold {d.repeat_factor_threshold:g} ({rule}): "
-        f"{shown}; {sampler.expected:.1f} images per epoch expected (epoch 0 draws {sampler.epoch_total}) "
-        f"vs {len(train_set)} in the dataset"
-    )
-    run.writer.record(
-        {
-            "type": "repeat_factors",
-            "threshold": d.repeat_factor_threshold,
-            "sqrt": d.repeat_sqrt,
-            "class_factors": {names[c]: per_class[c] for c in ranked},
-            "images": len(train_set),
-            "expected_images_per_epoch": sampler.expected,
-            "epoch0_images": sampler.epoch_total,
-            "epoch0_images_per_rank": len(sampler),
-        }
-    )
-    return sampler
 
 
 def training_counts(data: Data) -> List[int]:

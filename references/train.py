@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import random
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ import distributed  # noqa: E402
 from diagnostics import per_class_table  # noqa: E402
 from errors import run_cli  # noqa: E402
 from evaluation import evaluate  # noqa: E402
-from hooks import default_hooks  # noqa: E402
+from hooks import HookBase, default_hooks  # noqa: E402
 from models import (  # noqa: E402
     check_anchors,
     check_model_kwargs,
@@ -48,11 +48,13 @@ from output_dir import check_epochs_left, check_output_dir, prepare_output_dir  
 from run_context import Run  # noqa: E402
 from run_data import Data, build_data, resolve_class_weight, resolve_fed_image_counts  # noqa: E402
 from run_model import build_model_for, build_optimization, resume  # noqa: E402
+from samplers import check_sampler  # noqa: E402
 from tiles import sliced  # noqa: E402
 from train_config import ConfigError, TrainConfig, dump, resolve  # noqa: E402
 from trainer import Trainer, iters_per_epoch  # noqa: E402
 from training_checkpoint import (  # noqa: E402
     CheckpointError,
+    TrainingParts,
     atomic_write_text,
     checkpoint_model_name,
     load_training_checkpoint,
@@ -70,6 +72,7 @@ def check_before_data(cfg: TrainConfig, loss_cfg=None, own_files: bool = True) -
     check_model_name(m.name)
     check_model_kwargs(m.name, m.kwargs, loss_cfg, m.stock)
     check_anchors(m.name, m.anchor_sizes, m.aspect_ratios)  # against the backbone's feature maps
+    check_sampler(cfg)  # data.sampler: registered, and no other sampler's key set
     check_output_dir(t, own_files)  # a file, not writable, or (own_files) holding another run's checkpoint
     check_weights_path(m.weights)
     check_weights_model(m.name, m.weights)  # another model's checkpoint fails here, not after the data
@@ -213,7 +216,8 @@ def evaluate_only(run: Run, model, net, data: Data) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, hooks: Sequence[HookBase] = ()) -> int:
+    """Train (or evaluate) as the command line says; ``hooks``: extra hooks.HookBase the trainer runs too."""
     run = setup(argv)
     if run is None:  # --print-config
         return 0
@@ -231,18 +235,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         scaler = torch.amp.GradScaler("cuda") if t.amp and run.device.type == "cuda" else None
         if run.resume_ckpt is not None:
             resume(run, net, optimizer, lr_scheduler, warmup, scaler, state, iters)
-        trainer = Trainer(run, model, net, data, optimizer, lr_scheduler, warmup, scaler, state, default_hooks())
-        return trainer.train()
+        parts = TrainingParts(net, optimizer, lr_scheduler, warmup, scaler, state, run, data.names)
+        return Trainer(run, model, data, parts, default_hooks(hooks)).train()
     finally:
         run.writer.close()
         release_lock(run.lock)
         distributed.cleanup(ok=sys.exc_info()[0] is None)
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: Optional[List[str]] = None, hooks: Sequence[HookBase] = ()) -> int:
     """``main`` as a command: a user error ends the run in one line on stderr, exit code 1."""
     try:
-        return run_cli(lambda: main(argv))
+        return run_cli(lambda: main(argv, hooks))
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which stops with a checkpoint itself)
         print("interrupted (SIGINT) before training began or after it ended: nothing more saved", file=sys.stderr)
         return 130

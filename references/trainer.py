@@ -1,12 +1,13 @@
-"""The epoch loop and its hook points (Detectron2's HookBase idea, epoch-based as torchvision's recipe).
+"""The epoch loop and its hook points (Detectron2's HookBase, epoch-based as torchvision's recipe).
 
 :class:`Trainer` owns what training needs (model, optimizer, schedulers, scaler, progress, data,
-writer) and runs the epochs; the step is engine's. Everything periodic is a hook (hooks.py): adding an
-action is one more :class:`hooks.HookBase` in the list, in the order the hooks should run.
+writer) and runs the epochs; an epoch's loop is engine.train_one_epoch. Everything periodic is a hook
+(hooks.py): adding an action is one more :class:`hooks.HookBase` in the list, in the order the hooks
+should run. The hooks read ``trainer.progress`` (engine.Progress).
 
-Per run: ``before_train`` -> for each epoch ``before_epoch`` -> per iteration ``after_optimizer_step``
-(finite steps only) and ``after_step`` -> ``after_epoch`` -> ``after_train`` (when every epoch ran; a
-stop signal or a non-finite step ends the run without it, with exit code 128 + signal or 2).
+Per run: the hooks' saved states (--resume) -> ``before_train`` -> for each epoch ``before_epoch`` -> per
+iteration ``before_step``, ``after_step`` -> ``after_epoch`` -> ``after_train``, always (a ``finally``):
+after every epoch, or after a stop signal (exit code 128 + signal), a non-finite step (2) or an error.
 """
 
 from __future__ import annotations
@@ -17,23 +18,13 @@ import signal
 from typing import Dict, List, Optional, Sequence
 
 import distributed
-from data import RepeatFactorSampler
-from engine import (
-    MetricLogger,
-    NonFiniteError,
-    Preempted,
-    StepContext,
-    StepHooks,
-    StepResult,
-    StopRequest,
-    TrainState,
-    ignore_stop_signals,
-    skip_batches,
-    train_one_epoch,
-)
+from engine import Progress, TrainState, train_one_epoch
 from hooks import Checkpointer, HookBase
+from preemption import Preempted, StopRequest, ignore_stop_signals
+from samplers import skip_batches
+from step import NonFiniteError, StepContext
 from train_config import TrainingConfig
-from training_checkpoint import restore_rng
+from training_checkpoint import TrainingParts, restore_rng
 
 
 def iters_per_epoch(loader, t: TrainingConfig) -> int:
@@ -41,25 +32,37 @@ def iters_per_epoch(loader, t: TrainingConfig) -> int:
     return len(loader) if t.iters_per_epoch is None else min(len(loader), t.iters_per_epoch)
 
 
-class Trainer(StepHooks):
-    """Runs the epochs of a built run (``run``: run_context.Run; ``data``: run_data.Data)."""
+class Trainer:
+    """Runs the epochs of a built run (``run``: run_context.Run; ``data``: run_data.Data; ``parts``: the
+    model without its DDP wrapper, optimizer, schedulers, scaler and state, as checkpoints hold them)."""
 
-    def __init__(
-        self, run, model, net, data, optimizer, lr_scheduler, warmup, scaler, state: TrainState, hooks: Sequence
-    ):
-        self.run, self.writer = run, run.writer
-        self.model, self.net, self.data = model, net, data  # net: the model without its DDP wrapper
-        self.lr_scheduler, self.warmup, self.state = lr_scheduler, warmup, state
-        clip = self.cfg.training.gradient_clip
-        max_norm = clip.max_norm if clip.enabled else float("inf")
-        self.ctx = StepContext(model, optimizer, run.device, scaler, max_norm, clip.norm_type)
-        self.epoch: Optional[int] = None  # the epoch being trained
-        self.meter: Optional[MetricLogger] = None  # its running numbers (a mid-epoch checkpoint saves them)
+    def __init__(self, run, model, data, parts: TrainingParts, hooks: Sequence[HookBase]):
+        self.run, self.writer, self.model, self.data, self.parts = run, run.writer, model, data, parts
+        t = self.cfg.training
+        clip = t.gradient_clip
+        self.ctx = StepContext(
+            model,
+            parts.optimizer,
+            run.device,
+            parts.scaler,
+            clip.max_norm if clip.enabled else float("inf"),
+            clip.norm_type,
+            warmup=parts.warmup,
+            nan_policy=t.nan_policy,
+            max_consecutive_skips=t.max_consecutive_skips,
+            print_freq=t.print_freq,
+            max_iters=t.iters_per_epoch,
+            writer=run.writer,
+        )
+        self.progress = Progress(parts.state)
         self.hooks: List[HookBase] = []
+        parts.hooks = self.hooks  # their states go into every checkpoint
         for h in hooks:
             self.register(h)
 
     def register(self, hook: HookBase) -> None:
+        if any(h.name == hook.name for h in self.hooks):
+            raise ValueError(f"a hook named {hook.name!r} is registered twice (its checkpoint state is keyed by name)")
         hook.trainer = self
         self.hooks.append(hook)
 
@@ -68,18 +71,39 @@ class Trainer(StepHooks):
         return self.run.cfg
 
     @property
-    def optimizer(self):
-        return self.ctx.optimizer
+    def net(self):
+        return self.parts.net
 
     @property
-    def scaler(self):
-        return self.ctx.scaler
+    def optimizer(self):
+        return self.parts.optimizer
+
+    @property
+    def lr_scheduler(self):
+        return self.parts.lr_scheduler
+
+    @property
+    def state(self) -> TrainState:
+        return self.parts.state
 
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> int:
-        """The epochs from ``state.epoch`` on; the run's exit code (0, 2: non-finite, 128 + signal: stopped)."""
-        for h in self.hooks:
-            h.before_train()
+        """The epochs from ``state.epoch`` on; the run's exit code (0, 2: non-finite, 128 + signal: stopped).
+        ``after_train`` runs in any case (an error in it after another error is said, not raised)."""
+        failed = True
+        try:
+            self._load_hook_states()
+            for h in self.hooks:
+                h.before_train()
+            code = self._train()
+            failed = False
+            return code
+        finally:
+            if failed:
+                self.progress.outcome = "error"
+            self._after_train(failed)
+
+    def _train(self) -> int:
         self._say_plan()
         # SIGINT / SIGTERM / SIGUSR1 stop at the next iteration boundary with a checkpoint (handlers restored after).
         with StopRequest() as stop:
@@ -90,16 +114,33 @@ class Trainer(StepHooks):
                 code = self._epoch(epoch, stop)
                 if code is not None:
                     return code
-        for h in self.hooks:
-            h.after_train()
+        self.progress.outcome = "done"
         return 0
+
+    def _after_train(self, failed: bool) -> None:
+        for h in self.hooks:
+            try:
+                h.after_train()
+            except Exception as e:
+                if not failed:
+                    raise
+                self.writer.say(f"WARNING: hook {h.name}: after_train failed after the error below: {e}")
+
+    def _load_hook_states(self) -> None:
+        """The hooks' states a --resume checkpoint holds (one without them: the hooks start afresh)."""
+        saved = (self.run.resume_ckpt or {}).get("hooks") or {}
+        names = {h.name for h in self.hooks}
+        for h in self.hooks:
+            if h.name in saved:
+                h.load_state_dict(saved[h.name])
+        for name in sorted(set(saved) - names):
+            self.writer.say(f"--resume: the checkpoint holds the state of hook {name}, which this run does not have")
 
     def _say_plan(self) -> None:
         t = self.cfg.training
         iters = iters_per_epoch(self.data.train_loader, t)
-        # Under repeat-factor sampling each epoch's length follows its own draw (this is epoch 0's).
-        repeat = isinstance(self.data.base_sampler, RepeatFactorSampler)
-        about = "~" if repeat and iters == len(self.data.train_loader) else ""
+        # A sampler whose length follows each epoch's draw (repeat factors): this is epoch 0's.
+        about = "~" if not self.data.base_sampler.exact_length and iters == len(self.data.train_loader) else ""
         clip = t.gradient_clip
         self.writer.say(
             f"training {t.epochs - self.state.epoch} epoch(s) x {about}{iters} iterations, batch "
@@ -109,21 +150,23 @@ class Trainer(StepHooks):
 
     def _epoch(self, epoch: int, stop: StopRequest) -> Optional[int]:
         """One epoch and its hooks; an exit code where the run ends here, else None."""
-        self.epoch = epoch
+        p = self.progress
+        p.epoch, p.done, p.result, p.stats = epoch, 0, None, {}
         for h in self.hooks:
-            h.before_epoch(epoch)
+            h.before_epoch()
         try:
-            stats = self._train_epoch(epoch)
+            p.stats = self._train_epoch(epoch)
         except NonFiniteError as e:
             self.writer.say(f"ERROR: {e}")
             self.writer.record({"type": "stopped", "epoch": epoch, "iter": self.state.iteration, "reason": str(e)})
+            p.outcome = "nonfinite"
             return 2
-        except Preempted as p:
-            return self._stopped(p)
+        except Preempted as stopped:
+            return self._stopped(stopped)
         self.state.epoch = epoch + 1  # saved by the epoch checkpoint (a hook)
         try:
             for h in self.hooks:
-                h.after_epoch(epoch, stats)
+                h.after_epoch()
         except BaseException:
             self._save_epoch_anyway(epoch)
             raise
@@ -145,37 +188,22 @@ class Trainer(StepHooks):
 
     def _train_epoch(self, epoch: int) -> Dict[str, float]:
         """engine.train_one_epoch; a mid-epoch resume continues where its checkpoint stopped."""
-        t, run, data = self.cfg.training, self.run, self.data
-        if hasattr(data.base_sampler, "set_epoch"):
-            data.base_sampler.set_epoch(epoch)
-        loader, start, meter_state = data.train_loader, 0, None
-        pos = run.in_epoch
+        run, data = self.run, self.data
+        data.base_sampler.set_epoch(epoch)
+        loader, pos = data.train_loader, run.in_epoch
         if pos is not None and pos["epoch"] == epoch:
             run.in_epoch = None
-            start, meter_state = int(pos["iteration"]), pos.get("meter")
-            loader = iter(skip_batches(data.train_loader, start))
+            self.progress.done, self.progress.meter_state = int(pos["iteration"]), pos.get("meter")
+            loader = iter(skip_batches(data.train_loader, self.progress.done))
             if run.resume_ckpt.get("rng"):
                 # Creating the iterator drew its seed from the torch RNG, as the interrupted run's did at the
                 # start of the epoch: the saved states now continue from exactly where they were saved.
                 restore_rng(run.resume_ckpt["rng"], run.rank)
-        return train_one_epoch(
-            self.ctx, loader, epoch, self.state, t, self.writer, t.iters_per_epoch, start, meter_state, self
-        )
-
-    # -- engine's StepHooks: dispatch to the hooks ----------------------------------------------------
-    def after_optimizer_step(self) -> None:
-        for h in self.hooks:
-            h.after_optimizer_step()
-
-    def after_step(self, done: int, n_iters: int, meter: MetricLogger, result: StepResult) -> None:
-        self.meter = meter
-        for h in self.hooks:
-            h.after_step(done, n_iters, result)
-        if result.stop:  # after the hooks: the checkpoint hook has saved this iteration
-            raise Preempted(self.ctx.stop.agreed(), self.epoch, done, n_iters)
+        return train_one_epoch(self.ctx, loader, self.progress, self.hooks)
 
     def _stopped(self, p: Preempted) -> int:
         """The one line a stopped run ends with, and its exit code (128 + the signal, as shells report)."""
+        self.progress.outcome = "stopped"
         name, total = signal.Signals(p.signum).name, self.state.iteration
         where = f"epoch {p.epoch}, iteration {p.iteration}/{p.n_iters} of the epoch ({total} in all)"
         if p.iteration == 0:

@@ -9,7 +9,8 @@ import json
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -18,6 +19,9 @@ from tv_lossfix.model_settings import model_settings
 
 import distributed
 from train_config import BY_PATH, OPTIONS, TrainConfig, flatten, on_resume, set_path
+
+if TYPE_CHECKING:
+    from run_context import Run
 
 FORMAT = "tv_lossfix-train-1"
 
@@ -30,6 +34,7 @@ __all__ = [
     "load_training_checkpoint",
     "checkpoint_model_name",
     "reconcile",
+    "TrainingParts",
     "save_training_checkpoint",
     "restore_rng",
 ]
@@ -252,50 +257,58 @@ def restore_rng(rng: Dict[str, Any], rank: int) -> None:
         torch.cuda.set_rng_state(rng["cuda"][rank] if rank < len(rng["cuda"]) else rng["cuda"][0])
 
 
-def save_training_checkpoint(
-    out_dir: str,
-    epoch: int,
-    net,
-    optimizer,
-    lr_scheduler,
-    warmup,
-    scaler,
-    state,
-    cfg: TrainConfig,
-    loss_cfg,
-    device: torch.device,
-    class_names: Optional[List[str]] = None,
-    in_epoch: Optional[Dict[str, Any]] = None,
-) -> None:
+@dataclass
+class TrainingParts:
+    """What a training checkpoint is written from, as the trainer holds it (read anew at each save)."""
+
+    net: Any  # the model without its DDP wrapper
+    optimizer: Any
+    lr_scheduler: Any
+    warmup: Any  # None without warmup
+    scaler: Any  # None without --amp on CUDA
+    state: Any  # engine.TrainState
+    run: "Run"  # its cfg, loss_cfg, device and out_dir
+    class_names: Optional[List[str]] = None
+    hooks: Sequence[Any] = ()  # hooks.HookBase: each non-empty state_dict is saved under its name
+
+
+def hook_states(hooks: Sequence[Any]) -> Dict[str, Dict[str, Any]]:
+    """{hook name: its state_dict} for the hooks that keep state (``--resume`` gives it back)."""
+    return {h.name: sd for h in hooks if (sd := h.state_dict())}
+
+
+def save_training_checkpoint(parts: TrainingParts, epoch: int, in_epoch: Optional[Dict[str, Any]] = None) -> None:
     """Every rank takes part (RNG states are gathered); rank 0 writes model_<epoch>.pth and checkpoint.pth.
 
     ``in_epoch`` (a save within epoch ``epoch + 1``: its ``epoch``, the ``iteration`` within it and the
     ``meter``'s partial sums) writes checkpoint.pth only; ``--resume`` continues from that iteration.
     """
+    run = parts.run
     rng_all = distributed.all_gather(torch.get_rng_state())
-    cuda_all = distributed.all_gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else []
-    if not distributed.is_main() or not out_dir:
+    cuda_all = distributed.all_gather(torch.cuda.get_rng_state(run.device)) if run.device.type == "cuda" else []
+    if not distributed.is_main() or not run.out_dir:
         return
     ckpt = {
         "format": FORMAT,
-        "model": net.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": _scheduler_state(lr_scheduler),
-        "warmup": warmup.state_dict() if warmup is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else {},
+        "model": parts.net.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "lr_scheduler": _scheduler_state(parts.lr_scheduler),
+        "warmup": parts.warmup.state_dict() if parts.warmup is not None else None,
+        "scaler": parts.scaler.state_dict() if parts.scaler is not None else {},
         "epoch": epoch,  # torchvision's key: the last finished epoch
-        "state": state.state_dict(),
-        "config": json.loads(json.dumps(cfg.to_dict())),  # plain types: loads under weights_only=True
-        "loss_cfg": loss_cfg.to_dict(),
+        "state": parts.state.state_dict(),
+        "config": json.loads(json.dumps(run.cfg.to_dict())),  # plain types: loads under weights_only=True
+        "loss_cfg": run.loss_cfg.to_dict(),
         "rng": {"torch": rng_all, "cuda": cuda_all, "python": _py_state_to_list(random.getstate())},
         # What shapes the model beyond its weights (anchors, sizes, thresholds): --weights restores it.
-        "model_settings": model_settings(net, class_names),
+        "model_settings": model_settings(parts.net, parts.class_names),
+        "hooks": hook_states(parts.hooks),
     }
     if in_epoch is not None:
         ckpt["in_epoch"] = in_epoch
     else:
-        atomic_save(ckpt, os.path.join(out_dir, f"model_{epoch}.pth"))
-    atomic_save(ckpt, os.path.join(out_dir, "checkpoint.pth"))
+        atomic_save(ckpt, os.path.join(run.out_dir, f"model_{epoch}.pth"))
+    atomic_save(ckpt, os.path.join(run.out_dir, "checkpoint.pth"))
 
 
 # -- --resume against the command line ------------------------------------------------------------

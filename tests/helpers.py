@@ -162,6 +162,22 @@ def tiny_config(tmp_path, data_root, data=None, **training):
     return str(path)
 
 
+def train_loads(monkeypatch):
+    """The dataset indices training loads, in order (the training set is the one with augmentation transforms)."""
+    import data
+
+    loaded = []
+    real = data.CocoDetection.__getitem__
+
+    def getitem(self, idx):
+        if self.transforms is not None:
+            loaded.append(idx)
+        return real(self, idx)
+
+    monkeypatch.setattr(data.CocoDetection, "__getitem__", getitem)
+    return loaded
+
+
 def coco_json_argv(ann, images, out, *extra, val_ann=None):
     """train.py's command line for a 1-epoch, 2-iteration maskrcnn_tiny run on a COCO-format set."""
     return [

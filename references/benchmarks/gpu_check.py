@@ -85,7 +85,8 @@ def _targets(device, n_images: int, size: int, num_classes: int = 5, seed: int =
 
 
 def check_amp_step(device, size: int) -> Dict[str, Any]:
-    import engine
+    import step
+    from engine import TrainState
 
     if device.type != "cuda":
         return {"status": "SKIP", "why": "GradScaler needs CUDA"}
@@ -98,12 +99,12 @@ def check_amp_step(device, size: int) -> Dict[str, Any]:
     for name, scaler in (("float32", None), ("amp", torch.amp.GradScaler("cuda"))):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: every step sees the same weights
-        ctx = engine.StepContext(m, opt, device, scaler)
+        ctx = step.StepContext(m, opt, device, scaler)
         # GradScaler starts at 2**16 and backs off on overflow: step until a step is not skipped.
         for attempt in range(30):  # noqa: B007 (reported below)
             torch.manual_seed(1)
-            res = engine.train_step(ctx, images, targets)
-            engine.optimizer_step(ctx, res, engine.TrainState())
+            res = step.train_step(ctx, images, targets)
+            step.optimizer_step(ctx, res, TrainState())
             if math.isfinite(res.values["grad_norm"]):
                 break
         norms[name] = res.values["grad_norm"]

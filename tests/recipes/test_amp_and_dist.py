@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import engine
+import step
 import train_config
 from helpers import make_targets, on_gloo_ranks, tiny_model
 
@@ -39,16 +40,17 @@ class RecordingScaler:
 def _one_epoch(scaler, max_norm):
     clip_on = {"enabled": max_norm is not None, "max_norm": max_norm or 35.0}
     changes = {f"training.gradient_clip.{k}": v for k, v in clip_on.items()}
-    cfg = train_config.defaults().replace({**changes, "training.print_freq": 1})
+    cfg = train_config.defaults().replace(changes)
     model = tiny_model("mask", loss_cfg={})
     images, targets = make_targets("mask", [(64, 64), (64, 64)])
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves weights as they were
     logged = []
     clip = cfg.training.gradient_clip
-    ctx = engine.StepContext(model, opt, torch.device("cpu"), scaler, clip.max_norm if clip.enabled else float("inf"))
     writer = SimpleNamespace(say=lambda s: None, record=logged.append)  # the records only
+    max_norm = clip.max_norm if clip.enabled else float("inf")
+    ctx = step.StepContext(model, opt, torch.device("cpu"), scaler, max_norm, print_freq=1, writer=writer)
     torch.manual_seed(0)
-    engine.train_one_epoch(ctx, [(images, targets)], 0, engine.TrainState(), cfg.training, writer)
+    engine.train_one_epoch(ctx, [(images, targets)], engine.Progress(engine.TrainState()))
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return logged[-1]["grad_norm"], grads.norm().item()
 

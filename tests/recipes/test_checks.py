@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 import helpers
 import train
 from checks import DataError, check_samples, load_coco_checked
-from data import CocoDetection, GroupedBatchSampler, SeededRandomSampler, aspect_ratio_groups
+from data import CocoDetection
 from shapes import ShapesSpec, ensure_shapes
 
 SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
@@ -192,21 +192,6 @@ def test_coco_json_dataset_with_rle_and_crowd(coco, shapes, tmp_path):
     data_rec = [r for r in recs if r["type"] == "data"][0]
     assert data_rec["crowd"] == 1
     assert any(r["type"] == "eval" and "segm_AP" in r for r in recs)
-
-
-def test_grouped_batch_sampler_covers_every_sample_once():
-    ratios = [0.5, 2.0, 1.0, 0.5, 2.0, 1.0, 1.0, 0.7, 1.4, 3.0, 0.3]
-    groups = aspect_ratio_groups(ratios, 3)
-    assert groups[0] == groups[3] and groups[1] == groups[4]
-    sampler = GroupedBatchSampler(SeededRandomSampler(len(ratios), seed=1), groups, batch_size=2)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 6
-    assert sorted(i for b in batches for i in b) == list(range(len(ratios)))
-    s = SeededRandomSampler(10, seed=5)
-    s.set_epoch(3)
-    first = list(s)
-    s.set_epoch(3)
-    assert list(s) == first
 
 
 def _consistent(t, tol=3.0):

@@ -16,13 +16,13 @@ import tv_lossfix
 from tv_lossfix.model_settings import ModelSettingsWarning
 
 import checks
-import data as data_module
 import engine
 import helpers
 import models
+import preemption
 import train
 import training_checkpoint
-from helpers import records, tiny_config
+from helpers import records, tiny_config, train_loads
 
 QUIET = ["--no-data-report"]
 
@@ -40,20 +40,6 @@ def _signal_at(monkeypatch, step_index: int, sig=signal.SIGTERM):
 
     monkeypatch.setattr(engine, "train_step", step)
     return calls
-
-
-def _train_loads(monkeypatch):
-    """The dataset indices training loads (the training set is the one with augmentation transforms)."""
-    loaded = []
-    real = data_module.CocoDetection.__getitem__
-
-    def getitem(self, idx):
-        if self.transforms is not None:
-            loaded.append(idx)
-        return real(self, idx)
-
-    monkeypatch.setattr(data_module.CocoDetection, "__getitem__", getitem)
-    return loaded
 
 
 def _ckpt(out_dir, name="checkpoint.pth"):
@@ -76,7 +62,7 @@ def test_mid_epoch_resume_matches_uninterrupted_run(tmp_path, data_root, monkeyp
             open(path, "w").write(yaml.safe_dump(cfg))
         return path
 
-    loaded = _train_loads(monkeypatch)
+    loaded = train_loads(monkeypatch)
     cfg_a = config("a")
     assert train.main(["--config", cfg_a, *QUIET]) == 0
     straight_loads = list(loaded)
@@ -89,7 +75,7 @@ def test_mid_epoch_resume_matches_uninterrupted_run(tmp_path, data_root, monkeyp
     assert stopped["state"]["iteration"] == 3 and stopped["epoch"] == -1  # torchvision's "last finished epoch"
     assert not (tmp_path / "b" / "out" / "model_0.pth").exists()
     monkeypatch.undo()
-    loaded = _train_loads(monkeypatch)
+    loaded = train_loads(monkeypatch)
     assert train.main(["--config", cfg_b, *QUIET, "--resume", str(tmp_path / "b" / "out" / "checkpoint.pth")]) == 0
     # The resumed run loaded exactly the images of batches 3..5 of the same epoch order, no others.
     assert loaded == straight_loads[3:] and len(straight_loads) - len(loaded) == 3
@@ -173,7 +159,7 @@ class _SignalsItself(torch.utils.data.Dataset):
 def test_spawned_loader_workers_survive_the_stop_signals(ignore):
     from torch.utils.data import DataLoader
 
-    init = engine.ignore_stop_signals if ignore else None
+    init = preemption.ignore_stop_signals if ignore else None
     loader = DataLoader(
         _SignalsItself(), batch_size=1, num_workers=1, multiprocessing_context="spawn", worker_init_fn=init
     )

@@ -10,16 +10,10 @@ import yaml
 import run_data
 import train
 import train_config
-from data import (
-    GroupedBatchSampler,
-    RepeatFactorSampler,
-    class_image_fractions,
-    image_classes,
-    repeat_factors,
-    suggest_repeat_threshold,
-)
+from data import class_image_fractions, image_classes, repeat_factors, suggest_repeat_threshold
 from data_report import data_report, repeat_factor_advice
 from helpers import records, tiny_config, tiny_model
+from samplers import GroupedBatchSampler, RepeatFactorSampler
 
 # 10 images: class 1 in 6, class 2 in 2, class 3 in 1, three empty images.
 CLASSES = [{1}, {1}, {1}, {1}, {1, 2}, {1, 3}, {2}, set(), set(), set()]
