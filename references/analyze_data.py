@@ -26,9 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 from anchor_coverage import AnchorGeometry, Measured, Thresholds, measure  # noqa: E402
-
-# data_report and scale_finding are imported from here by the training script's hooks as well.
-from data_report import data_report, model_view, scale_finding  # noqa: E402,F401
+from data_report import data_report, model_view  # noqa: E402
 
 if TYPE_CHECKING:
     from train_config import TrainConfig

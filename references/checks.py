@@ -54,7 +54,7 @@ class DataError(ValueError):
 
 @dataclass
 class AnnotationReport:
-    """What the checks found in one split's annotation file and did about it (analyze_data.DataReport is
+    """What the checks found in one split's annotation file and did about it (data_report.DataReport is
     the data and anchor report)."""
 
     split: str

@@ -116,7 +116,7 @@ def report_before_step_one(run, data, model) -> None:
         }
     )
     if run.cfg.data.report and distributed.is_main():
-        from analyze_data import data_report
+        from data_report import data_report
 
         net = getattr(model, "module", model)
         report = data_report(data.train_set.coco, net, data.names, data.label_to_cat, cfg=run.cfg)
@@ -131,7 +131,7 @@ class Evaluation(HookBase):
     _finding: Any = False  # the input-scale rule on the training boxes, computed at the first warning check
 
     def _scale(self):
-        from analyze_data import scale_finding
+        from data_report import scale_finding
 
         tr = self.trainer
         if self._finding is False:

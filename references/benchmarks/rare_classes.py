@@ -364,13 +364,12 @@ def _same_run(kept: Any, cfg: Dict[str, Any]) -> bool:
             return tree
         # A key a later version added, at its off value, matches a run recorded before it existed.
         tree = {k: where(v) for k, v in tree.items() if v is not None and v is not False}
-        if not isinstance(tree.get("data"), dict):
+        files = tree.get("data")
+        if not isinstance(files, dict):
             return tree
-        data = {
-            k: "/".join(str(v).split("/")[-2:]) if k.endswith(("_ann", "_images")) and v else v
-            for k, v in tree["data"].items()
-        }
-        return {**tree, "data": data}
+        tail = {k: "/".join(str(v).split("/")[-2:]) for k, v in files.items() if k.endswith(("_ann", "_images"))}
+        files = {**files, **tail}
+        return {**tree, "data": files}
 
     return where(kept) == where(cfg)
 

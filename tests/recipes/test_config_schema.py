@@ -73,7 +73,10 @@ def test_a_mid_epoch_checkpoint_refuses_every_key_that_orders_its_batches():
     assert {"training.batch_size", "distributed.world_size", "data.repeat_factor_threshold"} <= set(fixed)
     for path in fixed:
         o = train_config.BY_PATH[path]
-        new = _another_value(o) if o.default is not None else 0.5
+        if o.default is not None:
+            new = _another_value(o)
+        else:  # a null default: a value of the key's own type
+            new = "random" if o.kind is str else 0.5
         saved, cfg = _changed(path, o.default, new)
         ckpt = {"config": saved, "in_epoch": {"epoch": 1, "iteration": 3}}
         lines = run_model._mid_epoch_refusals(ckpt, cfg)
