@@ -19,6 +19,7 @@ from engine import TrainState
 from models import ModelError, build_model, set_anchors
 from run_context import Run
 from run_data import Data
+from samplers import SAMPLERS
 from train_config import ConfigError, TrainConfig, flatten, mid_epoch_fixed_paths
 from training_checkpoint import (
     CheckpointError,
@@ -261,12 +262,13 @@ def resume(run: Run, net, optimizer, lr_scheduler, warmup, scaler, state: TrainS
 
 def _mid_epoch_refusals(ckpt: Dict[str, Any], cfg: TrainConfig) -> List[str]:
     """A mid-epoch checkpoint continues the epoch's batch order: the keys that make another order
-    (Opt.mid_epoch_fixed) may not change."""
+    (Opt.mid_epoch_fixed, and every key a registered sampler reads) may not change."""
     pos, saved = ckpt.get("in_epoch"), flatten(ckpt.get("config"))
     if not isinstance(pos, dict):
         return []
     out = []
-    for path in mid_epoch_fixed_paths():
+    paths = dict.fromkeys([*mid_epoch_fixed_paths(), *(k for s in SAMPLERS.values() for k in s.reads)])
+    for path in paths:
         old, new = saved.get(path), cfg.get(path)
         if path in saved and old != new:
             out.append(

@@ -133,3 +133,19 @@ def test_grouped_batch_sampler_covers_every_sample_once():
     batches = list(sampler)
     assert len(batches) == len(sampler) == 6
     assert sorted(i for b in batches for i in b) == list(range(len(ratios)))
+
+
+def test_a_mid_epoch_resume_refuses_a_change_of_a_key_a_registered_sampler_reads(monkeypatch, reversed_order):
+    """A sampler's ``reads`` are fixed across a mid-epoch resume even where the schema does not mark them."""
+    import run_model
+
+    key = "training.print_freq"  # a key no schema policy fixes, standing for a new sampler's own key
+    assert key not in train_config.mid_epoch_fixed_paths()
+    monkeypatch.setattr(ReversedOrder, "reads", (key,))
+    base = train_config.defaults()
+    saved = base.replace({key: 7}).to_dict()
+    cfg = base.replace({key: 9})
+    ckpt = {"config": saved, "in_epoch": {"epoch": 2, "iteration": 5}}
+    lines = run_model._mid_epoch_refusals(ckpt, cfg)
+    assert [line.split(":")[0] for line in lines] == [key]
+    assert run_model._mid_epoch_refusals({"config": saved}, cfg) == []
