@@ -23,6 +23,7 @@ from samplers import SAMPLERS
 from train_config import ConfigError, TrainConfig, flatten, mid_epoch_fixed_paths
 from training_checkpoint import (
     CheckpointError,
+    TrainingParts,
     apply_to_optimizer,
     load_scheduler_state,
     reconcile,
@@ -198,9 +199,12 @@ def build_optimization(run: Run, net, iters_per_epoch: int):
     return optimizer, lr_scheduler, warmup, TrainState(epoch=t.start_epoch, warmup_total=warmup_total)
 
 
-def resume(run: Run, net, optimizer, lr_scheduler, warmup, scaler, state: TrainState, iters_per_epoch: int) -> None:
-    """Restore a checkpoint (ours, or torchvision's reference script's); every setting that differs
-    from the one it records is applied (said how) or refused."""
+def resume(parts: TrainingParts, iters_per_epoch: int) -> None:
+    """Restore a checkpoint (ours, or torchvision's reference script's) into the parts a training
+    checkpoint is written from; every setting that differs from the one it records is applied (said
+    how) or refused. The hooks' states are the trainer's to give back, before ``before_train``."""
+    run, net, optimizer, state = parts.run, parts.net, parts.optimizer, parts.state
+    lr_scheduler, warmup, scaler = parts.lr_scheduler, parts.warmup, parts.scaler
     ckpt, t = run.resume_ckpt, run.cfg.training
     saved, complete = saved_config(ckpt)
     applied, refused = reconcile(saved, run.cfg, complete)

@@ -233,9 +233,9 @@ def main(argv: Optional[List[str]] = None, hooks: Sequence[HookBase] = ()) -> in
         iters = iters_per_epoch(data.train_loader, t)
         optimizer, lr_scheduler, warmup, state = build_optimization(run, net, iters)
         scaler = torch.amp.GradScaler("cuda") if t.amp and run.device.type == "cuda" else None
-        if run.resume_ckpt is not None:
-            resume(run, net, optimizer, lr_scheduler, warmup, scaler, state, iters)
         parts = TrainingParts(net, optimizer, lr_scheduler, warmup, scaler, state, run, data.names)
+        if run.resume_ckpt is not None:
+            resume(parts, iters)
         return Trainer(run, model, data, parts, default_hooks(hooks)).train()
     finally:
         run.writer.close()
