@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from ._suggest import did_you_mean
 from .cls_losses import cls_loss_names, param_owners
@@ -549,6 +549,20 @@ class LossConfig:
 
     def replace(self, **changes: Any) -> "LossConfig":
         return dataclasses.replace(self, **changes)
+
+    def flat(self) -> Dict[str, Any]:
+        """Every setting by its dotted key (``"roi_head.cls_loss"``, ..., ``"sync_avg_factor"``), as in
+        :meth:`to_dict` (lists for tuples)."""
+        tree = self.to_dict()
+        out = {f"{sec}.{k}": v for sec in ("rpn_head", "roi_head") for k, v in tree[sec].items()}
+        out["sync_avg_factor"] = tree["sync_avg_factor"]
+        return out
+
+    def changed_keys(self, base: Optional["LossConfig"] = None) -> Dict[str, Any]:
+        """The settings that differ from ``base`` (None: the defaults, stock torchvision), dotted key ->
+        this config's value, in :meth:`flat`'s order: ``{"roi_head.cls_loss": "focal"}``."""
+        old = (base if base is not None else LossConfig()).flat()
+        return {k: v for k, v in self.flat().items() if old[k] != v}
 
     def is_default(self) -> bool:
         return self == LossConfig()
