@@ -35,7 +35,13 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ._suggest import did_you_mean
 from .checkpoint import CheckpointError, model_state_dict, read_checkpoint
-from .class_agnostic import make_heads_class_agnostic, new_mask_logits
+from .class_agnostic import (
+    BOX_OUTPUTS,
+    is_class_agnostic,
+    make_heads_class_agnostic,
+    new_mask_logits,
+    state_class_agnostic,
+)
 from .classifiers import load_extra_state, prepare_classifier, split_extra_state
 from .config import LossConfig
 from .model_settings import apply_model_settings, warn_conflicts
@@ -52,7 +58,10 @@ __all__ = [
     "keypointrcnn_resnet50_fpn",
     "BUILDERS",
     "BuildReport",
+    "CheckpointModel",
     "build_with_report",
+    "load_checkpoint_model",
+    "patch_loaded",
     "is_checkpoint_path",
     "load_checkpoint_state",
     "replace_predictors",
@@ -132,23 +141,15 @@ def checkpoint_build_kwargs(
     return out
 
 
-def _cfg_diff(old: Dict[str, Any], new: Dict[str, Any]) -> Tuple[List[str], List[str]]:
-    """``(["sec.key=old", ...], ["sec.key=new", ...])`` for the keys of two ``LossConfig.to_dict()`` that differ.
+def _cfg_diff(old: LossConfig, new: LossConfig) -> Tuple[List[str], List[str]]:
+    """``(["sec.key=old", ...], ["sec.key=new", ...])`` for the keys of two loss configs that differ.
 
     A sampling key given as None is no difference: it keeps the model's value, which the checkpoint's
     settings (``rpn_batch_size_per_image``...) have already restored.
     """
-    keys = [
-        (sec, k)
-        for sec in ("rpn_head", "roi_head")
-        for k, v in new[sec].items()
-        if old[sec].get(k) != v and not (v is None and k in _SAMPLING_KEYS)
-    ]
-    was, now = [f"{s}.{k}={old[s].get(k)}" for s, k in keys], [f"{s}.{k}={new[s][k]}" for s, k in keys]
-    if old["sync_avg_factor"] != new["sync_avg_factor"]:
-        was.append(f"sync_avg_factor={old['sync_avg_factor']}")
-        now.append(f"sync_avg_factor={new['sync_avg_factor']}")
-    return was, now
+    was = old.flat()
+    keys = {k: v for k, v in new.changed_keys(old).items() if not (v is None and k.split(".")[-1] in _SAMPLING_KEYS)}
+    return [f"{k}={was[k]}" for k in keys], [f"{k}={v}" for k, v in keys.items()]
 
 
 def restored_loss_cfg(
@@ -171,7 +172,7 @@ def restored_loss_cfg(
                 heads[section][key] = None
         rpn, roi = (dataclasses.replace(getattr(restored, h), **heads[h]) for h in ("rpn_head", "roi_head"))
         return dataclasses.replace(restored, rpn_head=rpn, roi_head=roi), []
-    was, now = _cfg_diff(LossConfig.from_dict(saved).to_dict(), cfg.to_dict())
+    was, now = _cfg_diff(LossConfig.from_dict(saved), cfg)
     return cfg, [f"loss_cfg: checkpoint {', '.join(was)}, given {', '.join(now)} -> given"] if was else []
 
 
@@ -218,7 +219,8 @@ def _replace_class_layers(heads: nn.Module, num_classes: int, agnostic_bbox: boo
     old_classes = pred.cls_score.out_features
     if agnostic_bbox:
         pred.cls_score = nn.Linear(pred.cls_score.in_features, num_classes)
-        kept = "; class-agnostic bbox_pred kept" if pred.bbox_pred.out_features == 4 and old_classes > 1 else ""
+        agnostic = is_class_agnostic(pred.bbox_pred.out_features, old_classes, BOX_OUTPUTS)
+        kept = "; class-agnostic bbox_pred kept" if agnostic else ""
         replaced.append(f"roi_heads.box_predictor.cls_score ({old_classes} -> {num_classes} classes{kept})")
     else:
         heads.box_predictor = FastRCNNPredictor(pred.cls_score.in_features, num_classes)
@@ -262,26 +264,20 @@ def replace_predictors(
 
 
 def _follow_agnostic_checkpoint(
-    model: nn.Module, state: Dict[str, torch.Tensor], path: Any, agnostic_bbox: bool, agnostic_mask: bool
+    model: nn.Module, state: Dict[str, torch.Tensor], path: Any, asked: Tuple[bool, bool]
 ) -> None:
     """Shape the model's box / mask layers like a class-agnostic checkpoint's before loading it;
     refused when the caller did not ask for class-agnostic layers (the flag would be contradicted)."""
-    num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
-    checks = (
-        ("roi_heads.box_predictor.bbox_pred.weight", 4, "class_agnostic_bbox", agnostic_bbox),
-        ("roi_heads.mask_predictor.mask_fcn_logits.weight", 1, "class_agnostic_mask", agnostic_mask),
-    )
-    for key, agnostic_outputs, flag, asked in checks:
-        if key not in state or state[key].shape[0] != agnostic_outputs or num_classes == 1:
-            continue
-        if not asked:
+    found = state_class_agnostic(state)
+    flags = (("class_agnostic_bbox", "bbox_pred"), ("class_agnostic_mask", "mask_fcn_logits"))
+    for (flag, layer), have, want in zip(flags, found, asked):
+        if have and not want:
+            classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
             raise CheckpointError(
-                f"{os.fspath(path)} has a class-agnostic {key.split('.')[-2]} ({agnostic_outputs} outputs for "
-                f"{num_classes} classes): pass {flag}=True to load it"
+                f"{os.fspath(path)} has a class-agnostic {layer} (one slot for {classes} classes): "
+                f"pass {flag}=True to load it"
             )
-        make_heads_class_agnostic(
-            model.roi_heads, bbox=flag == "class_agnostic_bbox", mask=flag == "class_agnostic_mask"
-        )
+    make_heads_class_agnostic(model.roi_heads, *found)
 
 
 def _check_class_agnostic(name: str, model_cls: type, agnostic_bbox: Any, agnostic_mask: Any) -> None:
@@ -298,44 +294,74 @@ def _log_replaced(name: str, lines: List[str]) -> None:
         _LOG.info("%s: re-initialised %s", name, line)
 
 
-def _from_checkpoint(
+@dataclasses.dataclass
+class CheckpointModel:
+    """What :func:`load_checkpoint_model` read: the model as the checkpoint trained it, its
+    ``model_settings`` ({} without), the keys loaded only once the model is patched (a long-tail
+    classifier's layers, a loss's statistics) and one line per setting applied from the checkpoint."""
+
+    model: nn.Module
+    settings: Dict[str, Any]
+    extra_state: Dict[str, torch.Tensor]
+    lines: List[str]
+
+
+def load_checkpoint_model(
+    path: Any,
     name: str,
-    tv_builder: Callable[..., nn.Module],
-    weights: Any,
-    progress: bool,
-    extra: Dict[str, Any],
+    make: Callable[[int, Dict[str, torch.Tensor], Dict[str, Any]], nn.Module],
     kwargs: Dict[str, Any],
-    loss_cfg: Any,
-    cfg: LossConfig,
-    agnostic: Tuple[bool, bool],
-) -> Tuple[nn.Module, LossConfig, Dict[str, Any]]:
-    """The model a checkpoint file holds, loaded, with its ``model_settings`` when it has them; returns
-    it, the loss config to patch it with (the checkpoint's when none is given), the settings and the
-    long-tail classifier's keys (Seesaw's ``cls_objectness``, a loss's statistics), loaded after patching."""
-    state, settings = read_weights_checkpoint(weights)
+    agnostic: Tuple[bool, bool] = (False, False),
+    anchors: bool = True,
+) -> CheckpointModel:
+    """The one reader of a ``weights`` checkpoint file: the model it holds, loaded.
+
+    ``make(num_classes, state, build_kwargs)`` builds the untrained architecture ``name`` at the
+    checkpoint's class count (``build_kwargs``: ``kwargs`` plus the checkpoint's anchors unless
+    ``anchors`` is False). Its box / mask layers follow a class-agnostic checkpoint, refused where
+    ``agnostic`` (bbox, mask) does not ask for it; its ``model_settings`` are applied (a keyword in
+    ``kwargs`` wins, named in ``lines``). Errors are :class:`~tv_lossfix.checkpoint.CheckpointError`
+    naming the file.
+    """
+    state, settings = read_weights_checkpoint(path)
     state, extra_state = split_extra_state(state)
-    ckpt_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", weights, name)[0]
-    if extra:
-        extra["num_keypoints"] = _shape_of(
-            state, "roi_heads.keypoint_predictor.kps_score_lowres.weight", weights, name
-        )[1]
-    # torchvision's MobileNet builders make their own AnchorGenerator: anchors are set after building.
-    build_kwargs = checkpoint_build_kwargs(settings, kwargs, state, weights, "mobilenet" not in name)
-    model = tv_builder(
-        weights=None, progress=progress, num_classes=ckpt_classes, weights_backbone=None, **extra, **build_kwargs
-    )
+    num_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", path, name)[0]
+    model = make(num_classes, state, checkpoint_build_kwargs(settings, kwargs, state, path, anchors))
     _match_norm_layers(model, state)
-    _follow_agnostic_checkpoint(model, state, weights, *agnostic)
+    _follow_agnostic_checkpoint(model, state, path, agnostic)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{os.fspath(weights)} does not match {name}: {e}") from None
-    if settings:
-        # The model the checkpoint trained: its anchors, sizes and thresholds; a given kwarg wins, named.
-        lines = apply_model_settings(model, settings, explicit_settings(kwargs))
-        cfg, cfg_lines = restored_loss_cfg(settings, loss_cfg, cfg, kwargs)
-        warn_conflicts(lines + cfg_lines)  # called by _build, called by the public builder
-    return model, cfg, settings, extra_state
+        raise CheckpointError(f"{os.fspath(path)} does not match {name}: {e}") from None
+    # The model the checkpoint trained: its anchors, sizes and thresholds; a given kwarg wins, named.
+    lines = apply_model_settings(model, settings, explicit_settings(kwargs)) if settings else []
+    return CheckpointModel(model, settings, extra_state, lines)
+
+
+def _from_checkpoint(
+    arch: "_Arch", weights: Any, progress: bool, kwargs: Dict[str, Any], loss_cfg: Any, agnostic: Tuple[bool, bool]
+) -> Tuple[CheckpointModel, LossConfig]:
+    """:func:`load_checkpoint_model` for a torchvision architecture, and the loss config to patch it with
+    (the checkpoint's when ``loss_cfg`` is None; a given one that differs is named in a warning)."""
+    tv_builder: Callable[..., nn.Module] = getattr(tvdet, arch.name)
+
+    def make(num_classes: int, state: Dict[str, torch.Tensor], build_kwargs: Dict[str, Any]) -> nn.Module:
+        extra = {}
+        if arch.model_cls is tvdet.KeypointRCNN:
+            key = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+            extra["num_keypoints"] = _shape_of(state, key, weights, arch.name)[1]
+        return tv_builder(
+            weights=None, progress=progress, num_classes=num_classes, weights_backbone=None, **extra, **build_kwargs
+        )
+
+    # torchvision's MobileNet builders make their own AnchorGenerator: anchors are set after building.
+    loaded = load_checkpoint_model(weights, arch.name, make, kwargs, agnostic, "mobilenet" not in arch.name)
+    cfg = LossConfig.coerce(loss_cfg)
+    cfg_lines: List[str] = []
+    if loaded.settings:
+        cfg, cfg_lines = restored_loss_cfg(loaded.settings, loss_cfg, cfg, kwargs)
+    warn_conflicts(loaded.lines + cfg_lines)  # called by _build, called by the public builder
+    return loaded, cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,15 +418,14 @@ def _build(
     check_builder_kwargs(cfg, kwargs)
     tv_builder: Callable[..., nn.Module] = getattr(tvdet, name)
     extra = {"num_keypoints": None} if arch.model_cls is tvdet.KeypointRCNN else {}
+    agnostic = (class_agnostic_bbox, class_agnostic_mask)
     predictor_args = (num_classes, num_keypoints, class_agnostic_bbox, class_agnostic_mask)
     settings: Dict[str, Any] = {}
     extra_state: Dict[str, torch.Tensor] = {}
 
     if is_checkpoint_path(weights):
-        agnostic = (class_agnostic_bbox, class_agnostic_mask)
-        model, cfg, settings, extra_state = _from_checkpoint(
-            name, tv_builder, weights, progress, extra, kwargs, loss_cfg, cfg, agnostic
-        )
+        loaded, cfg = _from_checkpoint(arch, weights, progress, kwargs, loss_cfg, agnostic)
+        model, settings, extra_state = loaded.model, loaded.settings, loaded.extra_state
         _freeze_backbone(model, _validate_trainable_layers(True, trainable_backbone_layers, arch.max_trainable, 3))
         replaced = replace_predictors(model, *predictor_args)
         _log_replaced(name, replaced)
@@ -423,14 +448,24 @@ def _build(
             _log_replaced(name, replaced)
         else:  # new layers anyway: made class-agnostic and reported, not logged (no trained weights lost)
             replaced = make_heads_class_agnostic(model.roi_heads, class_agnostic_bbox, class_agnostic_mask)
-    # The long-tail classifier's layers (Seesaw's object logit, the cosine classifier), said like the others.
-    replaced = list(replaced) + prepare_classifier(model.roi_heads, cfg.roi_head)
+    model, lines = patch_loaded(model, cfg, extra_state, os.fspath(weights) if extra_state else "")
+    return model, BuildReport(tuple(replaced) + tuple(lines), settings)
+
+
+def patch_loaded(
+    model: nn.Module, cfg: LossConfig, extra_state: Dict[str, torch.Tensor], where: str
+) -> Tuple[nn.Module, List[str]]:
+    """:func:`patch_model` after giving the box predictor the layers ``cfg`` asks for (Seesaw's object
+    logit, the cosine classifier), then the checkpoint keys that needed them (``extra_state`` of
+    :func:`load_checkpoint_model`; ``where`` names the file). Returns the model and one line per layer
+    added or loaded."""
+    lines = prepare_classifier(model.roi_heads, cfg.roi_head)
     model = patch_model(model, cfg)
     if extra_state:
-        replaced += load_extra_state(model, extra_state, os.fspath(weights))
+        lines += load_extra_state(model, extra_state, where)
         if any(k.startswith("roi_heads.box_predictor.cls_objectness.") for k in model.state_dict() if k in extra_state):
-            replaced = [line for line in replaced if "cls_objectness (new" not in line]  # trained one loaded
-    return model, BuildReport(tuple(replaced), settings)
+            lines = [line for line in lines if "cls_objectness (new" not in line]  # the trained one was loaded
+    return model, lines
 
 
 def build_with_report(name: str, **kwargs: Any) -> Tuple[nn.Module, BuildReport]:

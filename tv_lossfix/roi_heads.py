@@ -15,6 +15,7 @@ from torchvision.ops import boxes as box_ops
 
 from . import losses as L
 from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale, set_criterion
+from .class_agnostic import is_class_agnostic
 from .classifiers import check_classifier
 from .cls_losses import registered
 from .config import LossConfigError, RoILossConfig
@@ -31,14 +32,15 @@ def predictor_num_classes(box_predictor: nn.Module) -> Optional[int]:
 
 # Class-agnostic predictors (MMDetection reg_class_agnostic / class_agnostic, Detectron2
 # CLS_AGNOSTIC_BBOX_REG / CLS_AGNOSTIC_MASK) are told from the output shapes: host-side, no sync.
+# The counts are class_agnostic.BOX_OUTPUTS / MASK_CHANNELS written out: TorchScript reads no global int.
 def is_class_agnostic_box(class_logits: Tensor, box_regression: Tensor) -> bool:
     """One box delta (4 values) per RoI for a classifier over more than one class."""
-    return box_regression.shape[-1] == 4 and class_logits.shape[-1] > 1
+    return is_class_agnostic(box_regression.shape[-1], class_logits.shape[-1], 4)
 
 
 def is_class_agnostic_mask(mask_logits: Tensor, num_classes: int) -> bool:
     """One mask channel per RoI for a classifier over more than one class."""
-    return mask_logits.shape[1] == 1 and num_classes > 1
+    return is_class_agnostic(mask_logits.shape[1], num_classes, 1)
 
 
 class LossFixRoIHeads(RoIHeads):
