@@ -37,10 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import losses as L
+from ._checks import check_alpha, check_count_list, check_focal_gamma, check_int, check_weight
 
 __all__ = [
     "ClsLoss",
+    "Param",
     "register",
+    "unregister",
     "registered",
     "cls_loss_names",
     "build_criterion",
@@ -441,14 +444,27 @@ class ObjectnessFocal(nn.Module):
 
 # -- the registry ----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class ClsLoss:
-    """One classification loss of one head.
+class Param:
+    """One parameter of a registered loss, declared once: its ``default`` (taken when the key is not
+    given, i.e. None) and the ``check(where, value)`` of a given value, which returns it normalised or
+    raises :class:`~tv_lossfix.LossConfigError` naming ``where`` (the dotted key). LossConfig reads both."""
 
-    ``params``: the config keys only this loss reads, ``key -> default`` (a key set while another loss
-    is chosen is refused); ``build(settings, num_classes)`` makes the criterion from the resolved
-    settings (a dict of every key of the head's config) and the model's classes (background
-    included); ``extra_outputs``: classifier outputs beyond those classes (Seesaw: 1, the object
-    logit); ``needs``: config keys that must be given (data statistics); ``stateful``: has buffers.
+    default: Any
+    check: Callable[[str, Any], Any] = check_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class ClsLoss:
+    """One classification loss of one head, and everything the rest of the package reads about it.
+
+    ``build(settings, num_classes)`` makes the criterion from the resolved settings (a dict of every
+    key of the head's config, each parameter at its value or default) and the model's classes
+    (background included). ``params``: the config keys only this loss reads, ``key -> Param`` (a bare
+    value is ``Param(value)``: a number >= 0); LossConfig accepts them under the head, checks them
+    with ``Param.check`` and refuses them while another loss is chosen. ``extra_outputs``: classifier
+    outputs beyond the classes, which the box predictor gains as ``cls_objectness`` (Seesaw: 1, the
+    object logit); ``needs``: parameters that must be given (data statistics); ``stateful``: the
+    criterion has buffers (they need the model's class count).
     """
 
     name: str
@@ -465,13 +481,27 @@ _REGISTRY: Dict[Tuple[str, str], ClsLoss] = {}
 
 
 def register(spec: ClsLoss) -> ClsLoss:
-    """Add a loss (``spec.head`` is ``"rpn_head"`` or ``"roi_head"``); a name is registered once per head."""
+    """Add a loss (``spec.head`` is ``"rpn_head"`` or ``"roi_head"``); a name is registered once per head.
+
+    Everything reads the registry at use: ``cls_loss: <name>`` is then a valid config value, its
+    parameters valid keys, OHEM ranks with the criterion's ``ranking``, the heads score with its
+    ``scores`` and the box predictor gets its ``extra_outputs``."""
     if spec.head not in ("rpn_head", "roi_head"):
         raise ValueError(f"ClsLoss.head must be 'rpn_head' or 'roi_head', got {spec.head!r}")
     if (spec.head, spec.name) in _REGISTRY:
         raise ValueError(f"{spec.head}.cls_loss {spec.name!r} is already registered")
+    params = {k: v if isinstance(v, Param) else Param(v) for k, v in spec.params.items()}
+    for key in spec.needs:
+        if key not in params:
+            raise ValueError(f"{spec.head}.cls_loss {spec.name!r} needs {key!r}, which is not one of its params")
+    spec = dataclasses.replace(spec, params=params)
     _REGISTRY[(spec.head, spec.name)] = spec
     return spec
+
+
+def unregister(head: str, name: str) -> None:
+    """Remove a registered loss (a test's or a plug-in's); a model that holds its criterion keeps it."""
+    del _REGISTRY[(head, name)]
 
 
 def registered(head: str, name: str) -> ClsLoss:
@@ -495,7 +525,7 @@ def param_owners(head: str) -> Dict[str, List[str]]:
 
 def resolved_param(settings: Dict[str, Any], spec: ClsLoss, key: str) -> Any:
     value = settings.get(key)
-    return spec.params[key] if value is None else value
+    return spec.params[key].default if value is None else value
 
 
 def build_criterion(head: str, settings: Dict[str, Any], num_classes: int) -> nn.Module:
@@ -511,7 +541,7 @@ register(
         "focal",
         "rpn_head",
         lambda s, n: ObjectnessFocal(s["focal_alpha"], s["focal_gamma"]),
-        params={"focal_gamma": 2.0, "focal_alpha": 0.25},
+        params={"focal_gamma": Param(2.0, check_focal_gamma), "focal_alpha": Param(0.25, check_alpha)},
         summary="sigmoid focal loss (torchvision.ops.sigmoid_focal_loss)",
     )
 )
@@ -521,7 +551,7 @@ register(
         "focal",
         "roi_head",
         lambda s, n: SoftmaxFocal(s["focal_gamma"]),
-        params={"focal_gamma": 2.0},
+        params={"focal_gamma": Param(2.0, check_focal_gamma)},
         summary="softmax focal loss; class_weight is its per-class alpha",
     )
 )
@@ -531,7 +561,11 @@ register(
         "federated",
         "roi_head",
         lambda s, n: Federated(list(s["fed_image_counts"]), s["fed_freq_power"], s["fed_num_classes"]),
-        params={"fed_num_classes": 50, "fed_freq_power": 0.5, "fed_image_counts": None},
+        params={
+            "fed_num_classes": Param(50, check_int),
+            "fed_freq_power": Param(0.5),
+            "fed_image_counts": Param(None, check_count_list),
+        },
         needs=("fed_image_counts",),
         summary="Detectron2 USE_FED_LOSS",
     )
@@ -541,7 +575,7 @@ register(
         "seesaw",
         "roi_head",
         lambda s, n: Seesaw(n, s["seesaw_p"], s["seesaw_q"]),
-        params={"seesaw_p": 0.8, "seesaw_q": 2.0},
+        params={"seesaw_p": Param(0.8), "seesaw_q": Param(2.0)},
         extra_outputs=1,
         stateful=True,
         summary="MMDetection SeesawLoss",
@@ -552,7 +586,7 @@ register(
         "eqlv2",
         "roi_head",
         lambda s, n: EQLv2(n, s["eqlv2_mu"], s["eqlv2_alpha"], s["eqlv2_gamma"]),
-        params={"eqlv2_mu": 0.8, "eqlv2_alpha": 4.0, "eqlv2_gamma": 12.0},
+        params={"eqlv2_mu": Param(0.8), "eqlv2_alpha": Param(4.0), "eqlv2_gamma": Param(12.0)},
         stateful=True,
         summary="MMDetection EQLV2Loss",
     )

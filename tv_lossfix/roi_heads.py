@@ -87,7 +87,7 @@ class LossFixRoIHeads(RoIHeads):
         check_classifier(self, cfg)
         spec = registered("roi_head", cfg.cls_loss)
         for key in spec.needs:
-            if getattr(cfg, key) is None:
+            if cfg.param(key) is None:
                 raise LossConfigError(
                     f"roi_head.cls_loss {cfg.cls_loss} needs roi_head.{key} (references/train.py resolves 'auto' "
                     "from the training annotations)"
