@@ -268,6 +268,9 @@ class RoILossConfig(_HeadLossConfig):
     ``fed_freq_power`` 0.5, ``fed_image_counts`` the training images of each foreground class, required),
     ``seesaw`` (MMDetection SeesawLoss: ``seesaw_p`` 0.8, ``seesaw_q`` 2.0; one more classifier output),
     ``eqlv2`` (EQLV2Loss: ``eqlv2_mu`` 0.8, ``eqlv2_alpha`` 4.0, ``eqlv2_gamma`` 12).
+    A loss registered outside this package (:func:`tv_lossfix.cls_losses.register`) reads its parameters
+    from the same section (``roi_head: {cls_loss: poly1, poly_epsilon: 2.0}``); they are kept in
+    ``loss_params`` and read with :meth:`param`.
     ``cosine_classifier``: the class scores of a cosine classifier (MMDetection's ``NormedLinear``,
     ``cosine_temperature`` None: 20) instead of a linear layer, with any ``cls_loss``.
     """
