@@ -479,50 +479,6 @@ def build_with_report(name: str, **kwargs: Any) -> Tuple[nn.Module, BuildReport]
     return _build(arch=_ARCHS[name], **bound.arguments)
 
 
-_ARGS_DOC = """
-    Args:
-        weights: pretrained weights, as for torchvision (an enum member, ``"DEFAULT"`` or a name),
-            or the path of a local checkpoint of the same architecture. Default: None.
-        progress: show a download progress bar. Default: True.
-        num_classes: number of classes including background. With ``weights``, a different value
-            keeps the pretrained body and replaces the box predictor{mask}.
-        weights_backbone: pretrained backbone weights, as for torchvision. Default: {wb}.
-        trainable_backbone_layers: backbone stages left trainable (0 to {maxl}); with pretrained
-            weights or a checkpoint the default is 3, otherwise all.{kp}
-        loss_cfg: a :class:`tv_lossfix.LossConfig`, dict, preset name (``"torchvision"``,
-            ``"mmdetection"``, ``"positive"``) or YAML path. Default: torchvision's losses.
-        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one
-            per class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``).
-            Over class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is
-            re-initialised (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
-        class_agnostic_mask: {agnostic_mask}
-        **kwargs: the parameters of ``torchvision.models.detection.{cls}`` (``min_size``,
-            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError.
-
-    Returns:
-        A ``torchvision.models.detection.{cls}`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
-"""
-
-
-def _doc(summary: str, cls: str, wb: str, maxl: int, mask: bool = False, kp: bool = False) -> str:
-    kp_doc = (
-        "\n        num_keypoints: keypoints per instance; with ``weights``, a different value replaces"
-        "\n            the keypoint predictor. Default: 17 (COCO)."
-        if kp
-        else ""
-    )
-    agnostic_mask = (
-        "one mask channel shared by every class (MMDetection ``class_agnostic``,"
-        "\n            Detectron2 ``CLS_AGNOSTIC_MASK``). Over class-specific ``weights`` the pretrained"
-        "\n            ``mask_predictor.mask_fcn_logits`` is re-initialised (``conv5_mask`` kept). Default: False."
-        if mask
-        else f"True raises TypeError: a {cls} has no mask branch. Default: False."
-    )
-    mask_doc = " and the mask logits layer" if mask else ""
-    doc = _ARGS_DOC.format(mask=mask_doc, wb=wb, maxl=maxl, kp=kp_doc, cls=cls, agnostic_mask=agnostic_mask)
-    return summary + "\n" + doc
-
-
 def maskrcnn_resnet50_fpn(
     *,
     weights: Any = None,
@@ -535,6 +491,58 @@ def maskrcnn_resnet50_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
+    """Mask R-CNN, ResNet-50-FPN backbone, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.maskrcnn_resnet50_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``MaskRCNN_ResNet50_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor and the mask logits layer (torchvision raises
+            instead). Default: None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``ResNet50_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: one mask channel shared by every class (MMDetection ``class_agnostic``,
+            Detectron2 ``CLS_AGNOSTIC_MASK``). Over class-specific ``weights`` the pretrained
+            ``mask_predictor.mask_fcn_logits`` is re-initialised (``conv5_mask`` kept). Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.MaskRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.MaskRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.maskrcnn_resnet50_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's (loss_mask too)
+    """
     model, _ = _build(
         arch=_ARCHS["maskrcnn_resnet50_fpn"],
         weights=weights,
@@ -562,6 +570,58 @@ def maskrcnn_resnet50_fpn_v2(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
+    """Mask R-CNN v2 (improved recipe, arXiv:2111.11429), with configurable losses.
+
+    The arguments of ``torchvision.models.detection.maskrcnn_resnet50_fpn_v2``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``MaskRCNN_ResNet50_FPN_V2_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor and the mask logits layer (torchvision raises
+            instead). Default: None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            None.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: one mask channel shared by every class (MMDetection ``class_agnostic``,
+            Detectron2 ``CLS_AGNOSTIC_MASK``). Over class-specific ``weights`` the pretrained
+            ``mask_predictor.mask_fcn_logits`` is re-initialised (``conv5_mask`` kept). Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.MaskRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.MaskRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.maskrcnn_resnet50_fpn_v2(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's (loss_mask too)
+    """
     model, _ = _build(
         arch=_ARCHS["maskrcnn_resnet50_fpn_v2"],
         weights=weights,
@@ -589,6 +649,56 @@ def fasterrcnn_resnet50_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
+    """Faster R-CNN, ResNet-50-FPN backbone, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.fasterrcnn_resnet50_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``FasterRCNN_ResNet50_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``ResNet50_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a FasterRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.FasterRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.FasterRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.fasterrcnn_resnet50_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's
+    """
     model, _ = _build(
         arch=_ARCHS["fasterrcnn_resnet50_fpn"],
         weights=weights,
@@ -616,6 +726,56 @@ def fasterrcnn_resnet50_fpn_v2(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
+    """Faster R-CNN v2 (improved recipe, arXiv:2111.11429), with configurable losses.
+
+    The arguments of ``torchvision.models.detection.fasterrcnn_resnet50_fpn_v2``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``FasterRCNN_ResNet50_FPN_V2_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            None.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a FasterRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.FasterRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.FasterRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.fasterrcnn_resnet50_fpn_v2(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's
+    """
     model, _ = _build(
         arch=_ARCHS["fasterrcnn_resnet50_fpn_v2"],
         weights=weights,
@@ -643,6 +803,56 @@ def fasterrcnn_mobilenet_v3_large_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
+    """Faster R-CNN, MobileNetV3-Large FPN backbone, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``FasterRCNN_MobileNet_V3_Large_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``MobileNet_V3_Large_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 6); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a FasterRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.FasterRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.FasterRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.fasterrcnn_mobilenet_v3_large_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's
+    """
     model, _ = _build(
         arch=_ARCHS["fasterrcnn_mobilenet_v3_large_fpn"],
         weights=weights,
@@ -670,6 +880,56 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
+    """Faster R-CNN, MobileNetV3-Large FPN tuned for 320px mobile inputs, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``FasterRCNN_MobileNet_V3_Large_320_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``MobileNet_V3_Large_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 6); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a FasterRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.FasterRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.FasterRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.fasterrcnn_mobilenet_v3_large_320_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's
+    """
     model, _ = _build(
         arch=_ARCHS["fasterrcnn_mobilenet_v3_large_320_fpn"],
         weights=weights,
@@ -698,6 +958,58 @@ def keypointrcnn_resnet50_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.KeypointRCNN:
+    """Keypoint R-CNN, ResNet-50-FPN backbone, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.keypointrcnn_resnet50_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``KeypointRCNN_ResNet50_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        num_keypoints: keypoints per instance; with ``weights``, a different value replaces the
+            keypoint predictor. Default: None (the weights' own, else 17).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``ResNet50_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a KeypointRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.KeypointRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.KeypointRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.keypointrcnn_resnet50_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's (loss_keypoint too)
+    """
     model, _ = _build(
         arch=_ARCHS["keypointrcnn_resnet50_fpn"],
         weights=weights,
@@ -713,45 +1025,6 @@ def keypointrcnn_resnet50_fpn(
     )
     return model
 
-
-maskrcnn_resnet50_fpn.__doc__ = _doc(
-    "Mask R-CNN, ResNet-50-FPN backbone, with configurable losses.",
-    "MaskRCNN",
-    "``ResNet50_Weights.IMAGENET1K_V1``",
-    5,
-    mask=True,
-)
-maskrcnn_resnet50_fpn_v2.__doc__ = _doc(
-    "Mask R-CNN v2 (improved recipe, arXiv:2111.11429), with configurable losses.", "MaskRCNN", "None", 5, mask=True
-)
-fasterrcnn_resnet50_fpn.__doc__ = _doc(
-    "Faster R-CNN, ResNet-50-FPN backbone, with configurable losses.",
-    "FasterRCNN",
-    "``ResNet50_Weights.IMAGENET1K_V1``",
-    5,
-)
-fasterrcnn_resnet50_fpn_v2.__doc__ = _doc(
-    "Faster R-CNN v2 (improved recipe), with configurable losses.", "FasterRCNN", "None", 5
-)
-fasterrcnn_mobilenet_v3_large_fpn.__doc__ = _doc(
-    "Faster R-CNN, MobileNetV3-Large FPN, with configurable losses.",
-    "FasterRCNN",
-    "``MobileNet_V3_Large_Weights.IMAGENET1K_V1``",
-    6,
-)
-fasterrcnn_mobilenet_v3_large_320_fpn.__doc__ = _doc(
-    "Faster R-CNN, MobileNetV3-Large FPN tuned for 320px mobile inputs, with configurable losses.",
-    "FasterRCNN",
-    "``MobileNet_V3_Large_Weights.IMAGENET1K_V1``",
-    6,
-)
-keypointrcnn_resnet50_fpn.__doc__ = _doc(
-    "Keypoint R-CNN, ResNet-50-FPN backbone, with configurable losses.",
-    "KeypointRCNN",
-    "``ResNet50_Weights.IMAGENET1K_V1``",
-    5,
-    kp=True,
-)
 
 BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     f.__name__: f
