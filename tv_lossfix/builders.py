@@ -121,7 +121,7 @@ def explicit_settings(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def checkpoint_build_kwargs(
-    settings: Dict[str, Any], kwargs: Dict[str, Any], state: Dict[str, torch.Tensor], path: Any, anchors: bool = True
+    settings: Dict[str, Any], kwargs: Dict[str, Any], state: Dict[str, torch.Tensor], path: Any
 ) -> Dict[str, Any]:
     """The builder keywords for a checkpoint's model: its anchors (the RPN head's shape depends on their
     count per location) unless an ``rpn_anchor_generator`` is given, which must fit the trained head."""
@@ -135,7 +135,7 @@ def checkpoint_build_kwargs(
                 f"rpn_anchor_generator refused: it gives {given} anchors per location but the RPN head in "
                 f"{os.fspath(path)} was trained for {trained.shape[0]}"
             )
-    if anchors and gen is None and "anchor_sizes" in settings and "aspect_ratios" in settings:
+    if gen is None and "anchor_sizes" in settings and "aspect_ratios" in settings:
         ratios = [tuple(r) for r in settings["aspect_ratios"]]
         out["rpn_anchor_generator"] = AnchorGenerator(tuple(tuple(s) for s in settings["anchor_sizes"]), tuple(ratios))
     return out
@@ -312,21 +312,20 @@ def load_checkpoint_model(
     make: Callable[[int, Dict[str, torch.Tensor], Dict[str, Any]], nn.Module],
     kwargs: Dict[str, Any],
     agnostic: Tuple[bool, bool] = (False, False),
-    anchors: bool = True,
 ) -> CheckpointModel:
     """The one reader of a ``weights`` checkpoint file: the model it holds, loaded.
 
     ``make(num_classes, state, build_kwargs)`` builds the untrained architecture ``name`` at the
-    checkpoint's class count (``build_kwargs``: ``kwargs`` plus the checkpoint's anchors unless
-    ``anchors`` is False). Its box / mask layers follow a class-agnostic checkpoint, refused where
-    ``agnostic`` (bbox, mask) does not ask for it; its ``model_settings`` are applied (a keyword in
-    ``kwargs`` wins, named in ``lines``). Errors are :class:`~tv_lossfix.checkpoint.CheckpointError`
-    naming the file.
+    checkpoint's class count (``build_kwargs``: ``kwargs`` plus the checkpoint's anchors as an
+    ``rpn_anchor_generator`` when ``kwargs`` has none). Its box / mask layers follow a class-agnostic
+    checkpoint, refused where ``agnostic`` (bbox, mask) does not ask for it; its ``model_settings``
+    are applied (a keyword in ``kwargs`` wins, named in ``lines``). Errors are
+    :class:`~tv_lossfix.checkpoint.CheckpointError` naming the file.
     """
     state, settings = read_weights_checkpoint(path)
     state, extra_state = split_extra_state(state)
     num_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", path, name)[0]
-    model = make(num_classes, state, checkpoint_build_kwargs(settings, kwargs, state, path, anchors))
+    model = make(num_classes, state, checkpoint_build_kwargs(settings, kwargs, state, path))
     _match_norm_layers(model, state)
     _follow_agnostic_checkpoint(model, state, path, agnostic)
     try:
@@ -347,6 +346,10 @@ def _from_checkpoint(
 
     def make(num_classes: int, state: Dict[str, torch.Tensor], build_kwargs: Dict[str, Any]) -> nn.Module:
         extra = {}
+        if "mobilenet" in arch.name and "rpn_anchor_generator" not in kwargs:
+            # torchvision's MobileNet builders make their own AnchorGenerator: the checkpoint's anchors
+            # are set after building, with its other settings.
+            build_kwargs = {k: v for k, v in build_kwargs.items() if k != "rpn_anchor_generator"}
         if arch.model_cls is tvdet.KeypointRCNN:
             key = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
             extra["num_keypoints"] = _shape_of(state, key, weights, arch.name)[1]
@@ -354,8 +357,7 @@ def _from_checkpoint(
             weights=None, progress=progress, num_classes=num_classes, weights_backbone=None, **extra, **build_kwargs
         )
 
-    # torchvision's MobileNet builders make their own AnchorGenerator: anchors are set after building.
-    loaded = load_checkpoint_model(weights, arch.name, make, kwargs, agnostic, "mobilenet" not in arch.name)
+    loaded = load_checkpoint_model(weights, arch.name, make, kwargs, agnostic)
     cfg = LossConfig.coerce(loss_cfg)
     cfg_lines: List[str] = []
     if loaded.settings:
