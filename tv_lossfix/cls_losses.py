@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import losses as L
-from ._checks import check_alpha, check_count_list, check_focal_gamma, check_int, check_weight
+from ._checks import LossConfigError, check_alpha, check_count_list, check_focal_gamma, check_int, check_weight
 
 __all__ = [
     "ClsLoss",
@@ -466,6 +466,12 @@ class LossFunction(_Criterion):
         self.per_sample = per_sample
         self.score_fn = softmax_probabilities if scores is None else scores
         self.softmax_scores = scores is None
+        for key, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise LossConfigError(
+                    f"roi_head.{key} is {value!r}: roi_head.cls_loss {name} is a per_sample loss, whose parameters "
+                    "are numbers (register a criterion with build= for other parameters)"
+                )
         self.params = {k: float(v) for k, v in params.items()}
 
     @torch.jit.unused
@@ -546,8 +552,9 @@ class ClsLoss:
     value is ``Param(value)``: a number >= 0); LossConfig accepts them under the head, checks them
     with ``Param.check`` and refuses them while another loss is chosen. ``extra_outputs``: classifier
     outputs beyond the classes, which the box predictor gains as ``cls_objectness`` (Seesaw: 1, the
-    object logit); ``needs``: parameters that must be given (data statistics); ``stateful``: the
-    criterion has buffers (they need the model's class count).
+    object logit); ``needs``: parameters that must be given (data statistics); ``per_class``:
+    parameters that are lists with one entry per foreground class (checked against the model);
+    ``stateful``: the criterion has buffers (they need the model's class count).
     """
 
     name: str
@@ -558,6 +565,7 @@ class ClsLoss:
     params: Dict[str, Any] = dataclasses.field(default_factory=dict)
     extra_outputs: int = 0
     needs: Tuple[str, ...] = ()
+    per_class: Tuple[str, ...] = ()
     stateful: bool = False
     summary: str = ""
 
@@ -580,7 +588,7 @@ def register(spec: ClsLoss) -> ClsLoss:
     if spec.per_sample is not None and spec.head != "roi_head":
         raise ValueError(f"{spec.head}.cls_loss {spec.name!r}: per_sample= losses are RoI classifier losses")
     params = {k: v if isinstance(v, Param) else Param(v) for k, v in spec.params.items()}
-    for key in spec.needs:
+    for key in spec.needs + spec.per_class:
         if key not in params:
             raise ValueError(f"{spec.head}.cls_loss {spec.name!r} needs {key!r}, which is not one of its params")
     spec = dataclasses.replace(spec, params=params)
@@ -659,6 +667,7 @@ register(
             "fed_image_counts": Param(None, check_count_list),
         },
         needs=("fed_image_counts",),
+        per_class=("fed_image_counts",),
         summary="Detectron2 USE_FED_LOSS",
     )
 )

@@ -92,20 +92,18 @@ class LossFixRoIHeads(RoIHeads):
                     f"roi_head.cls_loss {cfg.cls_loss} needs roi_head.{key} (references/train.py resolves 'auto' "
                     "from the training annotations)"
                 )
-        if (spec.stateful or cfg.fed_image_counts is not None) and num_classes is None:
+        per_class = {key: cfg.param(key) for key in spec.per_class if cfg.param(key) is not None}
+        if (spec.stateful or per_class) and num_classes is None:
             raise LossConfigError(
                 f"roi_head.cls_loss {cfg.cls_loss} needs the class count of torchvision's box predictor "
                 f"(cls_score), but roi_heads.box_predictor is a {type(self.box_predictor).__name__}"
             )
-        if (
-            cfg.fed_image_counts is not None
-            and num_classes is not None
-            and len(cfg.fed_image_counts) != num_classes - 1
-        ):
-            raise LossConfigError(
-                f"roi_head.fed_image_counts has {len(cfg.fed_image_counts)} entries but the model has "
-                f"{num_classes - 1} foreground classes: give one image count per class"
-            )
+        for key, value in per_class.items():
+            if num_classes is not None and len(value) != num_classes - 1:
+                raise LossConfigError(
+                    f"roi_head.{key} has {len(value)} entries but the model has {num_classes - 1} foreground "
+                    "classes: give one entry per foreground class"
+                )
         set_criterion(self, cfg, num_classes if num_classes is not None else 0)
         self.softmax_scores = bool(self.cls_criterion.softmax_scores)
         self.extra_outputs = int(spec.extra_outputs)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tv_lossfix import cls_losses as C
-from tv_lossfix._checks import check_weight
+from tv_lossfix._checks import check_count_list, check_weight
 from tv_lossfix.config import LossConfig, LossConfigError
 
 from helpers import assert_scripted_matches_eager, make_targets, run_losses, tiny_model
@@ -162,3 +162,16 @@ def test_registration_is_checked():
     with pytest.raises(ValueError, match="rpn_head"):
         C.register(C.ClsLoss("poly_rpn", "rpn_head", per_sample=poly1_per_sample))
     assert "nothing" not in C.cls_loss_names("roi_head")
+
+
+def test_a_per_sample_loss_takes_number_parameters_only():
+    C.register(
+        C.ClsLoss(
+            "listy", "roi_head", per_sample=poly1_per_sample, params={"listy_counts": C.Param(None, check_count_list)}
+        )
+    )
+    try:
+        with pytest.raises(LossConfigError, match=r"roi_head\.listy_counts"):
+            tiny_model("faster", loss_cfg={"roi_head": {"cls_loss": "listy", "listy_counts": [1, 2]}})
+    finally:
+        C.unregister("roi_head", "listy")
