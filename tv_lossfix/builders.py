@@ -338,7 +338,7 @@ def load_checkpoint_model(
 
 
 def _from_checkpoint(
-    arch: "_Arch", weights: Any, progress: bool, kwargs: Dict[str, Any], loss_cfg: Any, agnostic: Tuple[bool, bool]
+    arch: "_Arch", weights: Any, kwargs: Dict[str, Any], loss_cfg: Any, agnostic: Tuple[bool, bool]
 ) -> Tuple[CheckpointModel, LossConfig]:
     """:func:`load_checkpoint_model` for a torchvision architecture, and the loss config to patch it with
     (the checkpoint's when ``loss_cfg`` is None; a given one that differs is named in a warning)."""
@@ -353,9 +353,8 @@ def _from_checkpoint(
         if arch.model_cls is tvdet.KeypointRCNN:
             key = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
             extra["num_keypoints"] = _shape_of(state, key, weights, arch.name)[1]
-        return tv_builder(
-            weights=None, progress=progress, num_classes=num_classes, weights_backbone=None, **extra, **build_kwargs
-        )
+        # Nothing is downloaded (no weights, no backbone weights): torchvision's progress flag is moot.
+        return tv_builder(weights=None, num_classes=num_classes, weights_backbone=None, **extra, **build_kwargs)
 
     loaded = load_checkpoint_model(weights, arch.name, make, kwargs, agnostic)
     cfg = LossConfig.coerce(loss_cfg)
@@ -426,7 +425,7 @@ def _build(
     extra_state: Dict[str, torch.Tensor] = {}
 
     if is_checkpoint_path(weights):
-        loaded, cfg = _from_checkpoint(arch, weights, progress, kwargs, loss_cfg, agnostic)
+        loaded, cfg = _from_checkpoint(arch, weights, kwargs, loss_cfg, agnostic)
         model, settings, extra_state = loaded.model, loaded.settings, loaded.extra_state
         _freeze_backbone(model, _validate_trainable_layers(True, trainable_backbone_layers, arch.max_trainable, 3))
         replaced = replace_predictors(model, *predictor_args)
