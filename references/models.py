@@ -36,7 +36,7 @@ from tv_lossfix.builders import (
     replace_predictors,
 )
 from tv_lossfix.checkpoint import CheckpointError, check_checkpoint_file, model_state_dict, read_checkpoint
-from tv_lossfix.class_agnostic import state_class_agnostic
+from tv_lossfix.class_agnostic import contradicted_flag, state_class_agnostic
 from tv_lossfix.classifiers import prepare_classifier
 from tv_lossfix.model_settings import ModelSettingsWarning
 from tv_lossfix.sampling import check_builder_kwargs
@@ -383,12 +383,12 @@ def build_model(
     ``weights`` checkpoint, or the fresh ones) are added to the report's ``replaced`` lines."""
     check_class_agnostic(name, stock, class_agnostic_bbox, class_agnostic_mask)
     have = checkpoint_class_agnostic(weights)
-    for key, want, found in (("bbox", class_agnostic_bbox, have[0]), ("mask", class_agnostic_mask, have[1])):
-        if found and not want:
-            raise ModelError(
-                f"--weights {weights} has a class-agnostic {'box regression' if key == 'bbox' else 'mask'} "
-                f"predictor: set model.class_agnostic_{key}: true to load it"
-            )
+    flag = contradicted_flag(have, (class_agnostic_bbox, class_agnostic_mask))
+    if flag is not None:
+        what = "box regression" if flag == "class_agnostic_bbox" else "mask"
+        raise ModelError(
+            f"--weights {weights} has a class-agnostic {what} predictor: set model.{flag}: true to load it"
+        )
     kwargs = dict(kwargs or {})
     if any(have) and name not in EXTRA_MODELS:  # the builder makes the heads agnostic before it loads them
         kwargs.update(class_agnostic_bbox=have[0], class_agnostic_mask=have[1])

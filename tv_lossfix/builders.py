@@ -37,6 +37,7 @@ from ._suggest import did_you_mean
 from .checkpoint import CheckpointError, model_state_dict, read_checkpoint
 from .class_agnostic import (
     BOX_OUTPUTS,
+    contradicted_flag,
     is_class_agnostic,
     make_heads_class_agnostic,
     new_mask_logits,
@@ -269,14 +270,14 @@ def _follow_agnostic_checkpoint(
     """Shape the model's box / mask layers like a class-agnostic checkpoint's before loading it;
     refused when the caller did not ask for class-agnostic layers (the flag would be contradicted)."""
     found = state_class_agnostic(state)
-    flags = (("class_agnostic_bbox", "bbox_pred"), ("class_agnostic_mask", "mask_fcn_logits"))
-    for (flag, layer), have, want in zip(flags, found, asked):
-        if have and not want:
-            classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
-            raise CheckpointError(
-                f"{os.fspath(path)} has a class-agnostic {layer} (one slot for {classes} classes): "
-                f"pass {flag}=True to load it"
-            )
+    flag = contradicted_flag(found, asked)
+    if flag is not None:
+        layer = "bbox_pred" if flag == "class_agnostic_bbox" else "mask_fcn_logits"
+        classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+        raise CheckpointError(
+            f"{os.fspath(path)} has a class-agnostic {layer} (one slot for {classes} classes): "
+            f"pass {flag}=True to load it"
+        )
     make_heads_class_agnostic(model.roi_heads, *found)
 
 

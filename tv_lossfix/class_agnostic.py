@@ -15,6 +15,7 @@ __all__ = [
     "MASK_CHANNELS",
     "is_class_agnostic",
     "state_class_agnostic",
+    "contradicted_flag",
     "make_class_agnostic",
     "make_heads_class_agnostic",
     "new_mask_logits",
@@ -129,6 +130,16 @@ def make_heads_class_agnostic(heads: nn.Module, bbox: bool, mask: bool) -> List[
         _agnostic_mask(heads, mask_layer) if mask_layer is not None else None,
     ]
     return [line for line in lines if line is not None]
+
+
+def contradicted_flag(found: Tuple[bool, bool], asked: Tuple[bool, bool]) -> Optional[str]:
+    """``"class_agnostic_bbox"`` / ``"class_agnostic_mask"``: the first layer a checkpoint has
+    class-agnostic (``found``, from :func:`state_class_agnostic`) that the caller did not ask for
+    (``asked``); None when the checkpoint loads as asked."""
+    for flag, have, want in zip(("class_agnostic_bbox", "class_agnostic_mask"), found, asked):
+        if have and not want:
+            return flag
+    return None
 
 
 def make_class_agnostic(model: nn.Module, bbox: bool = True, mask: bool = True) -> List[str]:

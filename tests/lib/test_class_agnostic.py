@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from tv_lossfix import make_class_agnostic
-from tv_lossfix.class_agnostic import BOX_OUTPUTS, MASK_CHANNELS, is_class_agnostic, state_class_agnostic
+from tv_lossfix.class_agnostic import (
+    BOX_OUTPUTS,
+    MASK_CHANNELS,
+    contradicted_flag,
+    is_class_agnostic,
+    state_class_agnostic,
+)
 from tv_lossfix.roi_heads import is_class_agnostic_box, is_class_agnostic_mask
 
 from helpers import tiny_model
@@ -33,3 +39,10 @@ def test_head_tensors_and_state_dicts_follow_the_rule():
     make_class_agnostic(model, bbox=False, mask=True)
     assert state_class_agnostic(model.state_dict()) == (True, True)
     assert state_class_agnostic({}) == (False, False)  # no classifier: nothing to tell
+
+
+def test_the_flag_a_class_agnostic_checkpoint_needs_is_named():
+    assert contradicted_flag((True, False), (False, False)) == "class_agnostic_bbox"
+    assert contradicted_flag((False, True), (True, False)) == "class_agnostic_mask"
+    assert contradicted_flag((True, True), (True, True)) is None
+    assert contradicted_flag((False, False), (True, True)) is None  # asking for more than the checkpoint has: fine
