@@ -309,9 +309,7 @@ def _check_stock(m: ModelConfig, loss_cfg: LossConfig, source: str) -> None:
     """--stock builds torchvision's own heads: a loss or sampling setting could not take effect there."""
     if not m.stock or (loss_cfg.is_default() and not auto_class_weight(m)):
         return
-    default, now = LossConfig().to_dict(), loss_cfg.to_dict()
-    keys = [f"model.{sec}.{k}" for sec in ("rpn_head", "roi_head") for k, v in now[sec].items() if default[sec][k] != v]
-    keys += ["model.sync_avg_factor"] if loss_cfg.sync_avg_factor else []
+    keys = [f"model.{k}" for k in loss_cfg.changed_keys()]
     keys += ["model.roi_head.class_weight"] if auto_class_weight(m) else []
     raise ConfigError(
         f"{source}: --stock builds torchvision's own heads, which cannot apply {', '.join(keys)}: "

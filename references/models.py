@@ -29,17 +29,16 @@ from tv_lossfix._suggest import did_you_mean
 from tv_lossfix.builders import (
     BuildReport,
     build_with_report,
-    checkpoint_build_kwargs,
-    explicit_settings,
     is_checkpoint_path,
+    load_checkpoint_model,
     load_checkpoint_state,
-    read_weights_checkpoint,
+    patch_loaded,
     replace_predictors,
 )
-from tv_lossfix.checkpoint import check_checkpoint_file, model_state_dict, read_checkpoint
-from tv_lossfix.class_agnostic import make_heads_class_agnostic
-from tv_lossfix.classifiers import load_extra_state, prepare_classifier, split_extra_state
-from tv_lossfix.model_settings import ModelSettingsWarning, apply_model_settings
+from tv_lossfix.checkpoint import CheckpointError, check_checkpoint_file, model_state_dict, read_checkpoint
+from tv_lossfix.class_agnostic import contradicted_flag, state_class_agnostic
+from tv_lossfix.classifiers import prepare_classifier
+from tv_lossfix.model_settings import ModelSettingsWarning
 from tv_lossfix.sampling import check_builder_kwargs
 
 from train_config import check_class_agnostic
@@ -331,24 +330,22 @@ def set_anchors(
 def _tiny_from_checkpoint(
     path: str, num_classes: int, loss_cfg: Any, stock: bool, kwargs: Dict[str, Any], notes: List[str]
 ):
-    state, settings = read_weights_checkpoint(path)
-    key = "roi_heads.box_predictor.cls_score.weight"
-    if key not in state:
-        raise ModelError(f"--weights {path} is not a maskrcnn_tiny checkpoint: it has no {key!r}")
-    model = maskrcnn_tiny(state[key].shape[0], **checkpoint_build_kwargs(settings, kwargs, state, path))
-    make_heads_class_agnostic(model.roi_heads, *_state_class_agnostic(state))  # so that an agnostic one loads
-    state, extra_state = split_extra_state(state)  # a long-tail classifier's layers: loaded once patched
+    # The library's one checkpoint reader; a class-agnostic checkpoint is followed (build_model has
+    # already refused one that model.class_agnostic_* does not ask for).
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ModelError(f"--weights {path} does not match maskrcnn_tiny: {str(e).splitlines()[0]}") from None
-    notes.extend(apply_model_settings(model, settings, explicit_settings(kwargs)) if settings else [])
-    replaced = replace_predictors(model, num_classes, None, *_state_class_agnostic(state))
+        loaded = load_checkpoint_model(
+            path, "maskrcnn_tiny", lambda n, _, kw: maskrcnn_tiny(n, **kw), kwargs, (True, True)
+        )
+    except CheckpointError as e:
+        raise ModelError(f"--weights {str(e).splitlines()[0]}") from None
+    model, settings = loaded.model, loaded.settings
+    notes.extend(loaded.lines)
+    replaced = replace_predictors(model, num_classes, None, *state_class_agnostic(model.state_dict()))
     if not stock:
-        replaced += prepare_classifier(model.roi_heads, tv_lossfix.LossConfig.coerce(loss_cfg).roi_head)
-    model = model if stock else tv_lossfix.patch_model(model, loss_cfg)
-    if extra_state and not stock:
-        notes.extend(load_extra_state(model, extra_state, f"--weights {path}"))
+        model, lines = patch_loaded(
+            model, tv_lossfix.LossConfig.coerce(loss_cfg), loaded.extra_state, f"--weights {path}"
+        )
+        replaced += lines
     return model, BuildReport(tuple(replaced), settings)
 
 
@@ -386,12 +383,12 @@ def build_model(
     ``weights`` checkpoint, or the fresh ones) are added to the report's ``replaced`` lines."""
     check_class_agnostic(name, stock, class_agnostic_bbox, class_agnostic_mask)
     have = checkpoint_class_agnostic(weights)
-    for key, want, found in (("bbox", class_agnostic_bbox, have[0]), ("mask", class_agnostic_mask, have[1])):
-        if found and not want:
-            raise ModelError(
-                f"--weights {weights} has a class-agnostic {'box regression' if key == 'bbox' else 'mask'} "
-                f"predictor: set model.class_agnostic_{key}: true to load it"
-            )
+    flag = contradicted_flag(have, (class_agnostic_bbox, class_agnostic_mask))
+    if flag is not None:
+        what = "box regression" if flag == "class_agnostic_bbox" else "mask"
+        raise ModelError(
+            f"--weights {weights} has a class-agnostic {what} predictor: set model.{flag}: true to load it"
+        )
     kwargs = dict(kwargs or {})
     if any(have) and name not in EXTRA_MODELS:  # the builder makes the heads agnostic before it loads them
         kwargs.update(class_agnostic_bbox=have[0], class_agnostic_mask=have[1])
@@ -417,16 +414,7 @@ def checkpoint_class_agnostic(weights: Optional[str]) -> tuple:
     """(box, mask) predictors of a ``weights`` checkpoint that are class-agnostic: 4 box outputs, 1 mask channel."""
     if not weights or not is_checkpoint_path(weights) or not os.path.isfile(weights):
         return False, False
-    return _state_class_agnostic(load_checkpoint_state(weights))
-
-
-def _state_class_agnostic(state: Dict[str, Any]) -> tuple:
-    cls = state.get("roi_heads.box_predictor.cls_score.weight")
-    box = state.get("roi_heads.box_predictor.bbox_pred.weight")
-    mask = state.get("roi_heads.mask_predictor.mask_fcn_logits.weight")
-    multi = cls is not None and cls.shape[0] > 1  # background alone: a class-specific one looks the same
-    agnostic_box = multi and box is not None and box.shape[0] == 4
-    return bool(agnostic_box), bool(multi and mask is not None and mask.shape[0] == 1)
+    return state_class_agnostic(load_checkpoint_state(weights))
 
 
 def build(

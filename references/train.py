@@ -186,11 +186,7 @@ def save_config(run: Run) -> None:
 
 
 def _loss_changes(loss_cfg) -> str:
-    default = type(loss_cfg)().to_dict()
-    now = loss_cfg.to_dict()
-    diffs = [f"{sec}.{k}={v}" for sec in ("rpn_head", "roi_head") for k, v in now[sec].items() if default[sec][k] != v]
-    if now["sync_avg_factor"]:
-        diffs.append("sync_avg_factor=True")
+    diffs = [f"{k}={v}" for k, v in loss_cfg.changed_keys().items()]
     return ", ".join(diffs) if diffs else "torchvision's defaults"
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import losses as L
-from .cls_losses import build_criterion
+from .cls_losses import build_criterion, registered, resolved_param
 
 
 @torch.jit.unused
@@ -57,8 +57,8 @@ def apply_loss_cfg(head: nn.Module, cfg, sync_avg_factor: bool) -> None:
     head.bbox_loss = str(cfg.bbox_loss)
     head.smooth_l1_beta = float(cfg.smooth_l1_beta)
     head.cls_loss = str(cfg.cls_loss)
-    # None means the focal loss's usual gamma (Lin et al. 2017); read only when cls_loss is focal.
-    head.focal_gamma = 2.0 if cfg.focal_gamma is None else float(cfg.focal_gamma)
+    # None means the focal loss's registered default (Lin et al. 2017's 2); read only when cls_loss is focal.
+    head.focal_gamma = float(resolved_param(cfg.to_dict(), registered(cfg._section, "focal"), "focal_gamma"))
     head.sync_avg_factor = bool(sync_avg_factor)
     head.loss_state = {}
     head.loss_state_images = 0

@@ -35,7 +35,14 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ._suggest import did_you_mean
 from .checkpoint import CheckpointError, model_state_dict, read_checkpoint
-from .class_agnostic import make_heads_class_agnostic, new_mask_logits
+from .class_agnostic import (
+    BOX_OUTPUTS,
+    contradicted_flag,
+    is_class_agnostic,
+    make_heads_class_agnostic,
+    new_mask_logits,
+    state_class_agnostic,
+)
 from .classifiers import load_extra_state, prepare_classifier, split_extra_state
 from .config import LossConfig
 from .model_settings import apply_model_settings, warn_conflicts
@@ -52,7 +59,10 @@ __all__ = [
     "keypointrcnn_resnet50_fpn",
     "BUILDERS",
     "BuildReport",
+    "CheckpointModel",
     "build_with_report",
+    "load_checkpoint_model",
+    "patch_loaded",
     "is_checkpoint_path",
     "load_checkpoint_state",
     "replace_predictors",
@@ -112,7 +122,7 @@ def explicit_settings(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def checkpoint_build_kwargs(
-    settings: Dict[str, Any], kwargs: Dict[str, Any], state: Dict[str, torch.Tensor], path: Any, anchors: bool = True
+    settings: Dict[str, Any], kwargs: Dict[str, Any], state: Dict[str, torch.Tensor], path: Any
 ) -> Dict[str, Any]:
     """The builder keywords for a checkpoint's model: its anchors (the RPN head's shape depends on their
     count per location) unless an ``rpn_anchor_generator`` is given, which must fit the trained head."""
@@ -126,29 +136,21 @@ def checkpoint_build_kwargs(
                 f"rpn_anchor_generator refused: it gives {given} anchors per location but the RPN head in "
                 f"{os.fspath(path)} was trained for {trained.shape[0]}"
             )
-    if anchors and gen is None and "anchor_sizes" in settings and "aspect_ratios" in settings:
+    if gen is None and "anchor_sizes" in settings and "aspect_ratios" in settings:
         ratios = [tuple(r) for r in settings["aspect_ratios"]]
         out["rpn_anchor_generator"] = AnchorGenerator(tuple(tuple(s) for s in settings["anchor_sizes"]), tuple(ratios))
     return out
 
 
-def _cfg_diff(old: Dict[str, Any], new: Dict[str, Any]) -> Tuple[List[str], List[str]]:
-    """``(["sec.key=old", ...], ["sec.key=new", ...])`` for the keys of two ``LossConfig.to_dict()`` that differ.
+def _cfg_diff(old: LossConfig, new: LossConfig) -> Tuple[List[str], List[str]]:
+    """``(["sec.key=old", ...], ["sec.key=new", ...])`` for the keys of two loss configs that differ.
 
     A sampling key given as None is no difference: it keeps the model's value, which the checkpoint's
     settings (``rpn_batch_size_per_image``...) have already restored.
     """
-    keys = [
-        (sec, k)
-        for sec in ("rpn_head", "roi_head")
-        for k, v in new[sec].items()
-        if old[sec].get(k) != v and not (v is None and k in _SAMPLING_KEYS)
-    ]
-    was, now = [f"{s}.{k}={old[s].get(k)}" for s, k in keys], [f"{s}.{k}={new[s][k]}" for s, k in keys]
-    if old["sync_avg_factor"] != new["sync_avg_factor"]:
-        was.append(f"sync_avg_factor={old['sync_avg_factor']}")
-        now.append(f"sync_avg_factor={new['sync_avg_factor']}")
-    return was, now
+    was = old.flat()
+    keys = {k: v for k, v in new.changed_keys(old).items() if not (v is None and k.split(".")[-1] in _SAMPLING_KEYS)}
+    return [f"{k}={was[k]}" for k in keys], [f"{k}={v}" for k, v in keys.items()]
 
 
 def restored_loss_cfg(
@@ -171,7 +173,7 @@ def restored_loss_cfg(
                 heads[section][key] = None
         rpn, roi = (dataclasses.replace(getattr(restored, h), **heads[h]) for h in ("rpn_head", "roi_head"))
         return dataclasses.replace(restored, rpn_head=rpn, roi_head=roi), []
-    was, now = _cfg_diff(LossConfig.from_dict(saved).to_dict(), cfg.to_dict())
+    was, now = _cfg_diff(LossConfig.from_dict(saved), cfg)
     return cfg, [f"loss_cfg: checkpoint {', '.join(was)}, given {', '.join(now)} -> given"] if was else []
 
 
@@ -218,7 +220,8 @@ def _replace_class_layers(heads: nn.Module, num_classes: int, agnostic_bbox: boo
     old_classes = pred.cls_score.out_features
     if agnostic_bbox:
         pred.cls_score = nn.Linear(pred.cls_score.in_features, num_classes)
-        kept = "; class-agnostic bbox_pred kept" if pred.bbox_pred.out_features == 4 and old_classes > 1 else ""
+        agnostic = is_class_agnostic(pred.bbox_pred.out_features, old_classes, BOX_OUTPUTS)
+        kept = "; class-agnostic bbox_pred kept" if agnostic else ""
         replaced.append(f"roi_heads.box_predictor.cls_score ({old_classes} -> {num_classes} classes{kept})")
     else:
         heads.box_predictor = FastRCNNPredictor(pred.cls_score.in_features, num_classes)
@@ -262,26 +265,20 @@ def replace_predictors(
 
 
 def _follow_agnostic_checkpoint(
-    model: nn.Module, state: Dict[str, torch.Tensor], path: Any, agnostic_bbox: bool, agnostic_mask: bool
+    model: nn.Module, state: Dict[str, torch.Tensor], path: Any, asked: Tuple[bool, bool]
 ) -> None:
     """Shape the model's box / mask layers like a class-agnostic checkpoint's before loading it;
     refused when the caller did not ask for class-agnostic layers (the flag would be contradicted)."""
-    num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
-    checks = (
-        ("roi_heads.box_predictor.bbox_pred.weight", 4, "class_agnostic_bbox", agnostic_bbox),
-        ("roi_heads.mask_predictor.mask_fcn_logits.weight", 1, "class_agnostic_mask", agnostic_mask),
-    )
-    for key, agnostic_outputs, flag, asked in checks:
-        if key not in state or state[key].shape[0] != agnostic_outputs or num_classes == 1:
-            continue
-        if not asked:
-            raise CheckpointError(
-                f"{os.fspath(path)} has a class-agnostic {key.split('.')[-2]} ({agnostic_outputs} outputs for "
-                f"{num_classes} classes): pass {flag}=True to load it"
-            )
-        make_heads_class_agnostic(
-            model.roi_heads, bbox=flag == "class_agnostic_bbox", mask=flag == "class_agnostic_mask"
+    found = state_class_agnostic(state)
+    flag = contradicted_flag(found, asked)
+    if flag is not None:
+        layer = "bbox_pred" if flag == "class_agnostic_bbox" else "mask_fcn_logits"
+        classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+        raise CheckpointError(
+            f"{os.fspath(path)} has a class-agnostic {layer} (one slot for {classes} classes): "
+            f"pass {flag}=True to load it"
         )
+    make_heads_class_agnostic(model.roi_heads, *found)
 
 
 def _check_class_agnostic(name: str, model_cls: type, agnostic_bbox: Any, agnostic_mask: Any) -> None:
@@ -298,44 +295,75 @@ def _log_replaced(name: str, lines: List[str]) -> None:
         _LOG.info("%s: re-initialised %s", name, line)
 
 
-def _from_checkpoint(
+@dataclasses.dataclass
+class CheckpointModel:
+    """What :func:`load_checkpoint_model` read: the model as the checkpoint trained it, its
+    ``model_settings`` ({} without), the keys loaded only once the model is patched (a long-tail
+    classifier's layers, a loss's statistics) and one line per setting applied from the checkpoint."""
+
+    model: nn.Module
+    settings: Dict[str, Any]
+    extra_state: Dict[str, torch.Tensor]
+    lines: List[str]
+
+
+def load_checkpoint_model(
+    path: Any,
     name: str,
-    tv_builder: Callable[..., nn.Module],
-    weights: Any,
-    progress: bool,
-    extra: Dict[str, Any],
+    make: Callable[[int, Dict[str, torch.Tensor], Dict[str, Any]], nn.Module],
     kwargs: Dict[str, Any],
-    loss_cfg: Any,
-    cfg: LossConfig,
-    agnostic: Tuple[bool, bool],
-) -> Tuple[nn.Module, LossConfig, Dict[str, Any]]:
-    """The model a checkpoint file holds, loaded, with its ``model_settings`` when it has them; returns
-    it, the loss config to patch it with (the checkpoint's when none is given), the settings and the
-    long-tail classifier's keys (Seesaw's ``cls_objectness``, a loss's statistics), loaded after patching."""
-    state, settings = read_weights_checkpoint(weights)
+    agnostic: Tuple[bool, bool] = (False, False),
+) -> CheckpointModel:
+    """The one reader of a ``weights`` checkpoint file: the model it holds, loaded.
+
+    ``make(num_classes, state, build_kwargs)`` builds the untrained architecture ``name`` at the
+    checkpoint's class count (``build_kwargs``: ``kwargs`` plus the checkpoint's anchors as an
+    ``rpn_anchor_generator`` when ``kwargs`` has none). Its box / mask layers follow a class-agnostic
+    checkpoint, refused where ``agnostic`` (bbox, mask) does not ask for it; its ``model_settings``
+    are applied (a keyword in ``kwargs`` wins, named in ``lines``). Errors are
+    :class:`~tv_lossfix.checkpoint.CheckpointError` naming the file.
+    """
+    state, settings = read_weights_checkpoint(path)
     state, extra_state = split_extra_state(state)
-    ckpt_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", weights, name)[0]
-    if extra:
-        extra["num_keypoints"] = _shape_of(
-            state, "roi_heads.keypoint_predictor.kps_score_lowres.weight", weights, name
-        )[1]
-    # torchvision's MobileNet builders make their own AnchorGenerator: anchors are set after building.
-    build_kwargs = checkpoint_build_kwargs(settings, kwargs, state, weights, "mobilenet" not in name)
-    model = tv_builder(
-        weights=None, progress=progress, num_classes=ckpt_classes, weights_backbone=None, **extra, **build_kwargs
-    )
+    num_classes = _shape_of(state, "roi_heads.box_predictor.cls_score.weight", path, name)[0]
+    model = make(num_classes, state, checkpoint_build_kwargs(settings, kwargs, state, path))
     _match_norm_layers(model, state)
-    _follow_agnostic_checkpoint(model, state, weights, *agnostic)
+    _follow_agnostic_checkpoint(model, state, path, agnostic)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{os.fspath(weights)} does not match {name}: {e}") from None
-    if settings:
-        # The model the checkpoint trained: its anchors, sizes and thresholds; a given kwarg wins, named.
-        lines = apply_model_settings(model, settings, explicit_settings(kwargs))
-        cfg, cfg_lines = restored_loss_cfg(settings, loss_cfg, cfg, kwargs)
-        warn_conflicts(lines + cfg_lines)  # called by _build, called by the public builder
-    return model, cfg, settings, extra_state
+        raise CheckpointError(f"{os.fspath(path)} does not match {name}: {e}") from None
+    # The model the checkpoint trained: its anchors, sizes and thresholds; a given kwarg wins, named.
+    lines = apply_model_settings(model, settings, explicit_settings(kwargs)) if settings else []
+    return CheckpointModel(model, settings, extra_state, lines)
+
+
+def _from_checkpoint(
+    arch: "_Arch", weights: Any, kwargs: Dict[str, Any], loss_cfg: Any, agnostic: Tuple[bool, bool]
+) -> Tuple[CheckpointModel, LossConfig]:
+    """:func:`load_checkpoint_model` for a torchvision architecture, and the loss config to patch it with
+    (the checkpoint's when ``loss_cfg`` is None; a given one that differs is named in a warning)."""
+    tv_builder: Callable[..., nn.Module] = getattr(tvdet, arch.name)
+
+    def make(num_classes: int, state: Dict[str, torch.Tensor], build_kwargs: Dict[str, Any]) -> nn.Module:
+        extra = {}
+        if "mobilenet" in arch.name and "rpn_anchor_generator" not in kwargs:
+            # torchvision's MobileNet builders make their own AnchorGenerator: the checkpoint's anchors
+            # are set after building, with its other settings.
+            build_kwargs = {k: v for k, v in build_kwargs.items() if k != "rpn_anchor_generator"}
+        if arch.model_cls is tvdet.KeypointRCNN:
+            key = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+            extra["num_keypoints"] = _shape_of(state, key, weights, arch.name)[1]
+        # Nothing is downloaded (no weights, no backbone weights): torchvision's progress flag is moot.
+        return tv_builder(weights=None, num_classes=num_classes, weights_backbone=None, **extra, **build_kwargs)
+
+    loaded = load_checkpoint_model(weights, arch.name, make, kwargs, agnostic)
+    cfg = LossConfig.coerce(loss_cfg)
+    cfg_lines: List[str] = []
+    if loaded.settings:
+        cfg, cfg_lines = restored_loss_cfg(loaded.settings, loss_cfg, cfg, kwargs)
+    warn_conflicts(loaded.lines + cfg_lines)  # called by _build, called by the public builder
+    return loaded, cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,15 +420,14 @@ def _build(
     check_builder_kwargs(cfg, kwargs)
     tv_builder: Callable[..., nn.Module] = getattr(tvdet, name)
     extra = {"num_keypoints": None} if arch.model_cls is tvdet.KeypointRCNN else {}
+    agnostic = (class_agnostic_bbox, class_agnostic_mask)
     predictor_args = (num_classes, num_keypoints, class_agnostic_bbox, class_agnostic_mask)
     settings: Dict[str, Any] = {}
     extra_state: Dict[str, torch.Tensor] = {}
 
     if is_checkpoint_path(weights):
-        agnostic = (class_agnostic_bbox, class_agnostic_mask)
-        model, cfg, settings, extra_state = _from_checkpoint(
-            name, tv_builder, weights, progress, extra, kwargs, loss_cfg, cfg, agnostic
-        )
+        loaded, cfg = _from_checkpoint(arch, weights, kwargs, loss_cfg, agnostic)
+        model, settings, extra_state = loaded.model, loaded.settings, loaded.extra_state
         _freeze_backbone(model, _validate_trainable_layers(True, trainable_backbone_layers, arch.max_trainable, 3))
         replaced = replace_predictors(model, *predictor_args)
         _log_replaced(name, replaced)
@@ -423,14 +450,24 @@ def _build(
             _log_replaced(name, replaced)
         else:  # new layers anyway: made class-agnostic and reported, not logged (no trained weights lost)
             replaced = make_heads_class_agnostic(model.roi_heads, class_agnostic_bbox, class_agnostic_mask)
-    # The long-tail classifier's layers (Seesaw's object logit, the cosine classifier), said like the others.
-    replaced = list(replaced) + prepare_classifier(model.roi_heads, cfg.roi_head)
+    model, lines = patch_loaded(model, cfg, extra_state, os.fspath(weights) if extra_state else "")
+    return model, BuildReport(tuple(replaced) + tuple(lines), settings)
+
+
+def patch_loaded(
+    model: nn.Module, cfg: LossConfig, extra_state: Dict[str, torch.Tensor], where: str
+) -> Tuple[nn.Module, List[str]]:
+    """:func:`patch_model` after giving the box predictor the layers ``cfg`` asks for (Seesaw's object
+    logit, the cosine classifier), then the checkpoint keys that needed them (``extra_state`` of
+    :func:`load_checkpoint_model`; ``where`` names the file). Returns the model and one line per layer
+    added or loaded."""
+    lines = prepare_classifier(model.roi_heads, cfg.roi_head)
     model = patch_model(model, cfg)
     if extra_state:
-        replaced += load_extra_state(model, extra_state, os.fspath(weights))
+        lines += load_extra_state(model, extra_state, where)
         if any(k.startswith("roi_heads.box_predictor.cls_objectness.") for k in model.state_dict() if k in extra_state):
-            replaced = [line for line in replaced if "cls_objectness (new" not in line]  # trained one loaded
-    return model, BuildReport(tuple(replaced), settings)
+            lines = [line for line in lines if "cls_objectness (new" not in line]  # the trained one was loaded
+    return model, lines
 
 
 def build_with_report(name: str, **kwargs: Any) -> Tuple[nn.Module, BuildReport]:
@@ -442,50 +479,6 @@ def build_with_report(name: str, **kwargs: Any) -> Tuple[nn.Module, BuildReport]
     bound = inspect.signature(BUILDERS[name]).bind(**kwargs)
     bound.apply_defaults()
     return _build(arch=_ARCHS[name], **bound.arguments)
-
-
-_ARGS_DOC = """
-    Args:
-        weights: pretrained weights, as for torchvision (an enum member, ``"DEFAULT"`` or a name),
-            or the path of a local checkpoint of the same architecture. Default: None.
-        progress: show a download progress bar. Default: True.
-        num_classes: number of classes including background. With ``weights``, a different value
-            keeps the pretrained body and replaces the box predictor{mask}.
-        weights_backbone: pretrained backbone weights, as for torchvision. Default: {wb}.
-        trainable_backbone_layers: backbone stages left trainable (0 to {maxl}); with pretrained
-            weights or a checkpoint the default is 3, otherwise all.{kp}
-        loss_cfg: a :class:`tv_lossfix.LossConfig`, dict, preset name (``"torchvision"``,
-            ``"mmdetection"``, ``"positive"``) or YAML path. Default: torchvision's losses.
-        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one
-            per class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``).
-            Over class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is
-            re-initialised (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
-        class_agnostic_mask: {agnostic_mask}
-        **kwargs: the parameters of ``torchvision.models.detection.{cls}`` (``min_size``,
-            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError.
-
-    Returns:
-        A ``torchvision.models.detection.{cls}`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
-"""
-
-
-def _doc(summary: str, cls: str, wb: str, maxl: int, mask: bool = False, kp: bool = False) -> str:
-    kp_doc = (
-        "\n        num_keypoints: keypoints per instance; with ``weights``, a different value replaces"
-        "\n            the keypoint predictor. Default: 17 (COCO)."
-        if kp
-        else ""
-    )
-    agnostic_mask = (
-        "one mask channel shared by every class (MMDetection ``class_agnostic``,"
-        "\n            Detectron2 ``CLS_AGNOSTIC_MASK``). Over class-specific ``weights`` the pretrained"
-        "\n            ``mask_predictor.mask_fcn_logits`` is re-initialised (``conv5_mask`` kept). Default: False."
-        if mask
-        else f"True raises TypeError: a {cls} has no mask branch. Default: False."
-    )
-    mask_doc = " and the mask logits layer" if mask else ""
-    doc = _ARGS_DOC.format(mask=mask_doc, wb=wb, maxl=maxl, kp=kp_doc, cls=cls, agnostic_mask=agnostic_mask)
-    return summary + "\n" + doc
 
 
 def maskrcnn_resnet50_fpn(
@@ -500,6 +493,58 @@ def maskrcnn_resnet50_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
+    """Mask R-CNN, ResNet-50-FPN backbone, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.maskrcnn_resnet50_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``MaskRCNN_ResNet50_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor and the mask logits layer (torchvision raises
+            instead). Default: None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``ResNet50_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: one mask channel shared by every class (MMDetection ``class_agnostic``,
+            Detectron2 ``CLS_AGNOSTIC_MASK``). Over class-specific ``weights`` the pretrained
+            ``mask_predictor.mask_fcn_logits`` is re-initialised (``conv5_mask`` kept). Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.MaskRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.MaskRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.maskrcnn_resnet50_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's (loss_mask too)
+    """
     model, _ = _build(
         arch=_ARCHS["maskrcnn_resnet50_fpn"],
         weights=weights,
@@ -527,6 +572,58 @@ def maskrcnn_resnet50_fpn_v2(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.MaskRCNN:
+    """Mask R-CNN v2 (improved recipe, arXiv:2111.11429), with configurable losses.
+
+    The arguments of ``torchvision.models.detection.maskrcnn_resnet50_fpn_v2``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``MaskRCNN_ResNet50_FPN_V2_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor and the mask logits layer (torchvision raises
+            instead). Default: None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            None.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: one mask channel shared by every class (MMDetection ``class_agnostic``,
+            Detectron2 ``CLS_AGNOSTIC_MASK``). Over class-specific ``weights`` the pretrained
+            ``mask_predictor.mask_fcn_logits`` is re-initialised (``conv5_mask`` kept). Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.MaskRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.MaskRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.maskrcnn_resnet50_fpn_v2(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's (loss_mask too)
+    """
     model, _ = _build(
         arch=_ARCHS["maskrcnn_resnet50_fpn_v2"],
         weights=weights,
@@ -554,6 +651,56 @@ def fasterrcnn_resnet50_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
+    """Faster R-CNN, ResNet-50-FPN backbone, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.fasterrcnn_resnet50_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``FasterRCNN_ResNet50_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``ResNet50_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a FasterRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.FasterRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.FasterRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.fasterrcnn_resnet50_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's
+    """
     model, _ = _build(
         arch=_ARCHS["fasterrcnn_resnet50_fpn"],
         weights=weights,
@@ -581,6 +728,56 @@ def fasterrcnn_resnet50_fpn_v2(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
+    """Faster R-CNN v2 (improved recipe, arXiv:2111.11429), with configurable losses.
+
+    The arguments of ``torchvision.models.detection.fasterrcnn_resnet50_fpn_v2``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``FasterRCNN_ResNet50_FPN_V2_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            None.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a FasterRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.FasterRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.FasterRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.fasterrcnn_resnet50_fpn_v2(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's
+    """
     model, _ = _build(
         arch=_ARCHS["fasterrcnn_resnet50_fpn_v2"],
         weights=weights,
@@ -608,6 +805,56 @@ def fasterrcnn_mobilenet_v3_large_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
+    """Faster R-CNN, MobileNetV3-Large FPN backbone, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``FasterRCNN_MobileNet_V3_Large_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``MobileNet_V3_Large_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 6); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a FasterRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.FasterRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.FasterRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.fasterrcnn_mobilenet_v3_large_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's
+    """
     model, _ = _build(
         arch=_ARCHS["fasterrcnn_mobilenet_v3_large_fpn"],
         weights=weights,
@@ -635,6 +882,56 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.FasterRCNN:
+    """Faster R-CNN, MobileNetV3-Large FPN tuned for 320px mobile inputs, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``FasterRCNN_MobileNet_V3_Large_320_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``MobileNet_V3_Large_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 6); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a FasterRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.FasterRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.FasterRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.fasterrcnn_mobilenet_v3_large_320_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's
+    """
     model, _ = _build(
         arch=_ARCHS["fasterrcnn_mobilenet_v3_large_320_fpn"],
         weights=weights,
@@ -663,6 +960,58 @@ def keypointrcnn_resnet50_fpn(
     class_agnostic_mask: bool = False,
     **kwargs: Any,
 ) -> tvdet.KeypointRCNN:
+    """Keypoint R-CNN, ResNet-50-FPN backbone, with configurable losses.
+
+    The arguments of ``torchvision.models.detection.keypointrcnn_resnet50_fpn``, plus ``loss_cfg``
+    and the class-agnostic switches; ``rpn`` and ``roi_heads`` are tv_lossfix's (:func:`tv_lossfix.patch_model`).
+    With ``loss_cfg=None`` the model is torchvision's exactly: the same parameters, ``state_dict`` keys,
+    losses and detections.
+
+    Args:
+        weights: pretrained weights, as for torchvision (a member of
+            ``KeypointRCNN_ResNet50_FPN_Weights``, ``"DEFAULT"`` or a name), or the path of a local
+            checkpoint of the same architecture (a ``state_dict``, or a training checkpoint with it
+            under ``"model"``; one written by references/train.py also restores its anchors, sizes,
+            thresholds and loss config). Default: None.
+        progress: show a download progress bar. Default: True.
+        num_classes: number of classes including background. With ``weights``, a different value keeps
+            the pretrained body and replaces the box predictor (torchvision raises instead). Default:
+            None (the weights' own, else 91).
+        num_keypoints: keypoints per instance; with ``weights``, a different value replaces the
+            keypoint predictor. Default: None (the weights' own, else 17).
+        weights_backbone: pretrained backbone weights, as for torchvision. Default:
+            ``ResNet50_Weights.IMAGENET1K_V1``.
+        trainable_backbone_layers: backbone stages left trainable (0 to 5); with pretrained weights
+            or a checkpoint the default is 3, otherwise all.
+        loss_cfg: the losses: a :class:`tv_lossfix.LossConfig`, a dict of its keys, a preset name
+            (``"torchvision"``, ``"mmdetection"``, ``"positive"``) or a YAML path. It changes only the
+            training losses and the RoI / anchor sampling: the RPN objectness loss (``bce`` or ``focal``)
+            and box loss (``smooth_l1``, ``l1``, ``giou``...), the RoI classifier loss (``ce``,
+            ``focal``, ``sigmoid``, ``federated``, ``seesaw``, ``eqlv2`` or a registered one) and box
+            loss, each term's weight and normaliser, ``class_weight``, and the assigner / sampler keys
+            (IoU thresholds, sample count, positive fraction, OHEM); the long-tail classifiers also set
+            the inference scores and Seesaw adds one classifier output. Default: None, torchvision's
+            losses.
+        class_agnostic_bbox: one box regression (4 outputs) shared by every class instead of one per
+            class (MMDetection ``reg_class_agnostic``, Detectron2 ``CLS_AGNOSTIC_BBOX_REG``). Over
+            class-specific ``weights`` the pretrained ``box_predictor.bbox_pred`` is re-initialised
+            (logged at INFO); a class-agnostic checkpoint needs True. Default: False.
+        class_agnostic_mask: True raises TypeError: a KeypointRCNN has no mask branch. Default: False.
+        **kwargs: the parameters of ``torchvision.models.detection.KeypointRCNN`` (``min_size``,
+            ``box_score_thresh``, ``rpn_batch_size_per_image``...). Unknown names raise TypeError
+            (torchvision ignores them).
+
+    Returns:
+        A ``torchvision.models.detection.KeypointRCNN`` whose ``rpn`` and ``roi_heads`` are tv_lossfix's.
+
+    Example::
+
+        >>> import tv_lossfix
+        >>> model = tv_lossfix.keypointrcnn_resnet50_fpn(
+        ...     weights="DEFAULT", num_classes=5, loss_cfg={"roi_head": {"cls_loss": "focal"}}
+        ... )
+        >>> losses = model(images, targets)  # training: the same keys as torchvision's (loss_keypoint too)
+    """
     model, _ = _build(
         arch=_ARCHS["keypointrcnn_resnet50_fpn"],
         weights=weights,
@@ -678,45 +1027,6 @@ def keypointrcnn_resnet50_fpn(
     )
     return model
 
-
-maskrcnn_resnet50_fpn.__doc__ = _doc(
-    "Mask R-CNN, ResNet-50-FPN backbone, with configurable losses.",
-    "MaskRCNN",
-    "``ResNet50_Weights.IMAGENET1K_V1``",
-    5,
-    mask=True,
-)
-maskrcnn_resnet50_fpn_v2.__doc__ = _doc(
-    "Mask R-CNN v2 (improved recipe, arXiv:2111.11429), with configurable losses.", "MaskRCNN", "None", 5, mask=True
-)
-fasterrcnn_resnet50_fpn.__doc__ = _doc(
-    "Faster R-CNN, ResNet-50-FPN backbone, with configurable losses.",
-    "FasterRCNN",
-    "``ResNet50_Weights.IMAGENET1K_V1``",
-    5,
-)
-fasterrcnn_resnet50_fpn_v2.__doc__ = _doc(
-    "Faster R-CNN v2 (improved recipe), with configurable losses.", "FasterRCNN", "None", 5
-)
-fasterrcnn_mobilenet_v3_large_fpn.__doc__ = _doc(
-    "Faster R-CNN, MobileNetV3-Large FPN, with configurable losses.",
-    "FasterRCNN",
-    "``MobileNet_V3_Large_Weights.IMAGENET1K_V1``",
-    6,
-)
-fasterrcnn_mobilenet_v3_large_320_fpn.__doc__ = _doc(
-    "Faster R-CNN, MobileNetV3-Large FPN tuned for 320px mobile inputs, with configurable losses.",
-    "FasterRCNN",
-    "``MobileNet_V3_Large_Weights.IMAGENET1K_V1``",
-    6,
-)
-keypointrcnn_resnet50_fpn.__doc__ = _doc(
-    "Keypoint R-CNN, ResNet-50-FPN backbone, with configurable losses.",
-    "KeypointRCNN",
-    "``ResNet50_Weights.IMAGENET1K_V1``",
-    5,
-    kp=True,
-)
 
 BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     f.__name__: f

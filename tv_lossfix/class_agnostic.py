@@ -6,13 +6,49 @@ every class instead of its own few. :class:`tv_lossfix.LossFixRoIHeads` tells su
 their output shapes, trains the single slot and returns detections in torchvision's format.
 """
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
-from .roi_heads import LossFixRoIHeads
+__all__ = [
+    "BOX_OUTPUTS",
+    "MASK_CHANNELS",
+    "is_class_agnostic",
+    "state_class_agnostic",
+    "contradicted_flag",
+    "make_class_agnostic",
+    "make_heads_class_agnostic",
+    "new_mask_logits",
+]
 
-__all__ = ["make_class_agnostic", "make_heads_class_agnostic", "new_mask_logits"]
+# Outputs per class of each predictor: a class-agnostic one has exactly these, shared by every class.
+BOX_OUTPUTS = 4  # box_predictor.bbox_pred: (dx, dy, dw, dh) per class
+MASK_CHANNELS = 1  # mask_predictor.mask_fcn_logits: one mask logit channel per class
+
+_STATE_KEYS = {
+    "classes": "roi_heads.box_predictor.cls_score.weight",
+    "bbox": "roi_heads.box_predictor.bbox_pred.weight",
+    "mask": "roi_heads.mask_predictor.mask_fcn_logits.weight",
+}
+
+
+def is_class_agnostic(outputs: int, num_classes: int, per_class: int) -> bool:
+    """The one class-agnostic shape rule: a predictor with ``outputs`` values is class-agnostic when it has
+    ``per_class`` of them (:data:`BOX_OUTPUTS` for the box regression, :data:`MASK_CHANNELS` for the mask
+    logits) for a classifier over more than one class (background alone: both layouts are the same)."""
+    return outputs == per_class and num_classes > 1
+
+
+def state_class_agnostic(state: Dict[str, Tensor]) -> Tuple[bool, bool]:
+    """(box regression, mask logits) of a model ``state_dict`` that are class-agnostic; a layer it lacks is not."""
+    cls = state.get(_STATE_KEYS["classes"])
+    if cls is None:
+        return False, False
+    box, mask = state.get(_STATE_KEYS["bbox"]), state.get(_STATE_KEYS["mask"])
+    return (
+        box is not None and is_class_agnostic(box.shape[0], cls.shape[0], BOX_OUTPUTS),
+        mask is not None and is_class_agnostic(mask.shape[0], cls.shape[0], MASK_CHANNELS),
+    )
 
 
 def new_mask_logits(in_channels: int, num_channels: int) -> nn.Conv2d:
@@ -25,6 +61,8 @@ def new_mask_logits(in_channels: int, num_channels: int) -> nn.Conv2d:
 
 
 def _heads(model: nn.Module) -> nn.Module:
+    from .roi_heads import LossFixRoIHeads  # here: roi_heads imports the shape rule above
+
     target = getattr(model, "module", model)  # DDP / DataParallel
     heads = getattr(target, "roi_heads", None)
     if not isinstance(heads, LossFixRoIHeads):
@@ -60,19 +98,22 @@ def _mask_layer(heads: nn.Module) -> nn.Conv2d:
 
 
 def _agnostic_bbox(heads: nn.Module, old: nn.Linear) -> Optional[str]:
-    if old.out_features == 4 and heads.box_predictor.cls_score.out_features > 1:
+    if is_class_agnostic(old.out_features, heads.box_predictor.cls_score.out_features, BOX_OUTPUTS):
         return None  # already class-agnostic: kept
     # torchvision's FastRCNNPredictor keeps nn.Linear's own initialisation.
-    heads.box_predictor.bbox_pred = nn.Linear(old.in_features, 4).to(old.weight.device, old.weight.dtype)
+    heads.box_predictor.bbox_pred = nn.Linear(old.in_features, BOX_OUTPUTS).to(old.weight.device, old.weight.dtype)
     return (
-        f"roi_heads.box_predictor.bbox_pred ({old.out_features} -> 4 outputs: class-agnostic, one box for every class)"
+        f"roi_heads.box_predictor.bbox_pred ({old.out_features} -> {BOX_OUTPUTS} outputs: class-agnostic, "
+        "one box for every class)"
     )
 
 
 def _agnostic_mask(heads: nn.Module, old: nn.Conv2d) -> Optional[str]:
-    if old.out_channels == 1:
+    # A 1-channel layer is kept even for one class: it is already the layout asked for.
+    if old.out_channels == MASK_CHANNELS:
         return None  # already class-agnostic: kept
-    heads.mask_predictor.mask_fcn_logits = new_mask_logits(old.in_channels, 1).to(old.weight.device, old.weight.dtype)
+    layer = new_mask_logits(old.in_channels, MASK_CHANNELS).to(old.weight.device, old.weight.dtype)
+    heads.mask_predictor.mask_fcn_logits = layer
     return (
         f"roi_heads.mask_predictor.mask_fcn_logits ({old.out_channels} -> 1 channel: class-agnostic; "
         "mask_predictor.conv5_mask kept)"
@@ -89,6 +130,16 @@ def make_heads_class_agnostic(heads: nn.Module, bbox: bool, mask: bool) -> List[
         _agnostic_mask(heads, mask_layer) if mask_layer is not None else None,
     ]
     return [line for line in lines if line is not None]
+
+
+def contradicted_flag(found: Tuple[bool, bool], asked: Tuple[bool, bool]) -> Optional[str]:
+    """``"class_agnostic_bbox"`` / ``"class_agnostic_mask"``: the first layer a checkpoint has
+    class-agnostic (``found``, from :func:`state_class_agnostic`) that the caller did not ask for
+    (``asked``); None when the checkpoint loads as asked."""
+    for flag, have, want in zip(("class_agnostic_bbox", "class_agnostic_mask"), found, asked):
+        if have and not want:
+            return flag
+    return None
 
 
 def make_class_agnostic(model: nn.Module, bbox: bool = True, mask: bool = True) -> List[str]:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-from .config import LossConfigError
+from ._checks import LossConfigError
+from .cls_losses import registered
 
 __all__ = ["NormedLinear", "SeesawPredictor", "prepare_classifier", "split_extra_state", "load_extra_state"]
 
@@ -89,10 +90,17 @@ def _set_cosine(layer: nn.Linear, where: str, cosine: bool, temperature: float) 
     return []
 
 
+def _extra_outputs(cfg) -> int:
+    """The classifier outputs beyond the classes that ``cfg.cls_loss`` reads (its registration's)."""
+    return registered("roi_head", cfg.cls_loss).extra_outputs
+
+
 def check_classifier(heads: nn.Module, cfg) -> None:
     """Raise (nothing changed) if ``cfg`` (a RoILossConfig) needs layers the model's predictor lacks."""
-    if cfg.cls_loss == "seesaw" and not isinstance(heads.box_predictor, SeesawPredictor):
-        _check_predictor(heads, "roi_head.cls_loss: seesaw")
+    pred = heads.box_predictor
+    have = pred.cls_objectness.out_features if isinstance(pred, SeesawPredictor) else 0
+    if _extra_outputs(cfg) != have:
+        _check_predictor(heads, f"roi_head.cls_loss: {cfg.cls_loss}")
     if cfg.cosine_classifier:
         _check_predictor(heads, "roi_head.cosine_classifier")
 
@@ -108,18 +116,23 @@ def prepare_classifier(heads: nn.Module, cfg) -> List[str]:
     check_classifier(heads, cfg)
     lines: List[str] = []
     pred = heads.box_predictor
-    if cfg.cls_loss == "seesaw" and not isinstance(pred, SeesawPredictor):
-        layer = pred.cls_score
-        pred.__class__ = SeesawPredictor
-        pred.cls_objectness = nn.Linear(layer.in_features, 1).to(layer.weight.device, layer.weight.dtype)
-        lines.append(
-            f"roi_heads.box_predictor.cls_objectness (new, 1 output: Seesaw's object logit; the classifier now "
-            f"returns {layer.out_features + 1} logits, background, {layer.out_features - 1} classes, object)"
-        )
-    elif cfg.cls_loss != "seesaw" and isinstance(pred, SeesawPredictor):
+    extra = _extra_outputs(cfg)
+    have = pred.cls_objectness.out_features if isinstance(pred, SeesawPredictor) else 0
+    if have and have != extra:
         del pred.cls_objectness
         pred.__class__ = FastRCNNPredictor
-        lines.append("roi_heads.box_predictor.cls_objectness removed (roi_head.cls_loss is not seesaw)")
+        lines.append(
+            f"roi_heads.box_predictor.cls_objectness removed (roi_head.cls_loss {cfg.cls_loss} reads no such output)"
+        )
+    if extra and have != extra:
+        layer = pred.cls_score
+        pred.__class__ = SeesawPredictor
+        pred.cls_objectness = nn.Linear(layer.in_features, extra).to(layer.weight.device, layer.weight.dtype)
+        lines.append(
+            f"roi_heads.box_predictor.cls_objectness (new, {extra} output(s) roi_head.cls_loss {cfg.cls_loss} reads "
+            f"beyond the classes, e.g. Seesaw's object logit; the classifier now returns "
+            f"{layer.out_features + extra} logits: background, {layer.out_features - 1} classes, then these)"
+        )
     temperature = 20.0 if cfg.cosine_temperature is None else float(cfg.cosine_temperature)
     # MMDetection's cosine classifier is its whole fc_cls: with Seesaw that is the C + 2 outputs, the
     # objectness pair included, so cls_objectness is converted with cls_score (a plain object logit

@@ -11,9 +11,20 @@ gives the three things every user of a classification loss needs:
 * ``scores(logits)``: the inference probabilities, ``[N, K + 1]`` in torchvision's layout (column 0
   background, columns 1..K the classes) whatever the classifier's own layout.
 
-The head calls them the same way for every loss, so adding one is a pure function, a criterion and
-a ``register`` call. A criterion is an ``nn.Module`` so that TorchScript compiles the one the head
-holds (a stored function would not compile) and so that a loss with running statistics (Seesaw's
+The heads, OHEM and the config call them the same way for every loss, so a new stateless RoI loss is
+one pure function and one registration::
+
+    def poly1(logits: Tensor, labels: Tensor, params: Dict[str, float]) -> Tensor:  # per RoI, [N]
+        p_t = F.softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
+        return F.cross_entropy(logits, labels, reduction="none") + params["poly_epsilon"] * (1 - p_t)
+
+    register(ClsLoss("poly1", "roi_head", per_sample=poly1, params={"poly_epsilon": Param(1.0)}))
+
+after which ``roi_head: {cls_loss: poly1, poly_epsilon: 2.0}`` is a valid config (the parameter checked
+by its ``Param``), the loss is ``sum(w * poly1) / avg_factor``, OHEM ranks by ``poly1`` and TorchScript
+compiles it (:class:`LossFunction`). A loss with running statistics registers a criterion instead
+(``build=``). A criterion is an ``nn.Module`` so that TorchScript compiles the one the head
+holds and so that a loss with running statistics (Seesaw's
 sample counts, EQLv2's gradient statistics) keeps them as buffers: in ``state_dict``, hence in
 checkpoints and kept on resume. Criteria without state have no buffers: ``state_dict`` keeps stock
 torchvision's keys.
@@ -37,13 +48,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import losses as L
+from ._checks import LossConfigError, check_alpha, check_count_list, check_focal_gamma, check_int, check_weight
 
 __all__ = [
     "ClsLoss",
+    "Param",
     "register",
+    "unregister",
     "registered",
     "cls_loss_names",
     "build_criterion",
+    "LossFunction",
+    "softmax_probabilities",
     "sigmoid_ce_loss",
     "federated_classes",
     "fed_class_weights",
@@ -421,6 +437,77 @@ class EQLv2(_Criterion):
         return eqlv2_scores(logits)
 
 
+def softmax_probabilities(logits: Tensor) -> Tensor:
+    """torchvision's inference probabilities: the softmax over ``[background, class 1..K]``."""
+    return F.softmax(logits, -1)
+
+
+class LossFunction(_Criterion):
+    """The criterion of a loss registered as a pure function (``ClsLoss.per_sample``).
+
+    ``per_sample(logits, labels, params) -> [N]`` is the loss of each sample (``params``: the loss's
+    parameters, ``Dict[str, float]``); the loss is ``sum(w * per_sample) / avg_factor`` (None: N), OHEM
+    ranks by ``per_sample`` itself, and ``scores`` (default: the softmax) gives the inference
+    probabilities. Scripting the model scripts the functions (:meth:`__prepare_scriptable__`); one
+    TorchScript cannot compile is refused then, in one line naming the loss: train it eagerly.
+    """
+
+    params: Dict[str, float]
+
+    def __init__(
+        self,
+        name: str,
+        per_sample: Callable[[Tensor, Tensor, Dict[str, float]], Tensor],
+        params: Dict[str, float],
+        scores: Optional[Callable[[Tensor], Tensor]] = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.per_sample = per_sample
+        self.score_fn = softmax_probabilities if scores is None else scores
+        self.softmax_scores = scores is None
+        for key, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise LossConfigError(
+                    f"roi_head.{key} is {value!r}: roi_head.cls_loss {name} is a per_sample loss, whose parameters "
+                    "are numbers (register a criterion with build= for other parameters)"
+                )
+        self.params = {k: float(v) for k, v in params.items()}
+
+    @torch.jit.unused
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule first; the functions are compiled in place.
+        signatures = {"per_sample": ["Tensor", "Tensor", "Dict[str, float]"], "score_fn": ["Tensor"]}
+        for attr, want in signatures.items():
+            fn = getattr(self, attr)
+            name = getattr(fn, "__name__", attr)
+            try:
+                compiled = fn if isinstance(fn, torch.jit.ScriptFunction) else torch.jit.script(fn)
+            except Exception as e:
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise RuntimeError(
+                    f"roi_head.cls_loss {self.name}: TorchScript cannot compile {name} ({first.strip()}); "
+                    "train and infer with the eager model"
+                ) from None
+            got = [str(a.type) for a in compiled.schema.arguments]
+            if got != want:  # an unannotated argument is a Tensor to TorchScript
+                raise RuntimeError(
+                    f"roi_head.cls_loss {self.name}: TorchScript reads {name}({', '.join(got)}); annotate it as "
+                    f"({', '.join(want)}) -> Tensor"
+                )
+            setattr(self, attr, compiled)
+        return self
+
+    def forward(self, logits: Tensor, labels: Tensor, avg_factor: Optional[Tensor], weight: Optional[Tensor]) -> Tensor:
+        return L.weighted_reduce(self.per_sample(logits, labels, self.params), avg_factor, weight)
+
+    def ranking(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.per_sample(logits, labels, self.params)
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return self.score_fn(logits)
+
+
 class ObjectnessBCE(nn.Module):
     """torchvision's RPN objectness loss (binary cross-entropy)."""
 
@@ -441,22 +528,44 @@ class ObjectnessFocal(nn.Module):
 
 # -- the registry ----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class ClsLoss:
-    """One classification loss of one head.
+class Param:
+    """One parameter of a registered loss, declared once: its ``default`` (taken when the key is not
+    given, i.e. None) and the ``check(where, value)`` of a given value, which returns it normalised or
+    raises :class:`~tv_lossfix.LossConfigError` naming ``where`` (the dotted key). LossConfig reads both."""
 
-    ``params``: the config keys only this loss reads, ``key -> default`` (a key set while another loss
-    is chosen is refused); ``build(settings, num_classes)`` makes the criterion from the resolved
-    settings (a dict of every key of the head's config) and the model's classes (background
-    included); ``extra_outputs``: classifier outputs beyond those classes (Seesaw: 1, the object
-    logit); ``needs``: config keys that must be given (data statistics); ``stateful``: has buffers.
+    default: Any
+    check: Callable[[str, Any], Any] = check_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class ClsLoss:
+    """One classification loss of one head, and everything the rest of the package reads about it.
+
+    A loss is either a pure function, ``per_sample(logits [N, C], labels [N], params) -> [N]`` (the
+    loss of each RoI; ``params``: its parameters as ``Dict[str, float]``) with optional ``scores(logits)
+    -> [N, C]`` (the inference probabilities; default the softmax), made into a :class:`LossFunction`
+    criterion (RoI head only), or ``build(settings, num_classes)``, which makes any criterion from the
+    resolved settings (a dict of every key of the head's config, each parameter at its value or
+    default) and the model's classes (background included): the losses with state.
+
+    ``params``: the config keys only this loss reads, ``key -> Param`` (a bare
+    value is ``Param(value)``: a number >= 0); LossConfig accepts them under the head, checks them
+    with ``Param.check`` and refuses them while another loss is chosen. ``extra_outputs``: classifier
+    outputs beyond the classes, which the box predictor gains as ``cls_objectness`` (Seesaw: 1, the
+    object logit); ``needs``: parameters that must be given (data statistics); ``per_class``:
+    parameters that are lists with one entry per foreground class (checked against the model);
+    ``stateful``: the criterion has buffers (they need the model's class count).
     """
 
     name: str
     head: str
-    build: Callable[[Dict[str, Any], int], nn.Module]
+    build: Optional[Callable[[Dict[str, Any], int], nn.Module]] = None
+    per_sample: Optional[Callable[[Tensor, Tensor, Dict[str, float]], Tensor]] = None
+    scores: Optional[Callable[[Tensor], Tensor]] = None
     params: Dict[str, Any] = dataclasses.field(default_factory=dict)
     extra_outputs: int = 0
     needs: Tuple[str, ...] = ()
+    per_class: Tuple[str, ...] = ()
     stateful: bool = False
     summary: str = ""
 
@@ -465,13 +574,31 @@ _REGISTRY: Dict[Tuple[str, str], ClsLoss] = {}
 
 
 def register(spec: ClsLoss) -> ClsLoss:
-    """Add a loss (``spec.head`` is ``"rpn_head"`` or ``"roi_head"``); a name is registered once per head."""
+    """Add a loss (``spec.head`` is ``"rpn_head"`` or ``"roi_head"``); a name is registered once per head.
+
+    Everything reads the registry at use: ``cls_loss: <name>`` is then a valid config value, its
+    parameters valid keys, OHEM ranks with the criterion's ``ranking``, the heads score with its
+    ``scores`` and the box predictor gets its ``extra_outputs``."""
     if spec.head not in ("rpn_head", "roi_head"):
         raise ValueError(f"ClsLoss.head must be 'rpn_head' or 'roi_head', got {spec.head!r}")
     if (spec.head, spec.name) in _REGISTRY:
         raise ValueError(f"{spec.head}.cls_loss {spec.name!r} is already registered")
+    if (spec.build is None) == (spec.per_sample is None):
+        raise ValueError(f"{spec.head}.cls_loss {spec.name!r}: give one of build= or per_sample=")
+    if spec.per_sample is not None and spec.head != "roi_head":
+        raise ValueError(f"{spec.head}.cls_loss {spec.name!r}: per_sample= losses are RoI classifier losses")
+    params = {k: v if isinstance(v, Param) else Param(v) for k, v in spec.params.items()}
+    for key in spec.needs + spec.per_class:
+        if key not in params:
+            raise ValueError(f"{spec.head}.cls_loss {spec.name!r} needs {key!r}, which is not one of its params")
+    spec = dataclasses.replace(spec, params=params)
     _REGISTRY[(spec.head, spec.name)] = spec
     return spec
+
+
+def unregister(head: str, name: str) -> None:
+    """Remove a registered loss (a test's or a plug-in's); a model that holds its criterion keeps it."""
+    del _REGISTRY[(head, name)]
 
 
 def registered(head: str, name: str) -> ClsLoss:
@@ -495,14 +622,17 @@ def param_owners(head: str) -> Dict[str, List[str]]:
 
 def resolved_param(settings: Dict[str, Any], spec: ClsLoss, key: str) -> Any:
     value = settings.get(key)
-    return spec.params[key] if value is None else value
+    return spec.params[key].default if value is None else value
 
 
 def build_criterion(head: str, settings: Dict[str, Any], num_classes: int) -> nn.Module:
     """The criterion of ``settings["cls_loss"]`` for a model with ``num_classes`` (background included);
     ``settings`` holds the head's config keys, None meaning the loss's default."""
     spec = registered(head, settings["cls_loss"])
-    return spec.build({**settings, **{k: resolved_param(settings, spec, k) for k in spec.params}}, num_classes)
+    resolved = {k: resolved_param(settings, spec, k) for k in spec.params}
+    if spec.per_sample is not None:
+        return LossFunction(spec.name, spec.per_sample, resolved, spec.scores)
+    return spec.build({**settings, **resolved}, num_classes)
 
 
 register(ClsLoss("bce", "rpn_head", lambda s, n: ObjectnessBCE(), summary="binary cross-entropy (torchvision)"))
@@ -511,7 +641,7 @@ register(
         "focal",
         "rpn_head",
         lambda s, n: ObjectnessFocal(s["focal_alpha"], s["focal_gamma"]),
-        params={"focal_gamma": 2.0, "focal_alpha": 0.25},
+        params={"focal_gamma": Param(2.0, check_focal_gamma), "focal_alpha": Param(0.25, check_alpha)},
         summary="sigmoid focal loss (torchvision.ops.sigmoid_focal_loss)",
     )
 )
@@ -521,7 +651,7 @@ register(
         "focal",
         "roi_head",
         lambda s, n: SoftmaxFocal(s["focal_gamma"]),
-        params={"focal_gamma": 2.0},
+        params={"focal_gamma": Param(2.0, check_focal_gamma)},
         summary="softmax focal loss; class_weight is its per-class alpha",
     )
 )
@@ -531,8 +661,13 @@ register(
         "federated",
         "roi_head",
         lambda s, n: Federated(list(s["fed_image_counts"]), s["fed_freq_power"], s["fed_num_classes"]),
-        params={"fed_num_classes": 50, "fed_freq_power": 0.5, "fed_image_counts": None},
+        params={
+            "fed_num_classes": Param(50, check_int),
+            "fed_freq_power": Param(0.5),
+            "fed_image_counts": Param(None, check_count_list),
+        },
         needs=("fed_image_counts",),
+        per_class=("fed_image_counts",),
         summary="Detectron2 USE_FED_LOSS",
     )
 )
@@ -541,7 +676,7 @@ register(
         "seesaw",
         "roi_head",
         lambda s, n: Seesaw(n, s["seesaw_p"], s["seesaw_q"]),
-        params={"seesaw_p": 0.8, "seesaw_q": 2.0},
+        params={"seesaw_p": Param(0.8), "seesaw_q": Param(2.0)},
         extra_outputs=1,
         stateful=True,
         summary="MMDetection SeesawLoss",
@@ -552,7 +687,7 @@ register(
         "eqlv2",
         "roi_head",
         lambda s, n: EQLv2(n, s["eqlv2_mu"], s["eqlv2_alpha"], s["eqlv2_gamma"]),
-        params={"eqlv2_mu": 0.8, "eqlv2_alpha": 4.0, "eqlv2_gamma": 12.0},
+        params={"eqlv2_mu": Param(0.8), "eqlv2_alpha": Param(4.0), "eqlv2_gamma": Param(12.0)},
         stateful=True,
         summary="MMDetection EQLV2Loss",
     )

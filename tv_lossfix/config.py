@@ -11,10 +11,11 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+from ._checks import LossConfigError, check_choice, check_number, check_weight
 from ._suggest import did_you_mean
-from .cls_losses import cls_loss_names, param_owners
+from .cls_losses import cls_loss_names, param_owners, registered
 
 __all__ = ["RPNLossConfig", "RoILossConfig", "LossConfig", "LossConfigError", "PRESETS", "MODEL_LOSS_KEYS"]
 
@@ -26,31 +27,8 @@ RPN_AVG_FACTORS = ("sampled", "positive", "sampled_per_image")
 ROI_AVG_FACTORS = ("sampled", "positive")
 RPN_CLS_AVG_FACTORS = ("sampled", "sampled_per_image")
 ROI_CLS_AVG_FACTORS = ("sampled",)
-# Classification losses: the stock one first (the default), then the others, from the registry of
-# tv_lossfix.cls_losses (a new loss is registered there, not listed here).
-RPN_CLS_LOSSES = cls_loss_names("rpn_head")
-ROI_CLS_LOSSES = cls_loss_names("roi_head")
-
-
-class LossConfigError(ValueError):
-    """A loss config that cannot be used; the message names the offending key."""
-
-
-def _check_weight(where: str, value: Any, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LossConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise LossConfigError(f"{where} must be a finite number {bound}, got {value!r}")
-    return value
-
-
-def _check_choice(where: str, value: Any, allowed: Tuple[str, ...]) -> str:
-    if value not in allowed:
-        tip = did_you_mean(value, allowed)
-        raise LossConfigError(f"{where} must be one of {', '.join(map(repr, allowed))}, got {value!r}{tip}")
-    return value
+# Classification losses (``cls_loss``) and their parameters are read from the registry of
+# tv_lossfix.cls_losses at each check: a new loss is registered there, not listed here.
 
 
 def _reject_unknown(prefix: str, data: Mapping[str, Any], allowed) -> None:
@@ -79,29 +57,16 @@ def _canonical_keys(where: str, data: Mapping[str, Any]) -> dict:
     return out
 
 
-# Beyond it the focal factor (1 - p_t)^gamma is under 0.5^10 ~ 1e-3 for an untrained head (p_t ~ 0.5): the
-# loss vanishes. RetinaNet studied gamma in [0, 5].
-MAX_FOCAL_GAMMA = 10.0
-
-
-def _check_number(where: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LossConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
-    if value > high or value < low or (low_open and value == low):
-        raise LossConfigError(f"{where} must be in {'(' if low_open else '['}{low}, {high}], got {value!r}")
-    return float(value)
-
-
 def _check_sampling(cfg: Any) -> None:
     """The assigner / sampler keys of one head (their order against the model is checked at patch time)."""
     s = cfg._section
     for key in ("pos_iou_thr", "neg_iou_thr"):
         if getattr(cfg, key) is not None:
-            object.__setattr__(cfg, key, _check_number(f"{s}.{key}", getattr(cfg, key), 0.0, 1.0))
+            object.__setattr__(cfg, key, check_number(f"{s}.{key}", getattr(cfg, key), 0.0, 1.0))
     if cfg.pos_iou_thr is not None and cfg.neg_iou_thr is not None and cfg.neg_iou_thr > cfg.pos_iou_thr:
         raise LossConfigError(f"{s}.neg_iou_thr ({cfg.neg_iou_thr}) must be <= {s}.pos_iou_thr ({cfg.pos_iou_thr})")
     if cfg.pos_fraction is not None:
-        object.__setattr__(cfg, "pos_fraction", _check_number(f"{s}.pos_fraction", cfg.pos_fraction, 0.0, 1.0, True))
+        object.__setattr__(cfg, "pos_fraction", check_number(f"{s}.pos_fraction", cfg.pos_fraction, 0.0, 1.0, True))
     for key in ("num", "feat_channels"):
         value = getattr(cfg, key, None)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -115,7 +80,7 @@ def _check_sampling(cfg: Any) -> None:
             f"(about box_detections_per_img detections per image); use -1 (no cap) or a ratio > 0 such as 3"
         )
     if hasattr(cfg, "sampler"):
-        _check_choice(f"{s}.sampler", cfg.sampler, ROI_SAMPLERS)
+        check_choice(f"{s}.sampler", cfg.sampler, ROI_SAMPLERS)
 
 
 # Keys only one head reads: under the other head the error says so (a did-you-mean would point at an
@@ -164,6 +129,9 @@ class _HeadLossConfig:
     num: Optional[int] = None
     pos_fraction: Optional[float] = None
     neg_pos_ub: Union[int, float] = -1
+    # The parameters of registered losses that are not fields here (a loss registered outside this
+    # package), key -> value; written flat under the head in dicts and YAML, like the fields.
+    loss_params: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     # Class-level constants, not fields (no annotation): the section name used in messages
     # and the normalization modes this head supports.
@@ -175,15 +143,15 @@ class _HeadLossConfig:
         s = self._section
         # A positive weight of 0 would delete every positive's classification loss: the collapse
         # this package exists to prevent. MMDetection reads pos_weight <= 0 as 1; we refuse it.
-        object.__setattr__(self, "cls_pos_weight", _check_weight(f"{s}.cls_pos_weight", self.cls_pos_weight, True))
+        object.__setattr__(self, "cls_pos_weight", check_weight(f"{s}.cls_pos_weight", self.cls_pos_weight, True))
         # A loss weight of 0 turns a term off, which is legitimate (e.g. freezing a branch).
         for name in ("loss_cls_weight", "loss_bbox_weight", "smooth_l1_beta"):
-            object.__setattr__(self, name, _check_weight(f"{s}.{name}", getattr(self, name)))
+            object.__setattr__(self, name, check_weight(f"{s}.{name}", getattr(self, name)))
         for name in self._weight_fields():
-            object.__setattr__(self, name, _check_weight(f"{s}.{name}", getattr(self, name)))
-        _check_choice(f"{s}.bbox_avg_factor", self.bbox_avg_factor, self._bbox_avg_factors)
-        _check_choice(f"{s}.cls_avg_factor", self.cls_avg_factor, self._cls_avg_factors)
-        _check_choice(f"{s}.bbox_loss", self.bbox_loss, BBOX_LOSSES)
+            object.__setattr__(self, name, check_weight(f"{s}.{name}", getattr(self, name)))
+        check_choice(f"{s}.bbox_avg_factor", self.bbox_avg_factor, self._bbox_avg_factors)
+        check_choice(f"{s}.cls_avg_factor", self.cls_avg_factor, self._cls_avg_factors)
+        check_choice(f"{s}.bbox_loss", self.bbox_loss, BBOX_LOSSES)
         _check_sampling(self)
 
     def _weight_fields(self) -> Tuple[str, ...]:
@@ -191,7 +159,9 @@ class _HeadLossConfig:
 
     @classmethod
     def keys(cls) -> Tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        """The keys of this head in a dict / YAML: the fields and the registered losses' parameters."""
+        own = tuple(f.name for f in fields(cls) if f.name != "loss_params")
+        return own + tuple(k for k in param_owners(cls._section) if k not in own)
 
     @classmethod
     def from_dict(
@@ -207,61 +177,46 @@ class _HeadLossConfig:
         _reject_unknown(f"{where}.", data, cls.keys() + tuple(SAMPLING_ALIASES))
         aliases = [k for k in data if k in SAMPLING_ALIASES]
         data = _canonical_keys(where, data)
+        base = base if base is not None else cls()
+        own = {f.name for f in fields(cls)} - {"loss_params"}
+        params = {k: v for k, v in data.items() if k not in own}
+        data = {k: v for k, v in data.items() if k in own}
+        if params:
+            data["loss_params"] = {**base.loss_params, **params}
         try:
-            return dataclasses.replace(base if base is not None else cls(), **data)
+            return dataclasses.replace(base, **data)
         except LossConfigError as e:
             # A message about an aliased key also names the spelling the user wrote.
             given = "".join(f" (given as {where}.{a})" for a in aliases if f".{SAMPLING_ALIASES[a]} " in str(e))
             raise LossConfigError(f"{prefix}{e}{given}") from None
 
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance((v := getattr(self, f.name)), tuple) else v) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "loss_params"}
+        out.update(self.loss_params)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def param(self, key: str) -> Any:
+        """A registered loss parameter's value as given (None: the loss's default), field or not."""
+        return self.loss_params.get(key) if key in self.loss_params else getattr(self, key, None)
 
     def is_default(self) -> bool:
         return self == type(self)()
 
 
-def _check_count_list(where: str, value: Any) -> Tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise LossConfigError(f"{where} must be a list of image counts, one per foreground class, got {value!r}")
-    out = []
-    for i, c in enumerate(value):
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0 or c != int(c):
-            raise LossConfigError(f"{where}[{i}] must be a non-negative integer, got {c!r}")
-        out.append(int(c))
-    if not out or max(out) == 0:
-        raise LossConfigError(f"{where} needs a positive count for at least one class, got {list(value)!r}")
-    return tuple(out)
-
-
-def _check_int(where: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LossConfigError(f"{where} must be an integer >= 1, got {value!r}")
-    return value
-
-
-# How each loss parameter is checked (keys of the losses registered in tv_lossfix.cls_losses).
-_PARAM_CHECKS = {
-    "focal_gamma": _check_weight,
-    "focal_alpha": lambda where, v: _check_alpha(v),
-    "fed_num_classes": _check_int,
-    "fed_freq_power": _check_weight,
-    "fed_image_counts": _check_count_list,
-    "seesaw_p": _check_weight,
-    "seesaw_q": _check_weight,
-    "eqlv2_mu": _check_weight,
-    "eqlv2_alpha": _check_weight,
-    "eqlv2_gamma": _check_weight,
-}
-
-
 def _check_cls_loss_keys(cfg: _HeadLossConfig) -> None:
     """``cls_loss`` is a registered loss of the head; a loss parameter set while ``cls_loss`` is a loss
-    that does not read it is refused, never ignored; each set parameter is checked."""
+    that does not read it is refused, never ignored; each set parameter is checked by its registration."""
     s = cfg._section
-    _check_choice(f"{s}.cls_loss", cfg.cls_loss, cls_loss_names(s))
-    for key, owners in param_owners(s).items():
-        value = getattr(cfg, key)
+    check_choice(f"{s}.cls_loss", cfg.cls_loss, cls_loss_names(s))
+    owners_of = param_owners(s)
+    if not isinstance(cfg.loss_params, Mapping):
+        raise LossConfigError(f"{s}.loss_params must be a mapping, got {type(cfg.loss_params).__name__}")
+    params = dict(cfg.loss_params)
+    for key in params:
+        if key not in owners_of:
+            raise LossConfigError(f"unknown key {s + '.' + key!r}: no registered {s}.cls_loss reads it")
+    for key, owners in owners_of.items():
+        value = cfg.param(key)
         if value is None:
             continue
         if cfg.cls_loss not in owners:
@@ -269,20 +224,12 @@ def _check_cls_loss_keys(cfg: _HeadLossConfig) -> None:
                 f"{s}.{key} is set ({value!r}) but {s}.cls_loss is {cfg.cls_loss!r}: "
                 f"{key} applies only with {s}.cls_loss: {' or '.join(owners)} (set it, or drop {s}.{key})"
             )
-        object.__setattr__(cfg, key, _PARAM_CHECKS[key](f"{s}.{key}", value))
-    if cfg.focal_gamma is not None and cfg.focal_gamma > MAX_FOCAL_GAMMA:
-        raise LossConfigError(
-            f"{s}.focal_gamma {cfg.focal_gamma:g} must be <= {MAX_FOCAL_GAMMA:g}: the factor (1 - p_t)^gamma "
-            f"is {0.5**cfg.focal_gamma:.1e} at p_t = 0.5 (an untrained head), so the loss is ~0 and nothing "
-            f"trains (RetinaNet uses 2)"
-        )
-
-
-def _check_alpha(alpha: Any) -> float:
-    # alpha 0 drops every positive anchor's loss, alpha 1 every negative's: both collapse the RPN.
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (alpha == -1 or 0 < alpha < 1):
-        raise LossConfigError(f"rpn_head.focal_alpha must be in (0, 1), or -1 for no alpha weighting, got {alpha!r}")
-    return float(alpha)
+        value = registered(s, cfg.cls_loss).params[key].check(f"{s}.{key}", value)
+        if key in params:
+            params[key] = value
+        else:
+            object.__setattr__(cfg, key, value)
+    object.__setattr__(cfg, "loss_params", params)
 
 
 @dataclass(frozen=True)
@@ -321,6 +268,9 @@ class RoILossConfig(_HeadLossConfig):
     ``fed_freq_power`` 0.5, ``fed_image_counts`` the training images of each foreground class, required),
     ``seesaw`` (MMDetection SeesawLoss: ``seesaw_p`` 0.8, ``seesaw_q`` 2.0; one more classifier output),
     ``eqlv2`` (EQLV2Loss: ``eqlv2_mu`` 0.8, ``eqlv2_alpha`` 4.0, ``eqlv2_gamma`` 12).
+    A loss registered outside this package (:func:`tv_lossfix.cls_losses.register`) reads its parameters
+    from the same section (``roi_head: {cls_loss: poly1, poly_epsilon: 2.0}``); they are kept in
+    ``loss_params`` and read with :meth:`param`.
     ``cosine_classifier``: the class scores of a cosine classifier (MMDetection's ``NormedLinear``,
     ``cosine_temperature`` None: 20) instead of a linear layer, with any ``cls_loss``.
     """
@@ -366,7 +316,7 @@ class RoILossConfig(_HeadLossConfig):
                     f"roi_head.cosine_temperature is set ({self.cosine_temperature!r}) but roi_head.cosine_classifier "
                     "is false: it applies only to the cosine classifier (set it, or drop roi_head.cosine_temperature)"
                 )
-            value = _check_weight("roi_head.cosine_temperature", self.cosine_temperature, True)
+            value = check_weight("roi_head.cosine_temperature", self.cosine_temperature, True)
             object.__setattr__(self, "cosine_temperature", value)
         cw = self.class_weight
         if isinstance(cw, str) and cw == "auto":
@@ -380,7 +330,7 @@ class RoILossConfig(_HeadLossConfig):
                     f"roi_head.class_weight must be a list with one weight per class "
                     f"(background first), got {type(cw).__name__} {cw!r}"
                 )
-            cw = tuple(_check_weight(f"roi_head.class_weight[{i}]", w) for i, w in enumerate(cw))
+            cw = tuple(check_weight(f"roi_head.class_weight[{i}]", w) for i, w in enumerate(cw))
             if len(cw) < 2:
                 raise LossConfigError(
                     f"roi_head.class_weight needs one weight per class including background (>= 2), got {len(cw)}"
@@ -509,7 +459,7 @@ class LossConfig:
     @classmethod
     def preset(cls, name: str) -> "LossConfig":
         """A named configuration: ``"torchvision"``, ``"mmdetection"`` or ``"positive"``."""
-        return PRESETS[_check_choice("preset", name, tuple(PRESETS))]
+        return PRESETS[check_choice("preset", name, tuple(PRESETS))]
 
     @classmethod
     def coerce(cls, obj: Any) -> "LossConfig":
@@ -543,6 +493,20 @@ class LossConfig:
 
     def replace(self, **changes: Any) -> "LossConfig":
         return dataclasses.replace(self, **changes)
+
+    def flat(self) -> Dict[str, Any]:
+        """Every setting by its dotted key (``"roi_head.cls_loss"``, ..., ``"sync_avg_factor"``), as in
+        :meth:`to_dict` (lists for tuples)."""
+        tree = self.to_dict()
+        out = {f"{sec}.{k}": v for sec in ("rpn_head", "roi_head") for k, v in tree[sec].items()}
+        out["sync_avg_factor"] = tree["sync_avg_factor"]
+        return out
+
+    def changed_keys(self, base: Optional["LossConfig"] = None) -> Dict[str, Any]:
+        """The settings that differ from ``base`` (None: the defaults, stock torchvision), dotted key ->
+        this config's value, in :meth:`flat`'s order: ``{"roi_head.cls_loss": "focal"}``."""
+        old = (base if base is not None else LossConfig()).flat()
+        return {k: v for k, v in self.flat().items() if k not in old or old[k] != v}
 
     def is_default(self) -> bool:
         return self == LossConfig()

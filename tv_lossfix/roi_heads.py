@@ -15,6 +15,7 @@ from torchvision.ops import boxes as box_ops
 
 from . import losses as L
 from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale, set_criterion
+from .class_agnostic import is_class_agnostic
 from .classifiers import check_classifier
 from .cls_losses import registered
 from .config import LossConfigError, RoILossConfig
@@ -31,14 +32,15 @@ def predictor_num_classes(box_predictor: nn.Module) -> Optional[int]:
 
 # Class-agnostic predictors (MMDetection reg_class_agnostic / class_agnostic, Detectron2
 # CLS_AGNOSTIC_BBOX_REG / CLS_AGNOSTIC_MASK) are told from the output shapes: host-side, no sync.
+# The counts are class_agnostic.BOX_OUTPUTS / MASK_CHANNELS written out: TorchScript reads no global int.
 def is_class_agnostic_box(class_logits: Tensor, box_regression: Tensor) -> bool:
     """One box delta (4 values) per RoI for a classifier over more than one class."""
-    return box_regression.shape[-1] == 4 and class_logits.shape[-1] > 1
+    return is_class_agnostic(box_regression.shape[-1], class_logits.shape[-1], 4)
 
 
 def is_class_agnostic_mask(mask_logits: Tensor, num_classes: int) -> bool:
     """One mask channel per RoI for a classifier over more than one class."""
-    return mask_logits.shape[1] == 1 and num_classes > 1
+    return is_class_agnostic(mask_logits.shape[1], num_classes, 1)
 
 
 class LossFixRoIHeads(RoIHeads):
@@ -85,25 +87,23 @@ class LossFixRoIHeads(RoIHeads):
         check_classifier(self, cfg)
         spec = registered("roi_head", cfg.cls_loss)
         for key in spec.needs:
-            if getattr(cfg, key) is None:
+            if cfg.param(key) is None:
                 raise LossConfigError(
                     f"roi_head.cls_loss {cfg.cls_loss} needs roi_head.{key} (references/train.py resolves 'auto' "
                     "from the training annotations)"
                 )
-        if (spec.stateful or cfg.fed_image_counts is not None) and num_classes is None:
+        per_class = {key: cfg.param(key) for key in spec.per_class if cfg.param(key) is not None}
+        if (spec.stateful or per_class) and num_classes is None:
             raise LossConfigError(
                 f"roi_head.cls_loss {cfg.cls_loss} needs the class count of torchvision's box predictor "
                 f"(cls_score), but roi_heads.box_predictor is a {type(self.box_predictor).__name__}"
             )
-        if (
-            cfg.fed_image_counts is not None
-            and num_classes is not None
-            and len(cfg.fed_image_counts) != num_classes - 1
-        ):
-            raise LossConfigError(
-                f"roi_head.fed_image_counts has {len(cfg.fed_image_counts)} entries but the model has "
-                f"{num_classes - 1} foreground classes: give one image count per class"
-            )
+        for key, value in per_class.items():
+            if num_classes is not None and len(value) != num_classes - 1:
+                raise LossConfigError(
+                    f"roi_head.{key} has {len(value)} entries but the model has {num_classes - 1} foreground "
+                    "classes: give one entry per foreground class"
+                )
         set_criterion(self, cfg, num_classes if num_classes is not None else 0)
         self.softmax_scores = bool(self.cls_criterion.softmax_scores)
         self.extra_outputs = int(spec.extra_outputs)

@@ -9,6 +9,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_p
 
 from . import losses as L
 from ._utils import HEAD_LOSS_ATTRIBUTES, apply_loss_cfg, avg_factor, loss_cfg_repr, loss_state, scale, set_criterion
+from .cls_losses import registered, resolved_param
 from .config import RPNLossConfig
 from .sampling import SAMPLING_ATTRIBUTES, apply_sampling, check_sampling, fg_bg_sample
 
@@ -48,7 +49,7 @@ class LossFixRPN(RegionProposalNetwork):
         apply_loss_cfg(self, cfg, sync_avg_factor)
         apply_sampling(self, cfg)
         # None: torchvision.ops.sigmoid_focal_loss's default; -1 (no alpha weighting) is kept as is.
-        self.focal_alpha = 0.25 if cfg.focal_alpha is None else float(cfg.focal_alpha)
+        self.focal_alpha = float(resolved_param(cfg.to_dict(), registered("rpn_head", "focal"), "focal_alpha"))
         set_criterion(self, cfg, 2)  # the objectness loss, from the registry (tv_lossfix.cls_losses)
 
     def extra_repr(self) -> str:

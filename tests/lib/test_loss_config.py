@@ -113,3 +113,24 @@ def test_config_is_immutable_and_round_trips():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.roi_head.cls_pos_weight = 3.0
     assert LossConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_changed_keys_are_the_dotted_keys_that_differ_from_the_defaults_or_a_base():
+    assert LossConfig().changed_keys() == {}
+    cfg = LossConfig.from_dict(
+        {"rpn_head": {"cls_loss": "focal"}, "roi_head": {"class_weight": [1, 2], "num": 64}, "sync_avg_factor": True}
+    )
+    assert cfg.changed_keys() == {
+        "rpn_head.cls_loss": "focal",
+        "roi_head.num": 64,
+        "roi_head.class_weight": [1.0, 2.0],
+        "sync_avg_factor": True,
+    }
+    base = LossConfig.from_dict({"rpn_head": {"cls_loss": "focal"}, "roi_head": {"num": 32}})
+    assert cfg.changed_keys(base) == {"roi_head.num": 64, "roi_head.class_weight": [1.0, 2.0], "sync_avg_factor": True}
+    assert set(LossConfig.preset("mmdetection").changed_keys()) == {
+        "rpn_head.bbox_loss",
+        "rpn_head.cls_avg_factor",
+        "rpn_head.bbox_avg_factor",
+        "roi_head.bbox_loss",
+    }
