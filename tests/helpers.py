@@ -288,3 +288,16 @@ def coco_boxes(sizes, image_hw=(96, 128), n_images=6, seed=0):
             )
     cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
     return {"images": images, "annotations": anns, "categories": cats}
+
+
+def another_value(o):
+    """A value of a schema setting (config_schema.Opt) other than its default, of its own kind."""
+    if o.kind is bool:
+        return not o.default
+    if o.kind in (int, float):
+        return (o.default or 0) + 1
+    if o.kind is str:
+        return next((c for c in o.choices if c != o.default), None) if o.choices else "x"
+    if o.kind is dict:
+        return {"x": 1}
+    return [[1.0]] if o.default is None else None

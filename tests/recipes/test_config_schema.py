@@ -10,18 +10,7 @@ import config_schema
 import run_model
 import train_config
 import training_checkpoint
-
-
-def _another_value(o):
-    if o.kind is bool:
-        return not o.default
-    if o.kind in (int, float):
-        return (o.default or 0) + 1
-    if o.kind is str:
-        return next((c for c in o.choices if c != o.default), None) if o.choices else "x"
-    if o.kind is dict:
-        return {"x": 1}
-    return [[1.0]] if o.default is None else None
+from helpers import another_value
 
 
 def _changed(path, old, new):
@@ -34,7 +23,7 @@ def test_every_key_the_schema_refuses_on_resume_is_refused_naming_it():
     refusing = [o for o in train_config.OPTIONS if o.resume.refused is not None]
     assert {"model.name", "model.num_classes", "training.opt", "training.seed"} <= {o.path for o in refusing}
     for o in refusing:
-        new = _another_value(o)
+        new = another_value(o)
         old = o.default if o.default is not None else new
         new = new if old != new else None  # a nullable key: set -> null
         saved, cfg = _changed(o.path, old, new)
@@ -55,7 +44,7 @@ def test_a_new_value_is_applied_as_the_schema_says_and_a_run_setting_is_not_comp
     )
     for o in train_config.OPTIONS:
         if not o.resume.compared:
-            saved, cfg = _changed(o.path, o.default, _another_value(o))
+            saved, cfg = _changed(o.path, o.default, another_value(o))
             assert training_checkpoint.reconcile(saved, cfg) == ([], []), o.path
     assert train_config.on_resume("model.a_key_of_an_older_recipe").refused is None
 
@@ -74,7 +63,7 @@ def test_a_mid_epoch_checkpoint_refuses_every_key_that_orders_its_batches():
     for path in fixed:
         o = train_config.BY_PATH[path]
         if o.default is not None:
-            new = _another_value(o)
+            new = another_value(o)
         else:  # a null default: a value of the key's own type
             new = "random" if o.kind is str else 0.5
         saved, cfg = _changed(path, o.default, new)

@@ -21,7 +21,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 import tv_lossfix  # noqa: E402
 
-from helpers import REFS, tiny_config  # noqa: E402
+from helpers import REFS, another_value, tiny_config  # noqa: E402
 
 
 def _load_cli():
@@ -235,14 +235,6 @@ def test_cli_clip_default_comes_from_the_config(tmp_path, data_root):
 
 
 # -- every recipe key: honoured or refused, as its setting(lightning=...) says ------------------------------
-def _another_value(o):
-    if o.kind is bool:
-        return not o.default
-    if o.kind in (int, float):
-        return (o.default or 0) + 1
-    if o.kind is str:
-        return next((c for c in o.choices if c != o.default), None) if o.choices else "x"
-    return None
 
 
 def test_every_training_and_distributed_key_says_whether_lightning_honours_it():
@@ -263,7 +255,7 @@ def test_lightning_honours_or_refuses_every_key():
 
     base, refused = train_config.defaults(), []
     for o in train_config.OPTIONS:
-        value = _another_value(o)
+        value = another_value(o)
         if value is None or value == o.off:
             continue
         try:
