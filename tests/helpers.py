@@ -9,6 +9,7 @@ import re
 import shutil
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from torchvision.models import detection as tvdet
@@ -253,6 +254,25 @@ def cli(args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = train.cli(args)
     return rc, out.getvalue(), err.getvalue()
+
+
+def assert_names(text, *names, one_line=False):
+    """``text`` names each of ``names`` (``str(name)`` appears verbatim, no regex); with ``one_line``, ``text``
+    is a single line. Message tests assert what a message must name (key, flag, file, id, value), not its
+    wording."""
+    text = str(text)
+    if one_line:
+        assert len(text.strip().splitlines()) == 1, text
+    for name in names:
+        assert str(name) in text, f"{name!r} not named in: {text}"
+
+
+@contextlib.contextmanager
+def raises_naming(exc, *names):
+    """``pytest.raises(exc)`` whose one-line message names each of ``names`` (see ``assert_names``)."""
+    with pytest.raises(exc) as info:
+        yield info
+    assert_names(info.value, *names, one_line=True)
 
 
 def one_line_error(rc, err, pattern):
