@@ -268,11 +268,12 @@ def assert_names(text, *names, one_line=False):
 
 
 @contextlib.contextmanager
-def raises_naming(exc, *names):
-    """``pytest.raises(exc)`` whose one-line message names each of ``names`` (see ``assert_names``)."""
+def raises_naming(exc, *names, one_line=True):
+    """``pytest.raises(exc)`` whose message names each of ``names`` (see ``assert_names``); one line unless
+    ``one_line=False`` (a data check's error lists every problem found, a line each)."""
     with pytest.raises(exc) as info:
         yield info
-    assert_names(info.value, *names, one_line=True)
+    assert_names(info.value, *names, one_line=one_line)
 
 
 def one_line_error(rc, err, pattern):
@@ -282,6 +283,12 @@ def one_line_error(rc, err, pattern):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in err
+
+
+def one_line_error_naming(rc, err, *names):
+    """Exit code 1 and one ``error:`` line, no traceback, naming each of ``names`` (see ``assert_names``)."""
+    one_line_error(rc, err, "")
+    assert_names(err, *names)
 
 
 def coco_boxes(sizes, image_hw=(96, 128), n_images=6, seed=0):
