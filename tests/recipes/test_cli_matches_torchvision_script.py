@@ -183,13 +183,16 @@ def test_resume_applies_lr_refuses_model_and_keeps_config(tmp_path, capsys, data
     capsys.readouterr()
     assert train.main(["--config", cfg, "--resume", ckpt, "--lr", "0.001"]) == 0
     said = capsys.readouterr().out
-    assert_names(next(x for x in said.splitlines() if x.startswith("training.lr: ")), "0.01 -> 0.001", "applied")
+    assert_names(next(x for x in said.splitlines() if "training.lr: 0.01 -> 0.001" in x), "applied")
     assert (out / "config.yaml").read_text() == original  # never overwritten
     resumed = yaml.safe_load((out / "config.resume-epoch1.yaml").read_text())
     assert resumed["training"]["lr"] == 0.001
     lrs = [r["lr"] for r in records(out, "train") if r["epoch"] == 1]
     assert lrs and all(abs(lr - 0.001) < 1e-12 for lr in lrs)  # warmup was over: the new lr is what ran
-    with raises_naming(training_checkpoint.CheckpointError, "training.seed: 0 -> 3", "refused"):
+    # a resume's refusals: a line naming the checkpoint, then one per key
+    with raises_naming(
+        training_checkpoint.CheckpointError, f"--resume {ckpt}", "training.seed: 0 -> 3 refused", one_line=False
+    ):
         train.main(["--config", cfg, "--resume", ckpt, "--seed", "3", "--epochs", "3"])  # epochs 0, 1 done
     with raises_naming(
         training_checkpoint.CheckpointError, f"--resume {ckpt}", "maskrcnn_tiny", "--model fasterrcnn_resnet50_fpn"

@@ -203,7 +203,10 @@ def test_resume_mid_epoch_refuses_another_batch_size(tmp_path, data_root, monkey
     assert train.main(["--config", cfg, *QUIET]) == 143
     monkeypatch.undo()
     resume = str(tmp_path / "out" / "checkpoint.pth")
-    with raises_naming(train.CheckpointError, "training.batch_size: 2 -> 4", "refused", "iteration 1 of epoch 0"):
+    with raises_naming(
+        train.CheckpointError, f"--resume {resume}", "training.batch_size: 2 -> 4 refused", "iteration 1 of epoch 0",
+        one_line=False,
+    ):  # fmt: skip
         train.main(["--config", cfg, *QUIET, "--resume", resume, "-b", "4"])
 
 
