@@ -9,6 +9,7 @@ import re
 import shutil
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from torchvision.models import detection as tvdet
@@ -255,6 +256,26 @@ def cli(args):
     return rc, out.getvalue(), err.getvalue()
 
 
+def assert_names(text, *names, one_line=False):
+    """``text`` names each of ``names`` (``str(name)`` appears verbatim, no regex); with ``one_line``, ``text``
+    is a single line. Message tests assert what a message must name (key, flag, file, id, value), not its
+    wording."""
+    text = str(text)
+    if one_line:
+        assert len(text.strip().splitlines()) == 1, text
+    for name in names:
+        assert str(name) in text, f"{name!r} not named in: {text}"
+
+
+@contextlib.contextmanager
+def raises_naming(exc, *names, one_line=True):
+    """``pytest.raises(exc)`` whose message names each of ``names`` (see ``assert_names``); one line unless
+    ``one_line=False`` (a data check's error lists every problem found, a line each)."""
+    with pytest.raises(exc) as info:
+        yield info
+    assert_names(info.value, *names, one_line=one_line)
+
+
 def one_line_error(rc, err, pattern):
     """Exit code 1 and one ``error:`` line matching ``pattern``, no traceback."""
     assert rc == 1, err
@@ -262,6 +283,12 @@ def one_line_error(rc, err, pattern):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in err
+
+
+def one_line_error_naming(rc, err, *names):
+    """Exit code 1 and one ``error:`` line, no traceback, naming each of ``names`` (see ``assert_names``)."""
+    one_line_error(rc, err, "")
+    assert_names(err, *names)
 
 
 def coco_boxes(sizes, image_hw=(96, 128), n_images=6, seed=0):

@@ -4,7 +4,7 @@ file refused in one line naming it (torchvision's own command lines: test_cli_ma
 import pytest
 
 import train_config
-from helpers import tiny_config
+from helpers import raises_naming, tiny_config
 
 
 def test_yaml_then_flags_precedence(tmp_path, data_root):
@@ -29,37 +29,29 @@ def test_yaml_then_flags_precedence(tmp_path, data_root):
     assert cfg.data.bad_annotations == "stop"  # your own data: stop and list the problems
 
 
+# each error names the key (and its flag), the bad value or the rule, and the key meant
 @pytest.mark.parametrize(
-    "yaml_text,match",
+    "yaml_text,names",
     [
-        ("training:\n  lrr: 0.1\n", r"unknown key 'training.lrr'; did you mean 'training.lr'"),
-        ("trainning:\n  lr: 0.1\n", r"unknown key 'trainning'; did you mean 'training'"),
-        (
-            "training:\n  gradient_clip:\n    max_nrom: 1\n",
-            r"'training.gradient_clip.max_nrom'.*'training.gradient_clip.max_norm'",
-        ),
-        ("training:\n  lr: fast\n", r"training.lr \(--lr\) must be a number"),
-        ("training:\n  batch_size: 0\n", r"training.batch_size \(-b\) must be >= 1"),
-        ("training:\n  nan_policy: ignore\n", r"training.nan_policy \(--nan-policy\) must be one of stop, skip"),
-        ("model:\n  roi_head:\n    cls_pos_weight: -2\n", r"model.roi_head.cls_pos_weight must be a finite number > 0"),
-        (
-            "model:\n  roi_head:\n    clss_pos_weight: 2\n",
-            r"unknown key 'model.roi_head.clss_pos_weight'; did you mean 'model.roi_head.cls_pos_weight'\?",
-        ),
-        (
-            "data:\n  dataset: coco_json\n",
-            r"--dataset coco_json needs --train-ann, --train-images, --val-ann, --val-images",
-        ),
-        (
-            "data:\n  shapes:\n    num_trian: 3\n",
-            r"unknown key 'data.shapes.num_trian'; did you mean 'data.shapes.num_train'",
-        ),
+        ("training:\n  lrr: 0.1\n", ["'training.lrr'", "'training.lr'"]),
+        ("trainning:\n  lr: 0.1\n", ["'trainning'", "'training'"]),
+        ("training:\n  gradient_clip:\n    max_nrom: 1\n",
+         ["'training.gradient_clip.max_nrom'", "'training.gradient_clip.max_norm'"]),
+        ("training:\n  lr: fast\n", ["training.lr", "--lr", "number"]),
+        ("training:\n  batch_size: 0\n", ["training.batch_size", "-b", ">= 1"]),
+        ("training:\n  nan_policy: ignore\n", ["training.nan_policy", "--nan-policy", "stop, skip", "'ignore'"]),
+        ("model:\n  roi_head:\n    cls_pos_weight: -2\n", ["model.roi_head.cls_pos_weight", "> 0"]),
+        ("model:\n  roi_head:\n    clss_pos_weight: 2\n",
+         ["'model.roi_head.clss_pos_weight'", "'model.roi_head.cls_pos_weight'"]),
+        ("data:\n  dataset: coco_json\n",
+         ["--dataset coco_json", "--train-ann", "--train-images", "--val-ann", "--val-images"]),
+        ("data:\n  shapes:\n    num_trian: 3\n", ["'data.shapes.num_trian'", "'data.shapes.num_train'"]),
     ],
-)
-def test_config_errors_name_the_key(tmp_path, yaml_text, match):
+)  # fmt: skip
+def test_config_errors_name_the_key(tmp_path, yaml_text, names):
     p = tmp_path / "bad.yaml"
     p.write_text(yaml_text)
-    with pytest.raises(train_config.ConfigError, match=match):
+    with raises_naming(train_config.ConfigError, *names):
         train_config.resolve(["--config", str(p)])
 
 

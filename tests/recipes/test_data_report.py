@@ -11,7 +11,7 @@ import anchor_coverage as AC
 import data_report as R
 import models
 import train
-from helpers import coco_boxes, records, tiny_config
+from helpers import assert_names, coco_boxes, raises_naming, records, tiny_config
 
 
 def test_report_flags_poor_coverage_and_its_advice_raises_coverage():
@@ -86,11 +86,11 @@ def test_report_counts_classes_empty_images_and_imbalance():
 
 def test_anchor_settings_are_validated_against_the_feature_maps():
     model = models.maskrcnn_tiny(4)  # 4 feature maps, 3 anchors per location
-    with pytest.raises(models.ModelError, match="has 3 lists but the backbone gives 4 feature maps"):
+    with raises_naming(models.ModelError, "model.anchor_sizes", "3 lists", "4 feature maps"):
         models.set_anchors(model, [[8], [16], [32]], None)
-    with pytest.raises(models.ModelError, match="same number of anchors per location"):
+    with raises_naming(models.ModelError, "model.anchor_sizes", "model.aspect_ratios", "[3, 6]"):
         models.set_anchors(model, [[8], [16, 20], [32], [64]], None)
-    with pytest.raises(models.ModelError, match="give one list, or one per feature map"):
+    with raises_naming(models.ModelError, "model.aspect_ratios", "2 lists", "(4)"):
         models.set_anchors(model, None, [[1.0], [1.0]])
     head = model.rpn.head.cls_logits
     changed = models.set_anchors(model, [[8], [16], [32], [64]], [[0.5, 1.0, 2.0]])
@@ -109,12 +109,11 @@ def test_anchors_from_yaml_train_and_reach_the_report(tmp_path, capsys, data_roo
     p.write_text(yaml.safe_dump(data))
     assert train.main(["--config", str(p)]) == 0
     out = capsys.readouterr().out
-    assert "anchors from the config: rpn.anchor_generator: sizes [[8], [16], [32], [64]]" in out
-    assert "re-initialised (3 -> 1 anchors per location)" in out
+    assert_names(out, "rpn.anchor_generator: sizes [[8], [16], [32], [64]]", "re-initialised (3 -> 1")
     report = records(tmp_path / "out", "data_report")[0]
     assert report["anchors"]["sizes"] == [[8], [16], [32], [64]]
     data["model"]["anchor_sizes"] = [[8], [16]]
     p.write_text(yaml.safe_dump(data))
-    with pytest.raises(models.ModelError, match="has 2 lists but the backbone gives 4 feature maps"):
+    with raises_naming(models.ModelError, "model.anchor_sizes", "2 lists", "4 feature maps"):
         train.main(["--config", str(p)])
     assert "images," not in capsys.readouterr().out  # refused before any data was read

@@ -25,7 +25,7 @@ import training_checkpoint
 import writers
 from checks import DataError, check_samples, load_coco_checked
 from data import CocoDetection
-from helpers import cli, make_set, one_line_error, write_json
+from helpers import assert_names, cli, make_set, one_line_error_naming, raises_naming, write_json
 from shapes import ShapesSpec, ensure_shapes
 
 SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
@@ -51,13 +51,12 @@ def test_duplicate_annotation_id_is_refused_under_both_policies(shapes, tmp_path
     good = write_json(tmp_path, data, "good.json")
     data["annotations"][3]["id"] = data["annotations"][0]["id"]  # annotation 4 (image 2) takes id 1 (image 1)
     ann = write_json(tmp_path, data)
-    with pytest.raises(DataError, match=r"annotation id 1 appears twice \(images 1 and 2\)") as info:
+    with raises_naming(DataError, "annotation id 1", "images 1 and 2", "pycocotools", "drop", one_line=False):
         load_coco_checked(ann, images, "val", policy=policy)
-    assert "pycocotools keys annotations by id" in str(info.value) and "drop cannot fix" in str(info.value)
     # Through the command line, as the val file (read first): one line, nothing but the start written.
     out = tmp_path / "out"
     rc, _, err = cli(argv(good, images, out, "--bad-annotations", policy, val_ann=ann))
-    one_line_error(rc, err, r"^error: val: .*ann\.json: annotation id 1 appears twice \(images 1 and 2\)")
+    one_line_error_naming(rc, err, f"error: val: {ann}", "annotation id 1", "images 1 and 2")
     assert not (out / "checkpoint.pth").exists() and not (out / "model_0.pth").exists()
 
 
@@ -86,7 +85,9 @@ def test_16bit_grey_png_is_scaled_by_its_bit_depth_and_said(shapes, tmp_path):
     Image.fromarray(grey8.astype(np.uint16) * 257).save(path)  # 0..255 -> 0..65535
     assert Image.open(path).mode == "I;16"
     coco, label_map, _, report = load_coco_checked(write_json(tmp_path, data), images, "train")
-    assert "train: image 2: 16-bit grey scaled to 8 bits (value >> 8: 65535 -> 255)" in report.summary()
+    assert_names(
+        next(x for x in report.summary().splitlines() if "image 2: " in x), "train: ", "16-bit", "65535 -> 255"
+    )
     expected = torch.from_numpy(grey8.copy())[None].expand(3, -1, -1)  # (v * 257) >> 8 == v
     idx = sorted(coco.imgs).index(2)
     for backend in ("pil", "tensor"):
@@ -111,16 +112,16 @@ def test_32bit_float_image_is_refused_naming_it(shapes, tmp_path):
     data, images = make_set(shapes, tmp_path)
     data["images"][0]["file_name"] = "float.tif"
     Image.fromarray(np.full((64, 64), 0.5, np.float32)).save(os.path.join(images, "float.tif"))
-    with pytest.raises(DataError, match=r"image 1: .*float\.tif has Pillow mode F pixels .*range"):
+    with raises_naming(DataError, "image 1: ", "float.tif", "mode F", one_line=False):
         load_coco_checked(write_json(tmp_path, data), images, "train")
 
 
 # -- 3. --clip-grad-norm ----------------------------------------------------------------------------
 def test_negative_clip_grad_norm_is_an_error_and_zero_is_off(tmp_path, data_root):
     cfg = helpers.tiny_config(tmp_path, data_root)
-    with pytest.raises(train_config.ConfigError, match=r"training.clip_grad_norm \(--clip-grad-norm\) must be >= 0"):
+    with raises_naming(train_config.ConfigError, "training.clip_grad_norm", "--clip-grad-norm", ">= 0", "-5"):
         train_config.resolve(["--config", cfg, "--clip-grad-norm", "-5"])
-    with pytest.raises(train_config.ConfigError, match=r"must be >= 0.*got -5"):
+    with raises_naming(train_config.ConfigError, "training.clip_grad_norm", ">= 0", "-5"):
         train_config.resolve(["--config", helpers.tiny_config(tmp_path, data_root, clip_grad_norm=-5)])
     off, _, _ = train_config.resolve(["--config", cfg, "--clip-grad-norm", "0"])
     assert off.training.gradient_clip.enabled is False
@@ -201,7 +202,7 @@ def test_stale_temp_files_are_removed_at_start_and_said(tiny_run):
         assert not (out / name).exists(), name
     for name in tiny_run["kept"]:
         assert (out / name).exists(), name
-    assert f"removed 3 temp file(s) an interrupted run left in {out}: " in tiny_run["stdout"]
+    assert_names(tiny_run["stdout"], "removed 3 temp file(s)", f"{out}: ")
     assert not [p for p in os.listdir(out) if ".tmp" in p and p not in tiny_run["kept"]]
 
 
@@ -211,7 +212,7 @@ def test_file_name_outside_the_image_folder_is_refused(shapes, tmp_path, name):
     data, images = make_set(shapes, tmp_path)
     data["images"][2]["file_name"] = name
     for policy in ("stop", "drop"):
-        with pytest.raises(DataError, match=rf"train: .*: image 3: file_name '{name}' points outside the image folder"):
+        with raises_naming(DataError, "train: ", f"image 3: file_name '{name}'", "outside", one_line=False):
             load_coco_checked(write_json(tmp_path, data), images, "train", policy=policy)
 
 
@@ -241,18 +242,20 @@ def test_truncated_png_is_one_line_naming_the_image(shapes, tmp_path):
     ann = write_json(tmp_path, data)
     coco, label_map, _, _ = load_coco_checked(ann, images, "train")  # the header reads fine
     idx = sorted(coco.imgs).index(5)
-    for backend, reason in (("pil", "OSError: image file is truncated"), ("tensor", "RuntimeError: .*corrupted")):
+    for backend, reason in (("pil", "OSError: "), ("tensor", "RuntimeError: ")):  # the decoder's own reason
         ds = CocoDetection(coco, images, label_map, backend=backend)
-        with pytest.raises(DataError, match=rf"^image 5: cannot decode {path}: {reason}"):
+        with raises_naming(DataError, path, reason) as info:
             ds[idx]
+        assert str(info.value).startswith("image 5: ")
     # The sample check (which decodes) reports it among the first --check-samples images.
     problems = check_samples(CocoDetection(coco, images, label_map), num_classes=5, count=6)
-    assert problems == [f"image 5: cannot decode {path}: OSError: image file is truncated"]
+    assert len(problems) == 1 and problems[0].startswith("image 5: ")
+    assert_names(problems[0], path, "OSError: ", one_line=True)
     # Past the sample check, in a DataLoader worker: re-raised in the main process, printed as one line.
     out = tmp_path / "out"
     before = set(multiprocessing.active_children())
     rc, _, err = cli(argv(ann, images, out, "--check-samples", "0", "-j", "1", "--iters-per-epoch", "3"))
-    one_line_error(rc, err, rf"^error: image 5: cannot decode {path}: OSError: image file is truncated$")
+    one_line_error_naming(rc, err, "error: image 5: ", path, "OSError: ")
     assert not (out / "checkpoint.pth").exists()
     # The loader's worker is shut down with the error: it ignores the stop signals, so a worker kept
     # alive by the reported error's traceback would hold the interpreter at exit.
@@ -272,14 +275,14 @@ def test_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, m
     path = str(tmp_path / "checkpoint.pth")
     training_checkpoint.atomic_save({"epoch": 0, "w": torch.arange(3)}, path)
     monkeypatch.setattr(torch, "save", _no_space)
-    with pytest.raises(training_checkpoint.CheckpointError, match=rf"^could not write {path}: No space left on device"):
+    with raises_naming(training_checkpoint.CheckpointError, f"{path}: {os.strerror(errno.ENOSPC)}"):
         training_checkpoint.atomic_save({"epoch": 1}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3)) and not _leftovers(tmp_path)
     text = str(tmp_path / "config.yaml")
     training_checkpoint.atomic_write_text("a: 1\n", text)
     monkeypatch.setattr(os, "fsync", _no_space)
-    with pytest.raises(training_checkpoint.CheckpointError, match=rf"^could not write {text}: No space left on device"):
+    with raises_naming(training_checkpoint.CheckpointError, f"{text}: {os.strerror(errno.ENOSPC)}"):
         training_checkpoint.atomic_write_text("a: 2\n", text)
     monkeypatch.undo()
     assert open(text).read() == "a: 1\n" and not _leftovers(tmp_path)
@@ -293,8 +296,8 @@ def test_real_enospc_inside_torch_save_is_one_line(tmp_path, monkeypatch):
     path = str(tmp_path / "model_0.pth")
     with pytest.raises(training_checkpoint.CheckpointError) as info:
         training_checkpoint.atomic_save({"w": torch.zeros(1000)}, path)
-    assert str(info.value).startswith(f"could not write {path}: ") and "\n" not in str(info.value)
-    assert "No space left on device" in str(info.value)  # the OS reason, not torch's "unexpected pos"
+    # the file and the OS reason, not torch's "unexpected pos"
+    assert_names(info.value, f"{path}: ", os.strerror(errno.ENOSPC), one_line=True)
     assert not _leftovers(tmp_path) and not os.path.exists(path)
 
 
@@ -304,7 +307,7 @@ def test_full_disk_during_training_ends_in_one_line(shapes, tmp_path, monkeypatc
     out = tmp_path / "out"
     monkeypatch.setattr(torch, "save", _no_space)
     rc, _, err = cli(argv(write_json(tmp_path, data), images, out, "--iters-per-epoch", "1", "--no-data-report"))
-    one_line_error(rc, err, rf"^error: could not write {out}/\S+\.pth: No space left on device")
+    one_line_error_naming(rc, err, f"{out}/", ".pth", os.strerror(errno.ENOSPC))
     assert not _leftovers(out) and not [p for p in os.listdir(out) if p.endswith(".pth")]
     assert (out / "config.yaml").exists() and (out / "metrics.jsonl").exists()
 
@@ -313,7 +316,7 @@ def test_full_disk_during_training_ends_in_one_line(shapes, tmp_path, monkeypatc
 def test_output_dir_under_a_file_is_one_line(tmp_path, data_root):
     (tmp_path / "a").write_text("a file")
     rc, _, err = cli(["--config", helpers.tiny_config(tmp_path, data_root), "--output-dir", str(tmp_path / "a" / "b")])
-    one_line_error(rc, err, rf"--output-dir '{tmp_path}/a/b': {tmp_path}/a is a file, not a folder")
+    one_line_error_naming(rc, err, f"--output-dir '{tmp_path}/a/b': {tmp_path}/a ", "file")
     assert (tmp_path / "a").read_text() == "a file"
 
 
@@ -321,9 +324,10 @@ def test_non_utf8_yaml_is_one_line_naming_the_file(tmp_path):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("training:\n  lr: 0.01  # caf\u00e9\n".encode("latin-1"))
     rc, _, err = cli(["--config", str(bad)])
-    one_line_error(rc, err, rf"^error: --config {bad}: not UTF-8 text: byte 0xe9 on line 2 \(save the file as UTF-8\)$")
-    with pytest.raises(LossConfigError, match=rf"^{bad}: not UTF-8 text: byte 0xe9 on line 2"):
+    one_line_error_naming(rc, err, f"error: --config {bad}: ", "UTF-8", "0xe9", "line 2")
+    with raises_naming(LossConfigError, "UTF-8", "0xe9", "line 2") as info:
         LossConfig.from_yaml(bad)
+    assert str(info.value).startswith(f"{bad}: ")
 
 
 @pytest.mark.slow
@@ -333,7 +337,7 @@ def test_class_weight_of_the_wrong_length_is_one_line(shapes, tmp_path):
     cfg.write_text(yaml.safe_dump({"model": {"roi_head": {"class_weight": [1.0, 2.0, 3.0]}}}))
     out = tmp_path / "out"
     rc, _, err = cli(argv(write_json(tmp_path, data), images, out, "--config", str(cfg), "--no-data-report"))
-    one_line_error(rc, err, r"class_weight has 3 entries .*5")  # 4 shapes + background
+    one_line_error_naming(rc, err, "model.roi_head.class_weight", "3 entries", "5 classes")  # 4 shapes + background
     assert not (out / "checkpoint.pth").exists()
     assert issubclass(LossConfigError, errors.USER_ERRORS)
 
@@ -343,32 +347,32 @@ def test_training_set_without_objects_is_a_warning(shapes, tmp_path):
     data, images = make_set(shapes, tmp_path)
     empty = dict(copy.deepcopy(data), annotations=[])
     _, _, _, report = load_coco_checked(write_json(tmp_path, empty), images, "train")
-    assert "WARNING: train: no objects in 6 images: the model learns background only" in report.summary()
+    line = next(x for x in report.summary().splitlines() if x.startswith("WARNING: "))
+    assert_names(line, "train: ", "no objects", "6 images", "background")
     crowd = copy.deepcopy(data)
     for a in crowd["annotations"]:
         a["iscrowd"] = 1
     _, _, _, report = load_coco_checked(write_json(tmp_path, crowd), images, "val")
-    assert report.notes == [
-        "WARNING: val: no objects in 6 images, 9 crowd regions, which are not trained on: its AP is undefined (-1)"
-    ]
+    assert len(report.notes) == 1 and report.notes[0].startswith("WARNING: val: ")
+    assert_names(report.notes[0], "no objects", "6 images", "9 crowd", "AP", "(-1)", one_line=True)
 
 
 def test_dropping_every_object_is_an_error(shapes, tmp_path):
     data, images = make_set(shapes, tmp_path)
     for a in data["annotations"]:
         a["category_id"] = 42
-    with pytest.raises(DataError, match=r"train: --bad-annotations drop left no object \(9 annotations and 0 images"):
+    with raises_naming(DataError, "train: ", "--bad-annotations drop", "no object", "9 annotations", "0 images"):
         load_coco_checked(write_json(tmp_path, data), images, "train", policy="drop")
     for img in data["images"]:
         img["file_name"] = "gone.png"
-    with pytest.raises(DataError, match=r"train: no images left to train on \(6 dropped by --bad-annotations drop\)"):
+    with raises_naming(DataError, "train: ", "no images", "6 dropped", "--bad-annotations drop"):
         load_coco_checked(write_json(tmp_path, data), images, "train", policy="drop")
 
 
 def test_width_given_as_a_string_says_so(shapes, tmp_path):
     data, images = make_set(shapes, tmp_path)
     data["images"][1]["width"] = "64"
-    with pytest.raises(DataError, match=r"image 2 \(train_00002.png\): width '64' is a string; .* integers"):
+    with raises_naming(DataError, "image 2 (train_00002.png): ", "width '64'", "str", one_line=False):
         load_coco_checked(write_json(tmp_path, data), images, "train", policy="drop")
 
 
@@ -381,9 +385,8 @@ def test_exif_rotated_jpeg_size_mismatch_names_the_tag(shapes, tmp_path):
     with pytest.raises(DataError) as info:
         load_coco_checked(write_json(tmp_path, data), images, "train")
     msg = str(info.value)
-    assert "image 4: " in msg and "phone.jpg is 48x64 but the JSON says 64x48" in msg
-    assert "EXIF orientation tag is 6 (rotated 90 degrees clockwise)" in msg
-    assert "decodes the stored pixels without it (as torchvision's does)" in msg
+    line = next(x for x in msg.splitlines() if "image 4: " in x)  # the stored size, the JSON's, the tag's value
+    assert_names(line, "phone.jpg", "48x64", "64x48", "EXIF orientation", "6", "90 degrees", "torchvision")
     # Which is true of both backends: the stored 48-wide pixels, unrotated.
     from torchvision.io import ImageReadMode, decode_image, read_file
 

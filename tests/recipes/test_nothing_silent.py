@@ -15,7 +15,7 @@ import torch
 
 import helpers
 import train
-from helpers import cli, make_set, one_line_error, write_json
+from helpers import assert_names, cli, make_set, one_line_error, one_line_error_naming, raises_naming, write_json
 from shapes import ShapesSpec, ensure_shapes
 
 SPEC = ShapesSpec(num_train=6, num_val=3, image_size=64, min_size=12, max_size=30, empty_fraction=0.3, seed=3)
@@ -79,7 +79,7 @@ def test_resume_of_a_torchvision_checkpoint_applies_the_lr_and_skips_warmup(firs
     assert rc == 0, err
     assert re.search(r"resume: training\.lr: 0\.02 -> 0\.005 applied", stdout), stdout
     assert re.search(r"resume: training\.epochs: 26 -> 2 applied", stdout)
-    assert "torchvision reference checkpoint" in stdout and "1 epoch(s) done counted as 3 iterations" in stdout
+    assert_names(stdout, "torchvision", "1 epoch(s)", "3 iterations")
     lrs = [r["lr"] for r in helpers.records(out, "train")]
     assert lrs == pytest.approx([0.005] * 3)  # no warmup over the restored lr (it gave 6.68, 13.34, 20.0)
     assert {"checkpoint.pth", "model_1.pth", "config.resume-epoch1.yaml"} <= set(files(out))
@@ -94,7 +94,8 @@ def test_resume_of_a_torchvision_checkpoint_refuses_what_cannot_take_effect(firs
     out = tmp_path / "refused"
     extra = ("--epochs", "2", "--resume", path, "--opt", "adamw")
     rc, _, err = cli(argv(first_run["ann"], first_run["images"], out, *extra))
-    assert rc == 1 and "training.opt: 'sgd' -> 'adamw' refused" in err and "Traceback" not in err
+    assert rc == 1 and "Traceback" not in err and f"--resume {path}" in err  # a line per refused key
+    assert "training.opt: 'sgd' -> 'adamw' refused" in err
     assert not any(f.endswith(".pth") for f in files(out))
 
 
@@ -146,7 +147,7 @@ def test_resume_with_a_new_wd_leaves_the_normalization_group_alone(first_run, tm
     groups = torch.load(out2 / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0001, 0.01]
     rc, _, err = cli(argv(first_run["ann"], first_run["images"], tmp_path / "x", "--epochs", "2", "--resume", ckpt))
-    assert rc == 1 and "training.norm_weight_decay: 0.0 -> None refused" in err
+    assert rc == 1 and "Traceback" not in err and "training.norm_weight_decay: 0.0 -> None refused" in err
 
 
 # -- also weak: a resume or start epoch that would train nothing ------------------------------------------
@@ -154,7 +155,7 @@ def test_resume_with_no_epoch_left_fails_before_the_data(first_run, tmp_path):
     ckpt = str(first_run["out"] / "checkpoint.pth")
     out = tmp_path / "none_left"
     rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", ckpt, "--norm-weight-decay", "0"))
-    one_line_error(rc, err, r"--epochs 1: --resume .*checkpoint\.pth has trained epochs 0\.\.0 .*--epochs 2")
+    one_line_error_naming(rc, err, "--epochs 1", f"--resume {ckpt}", "0..0", "--epochs 2")
     assert files(out) == []
 
 
@@ -187,7 +188,7 @@ def test_missing_area_and_iscrowd_are_filled_as_pycocotools_does(shapes, tmp_pat
     assert coco.anns[data["annotations"][1]["id"]]["num_keypoints"] == 2
     assert "1 annotation(s) without 'num_keypoints'" in report.summary()
     data["annotations"][1]["area"] = "big"
-    with pytest.raises(DataError, match=f"annotation {data['annotations'][1]['id']} .*area 'big' is not a number"):
+    with raises_naming(DataError, f"annotation {data['annotations'][1]['id']} ", "area", "'big'"):
         load_coco_checked(write_json(tmp_path, data), images, "val", "stop", need_masks=False)
 
 
@@ -225,8 +226,7 @@ def test_a_folder_with_another_runs_checkpoint_is_refused_before_the_data(first_
     out = first_run["out"]
     before = {n: os.path.getmtime(out / n) for n in files(out)}
     rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out))
-    one_line_error(rc, err, rf"--output-dir {re.escape(str(out))} holds another run's checkpoint.*checkpoint\.pth.*"
-                   r"--resume .*--overwrite")  # fmt: skip
+    one_line_error_naming(rc, err, f"--output-dir {out}", "checkpoint.pth", "--resume", "--overwrite")
     assert {n: os.path.getmtime(out / n) for n in files(out)} == before  # nothing written, nothing removed
 
 
@@ -236,11 +236,10 @@ def test_a_resume_of_another_folders_run_into_a_used_folder_is_refused(tmp_path)
     (out / "checkpoint.pth").write_bytes(b"run A")
     resume = str(other / "checkpoint.pth")  # run B: continuing it here would mix its files with run A's
     rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", resume))
-    one_line_error(rc, err, rf"--resume {re.escape(resume)} continues a run of another folder, and --output-dir "
-                   rf"{re.escape(str(out))} holds another run's checkpoint")  # fmt: skip
+    one_line_error_naming(rc, err, f"--resume {resume}", f"--output-dir {out}", "checkpoint")
     in_place = str(out / "checkpoint.pth")  # --overwrite would delete the run --resume continues
     rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--resume", in_place, "--overwrite"))
-    one_line_error(rc, err, rf"--overwrite with --resume {re.escape(in_place)}: .*drop --overwrite")
+    one_line_error_naming(rc, err, "--overwrite", f"--resume {in_place}")
     assert files(out) == ["checkpoint.pth"] and (out / "checkpoint.pth").read_bytes() == b"run A"
 
 
@@ -255,7 +254,7 @@ def test_overwrite_removes_the_previous_runs_files_and_says_so(shapes, tmp_path)
     rc, stdout, err = cli(argv(ann, images, out, "--overwrite"))
     assert rc == 0, err
     removed = "checkpoint.pth, config.resume-epoch8.yaml, model_7.pth"
-    assert f"--overwrite: removed the previous run's {removed}" in stdout
+    assert_names(next(x for x in stdout.splitlines() if x.startswith("--overwrite: ")), "removed", removed)
     assert "model_7.pth" not in files(out) and "notes.txt" in files(out)  # not a file of ours: kept
     assert {"model_0.pth", "checkpoint.pth", "config.yaml"} <= set(files(out))
     assert ".tv_lossfix.lock" not in files(out)  # released at the end
@@ -273,15 +272,15 @@ def test_a_second_run_in_a_locked_folder_fails_in_one_line(tmp_path):
         owner = {"pid": holder.pid, "host": socket.gethostname()}
         (out / ".tv_lossfix.lock").write_text(json.dumps(owner))
         rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out))
-        one_line_error(rc, err, rf"--output-dir {re.escape(str(out))} is in use by process {holder.pid} \(lock file")
+        one_line_error_naming(rc, err, f"--output-dir {out}", f"process {holder.pid}", ".tv_lossfix.lock")
         assert files(out) == [".tv_lossfix.lock"]
     finally:
         holder.kill()
         holder.wait()
     # The holder is gone: its lock is stale, removed and said; then the run fails on the missing data.
     rc, stdout, err = cli(argv("/nonexistent.json", "/nonexistent", out))
-    assert f"removed the lock of process {holder.pid}, which is no longer running" in stdout
-    one_line_error(rc, err, r"annotation file not found: /nonexistent\.json")
+    assert_names(next(x for x in stdout.splitlines() if f"process {holder.pid}" in x), "removed", "lock")
+    one_line_error_naming(rc, err, "/nonexistent.json", "not found")
     assert ".tv_lossfix.lock" not in files(out)  # released on the error too
 
 
@@ -360,17 +359,18 @@ def _cut_string(h, w):
     return {"size": [h, w], "counts": text[:-1]}
 
 
+# what each message names: the field and the value that is wrong (the sum, the run, the type)
 RLE_CASES = {
-    "counts_sum_short": (_counts(10, 20, HW - 40), rf"RLE counts sum to {HW - 10} pixels, not height x width"),
-    "counts_sum_long": (_counts(10, 20, HW), rf"sum to {HW + 30} pixels"),
-    "negative_run": (_counts(10, -5, HW - 5), r"negative run length \(-5\)"),
-    "fractional_counts": (_counts(10.5, 20, HW - 30.5), r"RLE counts hold 10\.5: uncompressed counts are whole"),
-    "counts_dict": (lambda h, w: {"size": [h, w], "counts": {"a": 1}}, r"RLE counts is a dict"),
-    "compressed_short": (_cut_string, r"RLE counts string '.*'\.\.\. is not a compressed COCO RLE"),
-    "compressed_bad_char": (lambda h, w: {"size": [h, w], "counts": "0\x7f1"}, r"not a compressed COCO RLE"),
-    "no_counts": (lambda h, w: {"size": [h, w]}, r"RLE segmentation needs 'size' and 'counts'"),
-    "point_pairs": ([[[10, 10], [30, 10], [30, 30], [10, 30]]], r"list of \[x, y\] pairs"),
-    "nested_point_pairs": ([[[10, 10], [30, 10], [30, 30]] * 2], r"list of \[x, y\] pairs"),
+    "counts_sum_short": (_counts(10, 20, HW - 40), ("counts", f"{HW - 10} pixels")),
+    "counts_sum_long": (_counts(10, 20, HW), ("counts", f"{HW + 30} pixels")),
+    "negative_run": (_counts(10, -5, HW - 5), ("counts", "(-5)")),
+    "fractional_counts": (_counts(10.5, 20, HW - 30.5), ("counts", "10.5")),
+    "counts_dict": (lambda h, w: {"size": [h, w], "counts": {"a": 1}}, ("counts", "dict")),
+    "compressed_short": (_cut_string, ("counts", "compressed")),
+    "compressed_bad_char": (lambda h, w: {"size": [h, w], "counts": "0\x7f1"}, ("compressed",)),
+    "no_counts": (lambda h, w: {"size": [h, w]}, ("'size'", "'counts'")),
+    "point_pairs": ([[[10, 10], [30, 10], [30, 30], [10, 30]]], ("[x, y] pairs",)),
+    "nested_point_pairs": ([[[10, 10], [30, 10], [30, 30]] * 2], ("[x, y] pairs",)),
 }
 
 
@@ -378,12 +378,12 @@ RLE_CASES = {
 def test_a_bad_segmentation_is_refused_naming_the_annotation(shapes, tmp_path, case):
     from checks import DataError, load_coco_checked
 
-    seg, pattern = RLE_CASES[case]
+    seg, names = RLE_CASES[case]
     ann, images, aid, iid = _one_annotation_set(shapes, tmp_path, seg)
-    with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): .*{pattern}"):
+    with raises_naming(DataError, f"annotation {aid} (image {iid}): ", *names, one_line=False):
         load_coco_checked(ann, images, "train", "stop", need_masks=True)
     if case.startswith(("counts", "negative", "fractional", "compressed", "no_counts")):  # an RLE: checked for boxes
-        with pytest.raises(DataError, match=rf"annotation {aid} "):
+        with raises_naming(DataError, f"annotation {aid} ", one_line=False):
             load_coco_checked(ann, images, "train", "stop", need_masks=False)
     _, _, _, report = load_coco_checked(ann, images, "train", "drop", need_masks=True)
     assert sum(report.dropped.values()) == 1
@@ -402,8 +402,9 @@ def test_good_rles_pass_and_an_xyxy_box_is_caught_by_the_rles_extent(shapes, tmp
     assert aid in coco.anns  # kept: a valid RLE whose extent is the box's
     # [x1, y1, x2, y2] = [20, 24, 30, 36] also fits the 64 x 64 image as [x, y, w, h]: only the RLE tells.
     ann, images, aid, iid = _one_annotation_set(shapes, tmp_path / "xyxy", rle, bbox=[20, 24, 30, 36])
-    with pytest.raises(DataError, match=rf"annotation {aid} \(image {iid}\): box \[20, 24, 30, 36\] matches its "
-                       r"segmentation only as \[x1, y1, x2, y2\]"):  # fmt: skip
+    with raises_naming(
+        DataError, f"annotation {aid} (image {iid}): ", "[20, 24, 30, 36]", "[x1, y1, x2, y2]", one_line=False
+    ):
         load_coco_checked(ann, images, "train", "stop", need_masks=False)
 
 
@@ -447,31 +448,31 @@ def _yaml(tmp_path, model):
     return str(path)
 
 
+# what each refusal names: the key, the values that make it useless (a positive count of int(num x fraction)
+# = 0), the misspelt keyword and the one meant
 @pytest.mark.parametrize(
-    "model, pattern",
+    "model, names",
     [
-        ({"roi_head": {"pos_fraction": 0.001}}, r"model\.roi_head\.pos_fraction: num 128 x pos_fraction 0\.001 leaves "
-         r"int\(\.\.\.\) = 0 positive"),
-        ({"roi_head": {"num": 1}}, r"model\.roi_head\.num: num 1 x pos_fraction 0\.25 leaves int"),
-        ({"rpn_head": {"num": 1}}, r"model\.rpn_head\.num: num 1 x pos_fraction 0\.5 leaves int"),
-        ({"roi_head": {"neg_pos_ub": 0}}, r"roi_head\.neg_pos_ub 0 samples no negative"),
-        ({"kwargs": {"min_sise": 64}}, r"model\.kwargs: maskrcnn_tiny\(\) got an unexpected keyword argument "
-         r"'min_sise'; did you mean 'min_size'"),
-        ({"kwargs": {"min_size": "big"}}, r"model\.kwargs\.min_size must be a number .*got 'big'"),
-        ({"kwargs": {"box_score_thresh": [0.1]}}, r"model\.kwargs\.box_score_thresh must be a number"),
-        ({"kwargs": {"box_score_thresh": 5}}, r"model\.kwargs\.box_score_thresh must be in \[0, 1\], got 5"),
-        ({"kwargs": {"min_size": [64, 0]}}, r"model\.kwargs\.min_size must be >= 1, got \[64, 0\]"),
-        ({"kwargs": {"rpn_post_nms_top_n_train": 0}}, r"model\.kwargs\.rpn_post_nms_top_n_train must be >= 1"),
+        ({"roi_head": {"pos_fraction": 0.001}},
+         ["model.roi_head.pos_fraction", "num 128", "pos_fraction 0.001", "0 positive"]),
+        ({"roi_head": {"num": 1}}, ["model.roi_head.num", "num 1", "pos_fraction 0.25", "0 positive"]),
+        ({"rpn_head": {"num": 1}}, ["model.rpn_head.num", "num 1", "pos_fraction 0.5", "0 positive"]),
+        ({"roi_head": {"neg_pos_ub": 0}}, ["roi_head.neg_pos_ub 0", "negative"]),
+        ({"kwargs": {"min_sise": 64}}, ["model.kwargs", "maskrcnn_tiny", "'min_sise'", "'min_size'"]),
+        ({"kwargs": {"min_size": "big"}}, ["model.kwargs.min_size", "number", "'big'"]),
+        ({"kwargs": {"box_score_thresh": [0.1]}}, ["model.kwargs.box_score_thresh", "number"]),
+        ({"kwargs": {"box_score_thresh": 5}}, ["model.kwargs.box_score_thresh", "[0, 1]", "got 5"]),
+        ({"kwargs": {"min_size": [64, 0]}}, ["model.kwargs.min_size", ">= 1", "[64, 0]"]),
+        ({"kwargs": {"rpn_post_nms_top_n_train": 0}}, ["model.kwargs.rpn_post_nms_top_n_train", ">= 1"]),
         ({"name": "fasterrcnn_resnet50_fpn", "kwargs": {"box_nms_tresh": 0.4}},
-         r"model\.kwargs: fasterrcnn_resnet50_fpn\(\) got an unexpected keyword argument 'box_nms_tresh'; did you "
-         r"mean 'box_nms_thresh'"),
+         ["model.kwargs", "fasterrcnn_resnet50_fpn", "'box_nms_tresh'", "'box_nms_thresh'"]),
     ],
 )  # fmt: skip
-def test_model_keys_that_cannot_take_effect_fail_before_the_data(tmp_path, model, pattern):
+def test_model_keys_that_cannot_take_effect_fail_before_the_data(tmp_path, model, names):
     out = tmp_path / "out"
     name = ("--model", model.pop("name")) if "name" in model else ()  # the flag: argv names maskrcnn_tiny
     rc, _, err = cli(argv("/nonexistent.json", "/nonexistent", out, "--config", _yaml(tmp_path, model), *name))
-    one_line_error(rc, err, pattern)
+    one_line_error_naming(rc, err, *names)
     assert files(out) == []
 
 
@@ -484,8 +485,9 @@ def test_over_detection_is_diagnosed_with_the_negative_cap():
     current = {"dets_per_image": 100.0, "max_score": 0.9, "score_thresh": 0.05, "per_class": {}}
     train = {"roi/pos_per_image": 5.0, "roi/neg_per_image": 0.0}
     w = diagnostics.collapse_warnings(history, current, train, cfg, gt_per_image=1.25)
-    assert w[0].startswith("over-detection: 100.0 detections per image above score 0.05 for 1.25 ground-truth")
-    assert "few negative RoIs per image (0.0 negatives vs 5.0 positives" in w[1] and "neg_pos_ub 0.1 caps" in w[1]
+    assert w[0].startswith("over-detection: ")
+    assert_names(w[0], "100.0 detections", "0.05", "1.25 ground-truth")
+    assert_names(w[1], "negative", "0.0 negatives", "5.0 positives", "neg_pos_ub 0.1")
     healthy = {"roi/pos_per_image": 5.0, "roi/neg_per_image": 100.0}
     falling = {"dets_per_image": 30.0, "max_score": 0.9, "score_thresh": 0.05, "per_class": {}}
     assert diagnostics.collapse_warnings(history, falling, healthy, cfg, gt_per_image=1.25) == []  # learning
@@ -500,12 +502,12 @@ def test_no_positive_roi_is_named_first_among_the_causes():
     train = {"loss": 5.0, "roi/pos_per_image": 0.0, "roi/fg_prob": 0.1, "rpn/pos_per_image": 0.5, "world_size": 1}
     w = diagnostics.collapse_warnings(history, current, train, defaults(), gt_per_image=1.25)
     causes = [line for line in w if line.startswith("  likely cause")]
-    assert "few positive RoIs per image (0.0 sampled)" in causes[0]
+    assert_names(causes[0], "positive RoIs", "0.0 sampled")
     # A sampler the config narrowed is named first too, with its keys, ahead of the lr and the weights.
     cfg = defaults().replace({"model.roi_head": {"pos_fraction": 0.02}, "training.lr": 0.08})
     w = diagnostics.collapse_warnings(history, current, {**train, "roi/pos_per_image": 1.5}, cfg, gt_per_image=1.25)
     causes = [line for line in w if line.startswith("  likely cause")]
-    assert "few positive RoIs per image (1.5 sampled)" in causes[0] and "pos_fraction 0.02" in causes[0]
+    assert_names(causes[0], "positive RoIs", "1.5 sampled", "pos_fraction 0.02")
 
 
 # -- 6. the Lightning CLI (its every-key test: tests/recipes/test_lightning.py) ----------------------------
@@ -550,7 +552,7 @@ def test_lightning_builds_class_agnostic_heads_and_resolves_class_weight_auto(tm
     built, _ = models.build_model(name="maskrcnn_tiny", num_classes=data.num_classes, weights=str(path),
                                   class_agnostic_bbox=True, class_agnostic_mask=True)  # fmt: skip
     assert built.roi_heads.box_predictor.bbox_pred.out_features == 4
-    with pytest.raises(models.ModelError, match="set model.class_agnostic_bbox: true"):
+    with raises_naming(models.ModelError, f"--weights {path}", "model.class_agnostic_bbox"):
         models.build_model(name="maskrcnn_tiny", num_classes=data.num_classes, weights=str(path))
 
 
@@ -569,7 +571,7 @@ def test_a_string_image_id_is_refused_naming_it(shapes, tmp_path):
     data["images"][0]["id"] = "img-a"
     for a in data["annotations"]:
         a["image_id"] = "img-a" if a["image_id"] == old else a["image_id"]
-    with pytest.raises(DataError, match=r"image 'img-a' \(.*\): its id is a str; COCO image ids are integers"):
+    with raises_naming(DataError, "image 'img-a'", "str", "integer"):
         load_coco_checked(write_json(tmp_path, data), images, "train", "drop")
 
 
@@ -583,7 +585,7 @@ def test_analyze_data_names_an_annotation_without_bbox(shapes, tmp_path, capsys)
     args = ["--dataset", "coco_json", "--train-ann", ann, "--model", "maskrcnn_tiny", "--device", "cpu"]
     from checks import DataError
 
-    with pytest.raises(DataError, match=rf"annotation {a['id']} \(image {a['image_id']}\): bbox None is not 4 numbers"):
+    with raises_naming(DataError, f"annotation {a['id']} (image {a['image_id']}): ", "bbox None"):
         analyze_data.main(args)
 
 
@@ -592,7 +594,7 @@ def test_yaml_merge_keys_are_read():
 
     text = "base: &b\n  lr: 0.1\n  epochs: 3\ntraining:\n  <<: *b\n  lr: 0.2\n"
     assert load_yaml(text)["training"] == {"lr": 0.2, "epochs": 3}  # the key beside the merge wins, as YAML says
-    with pytest.raises(DuplicateKeyError, match="key 'lr' appears twice"):
+    with raises_naming(DuplicateKeyError, "'lr'", "twice", "lines 3 and 4"):
         load_yaml("training:\n  <<: {epochs: 3}\n  lr: 0.1\n  lr: 0.2\n")
 
 
@@ -601,7 +603,7 @@ def test_a_focal_gamma_that_zeroes_the_loss_is_refused(head):
     from tv_lossfix import LossConfig, LossConfigError
 
     loss = "focal"
-    with pytest.raises(LossConfigError, match=rf"{head}\.focal_gamma 50 must be <= 10: .*8\.9e-16 at p_t = 0\.5"):
+    with raises_naming(LossConfigError, f"{head}.focal_gamma 50", "<= 10", "8.9e-16", "p_t = 0.5"):
         LossConfig.from_dict({head: {"cls_loss": loss, "focal_gamma": 50}})
     assert LossConfig.from_dict({head: {"cls_loss": loss, "focal_gamma": 10}})
 
@@ -632,7 +634,8 @@ def test_a_class_without_training_objects_is_told_so_not_prescribed_a_weight():
     }
     current = {"dets_per_image": 2.0, "max_score": 0.9, "score_thresh": 0.05, "per_class": rows}
     w = diagnostics.collapse_warnings([], current, {}, defaults(), gt_per_image=2.0, cure=cure)
-    assert w[0].startswith("class 'ghost': 0 detections above 0.05 for 6 ground-truth objects: it has no training")
+    assert w[0].startswith("class 'ghost': ")
+    assert_names(w[0], "0 detections", "0.05", "6 ground-truth", "no training")
     assert not any("cure for rare classes" in line or "class_weight" in line for line in w)
 
 
@@ -646,9 +649,7 @@ def test_test_only_refuses_weights_whose_predictors_would_be_replaced(first_run,
     out = tmp_path / "out"
     args = argv(first_run["ann"], first_run["images"], out, "--test-only", "--weights", str(path))
     rc, _, err = cli(args)
-    one_line_error(
-        rc, err, rf"--test-only --weights {re.escape(str(path))}: .*box_predictor.* for the data's \d classes"
-    )
+    one_line_error_naming(rc, err, f"--test-only --weights {path}", "box_predictor")
 
 
 @pytest.mark.slow
@@ -670,7 +671,7 @@ def test_a_read_only_metrics_file_mid_run_ends_in_one_line(first_run, tmp_path, 
     monkeypatch.setattr(writers.JsonlWriter, "record", failing)
     out = tmp_path / "out"
     rc, _, err = cli(argv(first_run["ann"], first_run["images"], out))
-    one_line_error(rc, err, rf"could not append to {re.escape(str(out))}/metrics\.jsonl: Read-only file system")
+    one_line_error_naming(rc, err, f"{out}/metrics.jsonl", "Read-only file system")
     assert {"checkpoint.pth", "model_0.pth"} <= set(files(out))  # the epoch was saved all the same
     assert ".tv_lossfix.lock" not in files(out)
 
@@ -678,7 +679,7 @@ def test_a_read_only_metrics_file_mid_run_ends_in_one_line(first_run, tmp_path, 
 def test_maskrcnn_tiny_refuses_a_misspelt_keyword_wherever_it_is_built():
     import models
 
-    with pytest.raises(models.ModelError, match=r"unexpected keyword argument 'min_sise'; did you mean 'min_size'"):
+    with raises_naming(models.ModelError, "maskrcnn_tiny", "'min_sise'", "'min_size'"):
         models.build_model(name="maskrcnn_tiny", num_classes=3, kwargs={"min_sise": 48})
     model, _ = models.build_model(name="maskrcnn_tiny", num_classes=3, kwargs={"min_size": 48})
     assert model.transform.min_size == (48,)
@@ -743,27 +744,27 @@ def test_a_non_finite_step_names_the_images_of_its_batch(tmp_path, data_root, mo
     assert train.main(["--config", cfg, "--no-data-report"]) == 2
     reason = helpers.records(tmp_path / "out", "stopped")[0]["reason"]
     ids = ", ".join(str(i) for i in seen[1])
-    assert f"non-finite loss_mask, grad_norm at epoch 0, iteration 1, images {ids} (" in reason
+    assert_names(reason, "non-finite", "loss_mask, grad_norm", "epoch 0", "iteration 1", f"images {ids} (")
 
 
 @pytest.mark.parametrize(
-    "flags, pattern",
+    "flags, names",
     [
-        (["--dataset", "coco", "--train-ann", "a.json"], r"--train-ann \(data\.train_ann \.\.\.\) are read with "
-         r"--dataset coco_json only; --dataset coco finds its files under --data-path"),
-        (["--dataset", "shapes", "--val-images", "imgs"], r"--val-images .* --dataset shapes finds its files itself"),
+        (["--dataset", "coco", "--train-ann", "a.json"], ["--train-ann", "--dataset coco_json", "--data-path"]),
+        (["--dataset", "shapes", "--val-images", "imgs"], ["--val-images", "--dataset shapes"]),
         (["--weights", "x.pth", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
-         r"--weights-backbone ResNet50_Weights\.IMAGENET1K_V1 has no effect with --weights x\.pth"),
-        (["--trainable-backbone-layers", "2"], r"--trainable-backbone-layers 2 has no effect: without --weights"),
+         ["--weights-backbone ResNet50_Weights.IMAGENET1K_V1", "no effect", "--weights x.pth"]),
+        (["--trainable-backbone-layers", "2"], ["--trainable-backbone-layers 2", "no effect", "--weights"]),
         (["--trainable-backbone-layers", "6", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"],
-         r"--trainable-backbone-layers \(model\.trainable_backbone_layers\) must be in 0\.\.5 for maskrcnn_resnet50"),
-        (["--model", "maskrcnn_tiny", "--trainable-backbone-layers", "2"], r"maskrcnn_tiny trains its whole backbone"),
+         ["--trainable-backbone-layers", "model.trainable_backbone_layers", "0..5", "maskrcnn_resnet50"]),
+        (["--model", "maskrcnn_tiny", "--trainable-backbone-layers", "2"],
+         ["--trainable-backbone-layers", "maskrcnn_tiny"]),
     ],
 )  # fmt: skip
-def test_dataset_and_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, pattern):
+def test_dataset_and_backbone_settings_that_cannot_take_effect_are_refused(tmp_path, flags, names):
     out = tmp_path / "out"
     rc, _, err = cli(["--device", "cpu", "--output-dir", str(out), *flags])
-    one_line_error(rc, err, pattern)
+    one_line_error_naming(rc, err, *names)
     assert files(out) == []
 
 
@@ -772,7 +773,7 @@ def test_shapes_knobs_with_another_dataset_are_refused(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("data:\n  shapes:\n    num_train: 4\n")
     rc, _, err = cli(["--config", str(cfg), "--dataset", "coco", "--output-dir", str(out), "--device", "cpu"])
-    one_line_error(rc, err, r"data\.shapes sets the embedded demo's data: it has no effect with --dataset coco")
+    one_line_error_naming(rc, err, "data.shapes", "no effect", "--dataset coco")
 
 
 def test_lightning_may_share_a_folder_with_a_train_py_run(tmp_path):
@@ -780,6 +781,6 @@ def test_lightning_may_share_a_folder_with_a_train_py_run(tmp_path):
 
     (tmp_path / "checkpoint.pth").write_bytes(b"a train.py run's")
     cfg = train_config.defaults().replace({"training.output_dir": str(tmp_path), "model.name": "maskrcnn_tiny"})
-    with pytest.raises(train_config.ConfigError, match="holds another run's checkpoint"):
+    with raises_naming(train_config.ConfigError, f"--output-dir {tmp_path}", "checkpoint"):
         train.check_before_data(cfg)
     train.check_before_data(cfg, own_files=False)  # Lightning writes lightning_logs/version_N there

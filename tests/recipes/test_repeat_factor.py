@@ -12,7 +12,7 @@ import train
 import train_config
 from data import class_image_fractions, image_classes, repeat_factors, suggest_repeat_threshold
 from data_report import data_report, repeat_factor_advice
-from helpers import records, tiny_config, tiny_model
+from helpers import assert_names, raises_naming, records, tiny_config, tiny_model
 from samplers import GroupedBatchSampler, RepeatFactorSampler
 
 # 10 images: class 1 in 6, class 2 in 2, class 3 in 1, three empty images.
@@ -28,7 +28,7 @@ def test_factors_follow_the_formula_with_and_without_sqrt():
     per_image, per_class = repeat_factors(CLASSES, 0.4, sqrt=False)
     assert per_class == pytest.approx({1: 1.0, 2: 2.0, 3: 4.0})  # max(1, 0.4 / f)
     assert per_image == pytest.approx([1, 1, 1, 1, 2, 4, 2, 1, 1, 1])
-    with pytest.raises(ValueError, match="threshold must be > 0"):
+    with raises_naming(ValueError, "threshold", "> 0", "0.0"):
         repeat_factors(CLASSES, 0.0)
 
 
@@ -138,11 +138,11 @@ def test_same_epoch_same_draw_after_resume():
 
 
 def test_sampler_refuses_bad_input():
-    with pytest.raises(ValueError, match="factors must be"):
+    with raises_naming(ValueError, "RepeatFactorSampler", "factors", ">= 0"):
         RepeatFactorSampler([1.0, -1.0])
-    with pytest.raises(ValueError, match="factors must be"):
+    with raises_naming(ValueError, "RepeatFactorSampler", "factors", "non-empty"):
         RepeatFactorSampler([])
-    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, 2\)"):
+    with raises_naming(ValueError, "RepeatFactorSampler", "rank 2", "[0, 2)"):
         RepeatFactorSampler([1.0], rank=2, world=2)
 
 
@@ -191,7 +191,7 @@ def test_train_run_with_repeat_factor_sampling(tmp_path, data_root, capsys):
     assert records(out, "data_report")[0]["repeat_factors"]["images"] == 8
     assert rec["threshold"] == 0.9 and rec["sqrt"] is True and rec["images"] == 8
     printed = capsys.readouterr().out
-    assert "repeat-factor sampling, data.repeat_factor_threshold 0.9 (sqrt(t / f))" in printed
+    assert_names(printed, "data.repeat_factor_threshold 0.9", "sqrt(t / f)")
     # The same factors, by the formula, from the training annotations.
     files = run_data.dataset_files(train_config.resolve(["--config", str(out / "config.yaml")])[0])
     coco, *_ = load_coco_checked(files["train_ann"], files["train_images"], "train", "stop", True)
@@ -231,22 +231,21 @@ def test_print_config_shows_the_keys(tmp_path, data_root, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv,match",
+    "argv,names",
     [
-        (["--repeat-factor-threshold", "0"], r"data.repeat_factor_threshold \(--repeat-factor-threshold\) must be > 0"),
-        (["--repeat-factor-threshold", "-0.1"], r"data.repeat_factor_threshold .* must be > 0, got -0.1"),
-        (["--no-repeat-sqrt"], r"data.repeat_sqrt false \(--no-repeat-sqrt\) has no effect without"),
+        (["--repeat-factor-threshold", "0"], ["data.repeat_factor_threshold", "--repeat-factor-threshold", "> 0"]),
+        (["--repeat-factor-threshold", "-0.1"], ["data.repeat_factor_threshold", "> 0", "-0.1"]),
+        (["--no-repeat-sqrt"], ["data.repeat_sqrt false", "--no-repeat-sqrt", "no effect", "repeat_factor_threshold"]),
     ],
 )
-def test_invalid_settings_are_one_line_errors(tmp_path, data_root, argv, match):
+def test_invalid_settings_are_one_line_errors(tmp_path, data_root, argv, names):
     cfg = tiny_config(tmp_path, data_root)
-    with pytest.raises(train_config.ConfigError, match=match) as e:
+    with raises_naming(train_config.ConfigError, *names):
         train.main(["--config", cfg, *argv])
-    assert "\n" not in str(e.value)
 
 
 def test_yaml_threshold_must_be_a_number(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("data:\n  repeat_factor_threshold: rare\n")
-    with pytest.raises(train_config.ConfigError, match=r"data.repeat_factor_threshold .* must be a number"):
+    with raises_naming(train_config.ConfigError, "data.repeat_factor_threshold", "number", "'rare'"):
         train_config.resolve(["--config", str(p)])

@@ -13,7 +13,7 @@ import helpers
 import run_model
 import train
 import training_checkpoint
-from helpers import records, tiny_config
+from helpers import raises_naming, records, tiny_config
 
 
 @pytest.mark.slow
@@ -81,13 +81,13 @@ def test_bad_resume_checkpoints(tmp_path, data_root):
     trunc = tmp_path / "trunc.pth"
     torch.save({"format": training_checkpoint.FORMAT, "model": {"w": torch.zeros(1000)}}, trunc)
     trunc.write_bytes(trunc.read_bytes()[:200])
-    with pytest.raises(train.CheckpointError, match="cannot read .*trunc.pth"):
+    with raises_naming(train.CheckpointError, "--resume", str(trunc), "cannot read"):
         train.main(["--config", cfg, "--resume", str(trunc)])
     bare = tmp_path / "bare.pth"
     torch.save({"w": torch.zeros(1)}, bare)
-    with pytest.raises(train.CheckpointError, match="not a tv_lossfix training checkpoint.*--weights"):
+    with raises_naming(train.CheckpointError, f"--resume: {bare}", "--weights"):  # what it is, and the flag for it
         train.main(["--config", cfg, "--resume", str(bare)])
-    with pytest.raises(train.CheckpointError, match="not found"):
+    with raises_naming(train.CheckpointError, "--resume: ", str(tmp_path / "nope.pth"), "not found"):
         train.main(["--config", cfg, "--resume", str(tmp_path / "nope.pth")])
 
 
