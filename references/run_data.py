@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import distributed
 from checks import DataError, check_samples, load_coco_checked
@@ -164,12 +164,13 @@ def training_counts(data: Data) -> List[int]:
     return data.train_counts
 
 
-def _checkpoint_class_weight(ckpt: Optional[Dict[str, Any]]) -> Optional[List[float]]:
+def _checkpoint_roi_list(ckpt: Optional[Dict[str, Any]], key: str, cast: Callable[[Any], Any]) -> Optional[List[Any]]:
+    """The list the checkpoint's roi_head resolved for ``key`` (its config, else its loss_cfg), or None."""
     if not ckpt:
         return None
     roi = flatten(ckpt.get("config")).get("model.roi_head") or {}
-    weights = roi.get("class_weight", ((ckpt.get("loss_cfg") or {}).get("roi_head") or {}).get("class_weight"))
-    return [float(w) for w in weights] if isinstance(weights, (list, tuple)) else None
+    values = roi.get(key, ((ckpt.get("loss_cfg") or {}).get("roi_head") or {}).get(key))
+    return [cast(v) for v in values] if isinstance(values, (list, tuple)) else None
 
 
 def resolve_class_weight(run: Run, data: Data) -> None:
@@ -192,7 +193,7 @@ def resolve_class_weight(run: Run, data: Data) -> None:
     if not any(counts):
         raise DataError("model.roi_head.class_weight: auto: the training annotations hold no object to count")
     fresh = class_weights_from_counts(counts, method, beta)
-    weights, saved = fresh, _checkpoint_class_weight(run.resume_ckpt)
+    weights, saved = fresh, _checkpoint_roi_list(run.resume_ckpt, "class_weight", float)
     if saved is not None:
         if len(saved) != data.num_classes:
             raise CheckpointError(
@@ -240,14 +241,6 @@ def training_image_counts(data: Data) -> List[int]:
     return counts
 
 
-def _checkpoint_fed_counts(ckpt: Optional[Dict[str, Any]]) -> Optional[List[int]]:
-    if not ckpt:
-        return None
-    roi = flatten(ckpt.get("config")).get("model.roi_head") or {}
-    counts = roi.get("fed_image_counts", ((ckpt.get("loss_cfg") or {}).get("roi_head") or {}).get("fed_image_counts"))
-    return [int(c) for c in counts] if isinstance(counts, (list, tuple)) else None
-
-
 def resolve_fed_image_counts(run: Run, data: Data) -> None:
     """model.roi_head.cls_loss: federated without a fed_image_counts list (or with 'auto'): the images of each
     class in the training set (on --resume, the checkpoint's list), in a new LossConfig, config.yaml and the
@@ -262,7 +255,7 @@ def resolve_fed_image_counts(run: Run, data: Data) -> None:
     fresh = training_image_counts(data)
     if not any(fresh):
         raise DataError("model.roi_head.fed_image_counts: auto: the training annotations hold no object to count")
-    counts, saved = fresh, _checkpoint_fed_counts(run.resume_ckpt)
+    counts, saved = fresh, _checkpoint_roi_list(run.resume_ckpt, "fed_image_counts", int)
     if saved is not None:
         if len(saved) != data.num_classes - 1:
             raise CheckpointError(
